@@ -1,0 +1,67 @@
+// The per-element and per-tensor mathematics of AdamW + LLaCA, shared by every native backend.
+//
+// Everything here is plain arithmetic on fp32 (the "opmath" type) so that the CPU kernels and the
+// CUDA kernels compile the very same formulas; storage types are converted at the edges by the
+// kernels. The formulas are those of ../../../shared/SPEC.md section 2, written out in
+// llaca_optim/reference.py, which every backend is tested against.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define LLACA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define LLACA_HOST_DEVICE inline
+#endif
+
+namespace llaca {
+
+// Per-tensor scalars of the AdamW step that depend on the step count; computed once per tensor per
+// step (in double on the host side of the CPU kernel), not per element.
+struct AdamWScalars {
+  float lr;
+  float beta1;
+  float beta2;
+  float weight_decay;
+  float eps;
+  float step_size;             // lr / (1 - beta1^t)
+  float bias_correction2_sqrt; // sqrt(1 - beta2^t)
+};
+
+// One element of torch.optim.AdamW (decoupled weight decay), in the order torch applies it:
+//   p <- p * (1 - lr * wd);  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;  [vmax <- max(vmax, v)]
+//   p <- p - step_size * m / (sqrt(v or vmax) / sqrt(1 - b2^t) + eps)
+// `g` already carries the maximize sign and the gradient unscaling.
+template <bool AMSGRAD>
+LLACA_HOST_DEVICE void adamw_element(float& p, float g, float& m, float& v, float& vmax,
+                                     const AdamWScalars& s) {
+  p = p * (1.0f - s.lr * s.weight_decay);
+  m = s.beta1 * m + (1.0f - s.beta1) * g;
+  v = s.beta2 * v + (1.0f - s.beta2) * g * g;
+  float second = v;
+  if (AMSGRAD) {
+    vmax = vmax > v ? vmax : v;
+    second = vmax;
+  }
+  const float denom = std::sqrt(second) / s.bias_correction2_sqrt + s.eps;
+  p = p - s.step_size * m / denom;
+}
+
+// The balance weight of one tensor from its three L1 reductions (SPEC section 2):
+//   alpha = scale * (1 + b) / (a * c), replaced by base_weight unless 0 < alpha < 1.
+// The comparison is written so that NaN (0/0, inf/inf, non-finite gradients) falls back too.
+// Returns true when it fell back.
+template <typename acc_t>
+LLACA_HOST_DEVICE bool balance_weight(acc_t a, acc_t b, acc_t c, acc_t scale, acc_t base_weight,
+                                      acc_t& alpha) {
+  const acc_t candidate = scale * (acc_t(1) + b) / (a * c);
+  if (candidate > acc_t(0) && candidate < acc_t(1)) {
+    alpha = candidate;
+    return false;
+  }
+  alpha = base_weight;
+  return true;
+}
+
+}  // namespace llaca

@@ -1,0 +1,286 @@
+"""What LLaCAAdamW and the LLaCA wrapper share: backend choice, per-parameter LLaCA state, the
+task API (SPEC section 2) and state-dict loading that keeps EMA precision and fails cleanly."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _validation as V
+from .backends import BACKEND_NAMES, Backend, Bucket, ReferenceBackend, resolve_backend
+
+# Per-parameter LLaCA state. "alpha" holds the last balance weight, or -1 before the first LLaCA
+# step of the tensor (the "fresh" mark the kernels read, see _ops.py).
+LLACA_STATE_KEYS = ("ema", "prev_grad", "alpha", "alpha_fell_back")
+# State entries shaped like their parameter: a state dict must match them to load.
+SHAPED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_grad")
+
+_REFERENCE = ReferenceBackend()
+
+
+@dataclass
+class LLaCAAlphas:
+    """The last step's balance weights, one per parameter that has LLaCA state, in param-group
+    order. ``alphas`` and ``fell_back`` are tensors on the parameters' device: reading them does
+    not synchronise with the host until you print or ``.item()`` them. A negative alpha means
+    the parameter has had no LLaCA step yet."""
+
+    params: list[Tensor]
+    alphas: Tensor
+    fell_back: Tensor
+
+
+class LLaCAOptimizerBase(Optimizer):
+    """Shared machinery; subclasses implement ``_llaca_state``, ``_run_groups`` and
+    ``_reset_for_new_task``."""
+
+    def _setup_backend(self, backend: str | Backend) -> None:
+        if not isinstance(backend, Backend) and backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(
+                f"llaca_optim: unknown backend {backend!r}; choose one of "
+                f"{('auto',) + BACKEND_NAMES} (see llaca_optim.available_backends())"
+            )
+        self._requested_backend = backend
+        self._backends: dict[str, Backend] = {}
+        self._ema_swap: list[tuple[Tensor, Tensor, Tensor | None]] | None = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._backend_for(p.device.type)
+
+    def _backend_for(self, device_type: str) -> Backend:
+        backend = self._backends.get(device_type)
+        if backend is None:
+            backend = self._backends[device_type] = resolve_backend(self._requested_backend, device_type)
+        return backend
+
+    @property
+    def backend(self) -> str | dict[str, str]:
+        """The backend each device's parameters use: a name, or ``{device_type: name}``."""
+        names = {device: backend.name for device, backend in self._backends.items()}
+        if len(names) == 1:
+            return next(iter(names.values()))
+        return names
+
+    # ------------------------------------------------------------------ param groups
+
+    def _validate_group(self, group: dict[str, Any], where: str) -> tuple[float, float]:
+        return V.resolve_llaca_knobs(group, where)
+
+    def _add_group_checked(self, add: Any, param_group: dict[str, Any]) -> None:
+        """Adds a group through ``add`` and validates it; on error the group is removed again."""
+        add(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._validate_group(self.param_groups[index], f"param_groups[{index}]")
+            if hasattr(self, "_backends"):
+                for p in self.param_groups[index]["params"]:
+                    self._backend_for(p.device.type)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------ one step
+
+    def _check_not_swapped(self, action: str) -> None:
+        if self._ema_swap is not None:
+            raise RuntimeError(
+                f"llaca_optim: cannot {action} while the EMA weights are swapped in; leave the "
+                "`with optimizer.ema_weights():` block first"
+            )
+
+    def _collect(self) -> list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]], float, float]]:
+        """Every (group, [(param, grad)], scale, base_weight) of this step, all of it validated
+        before anything is touched (SPEC section 6)."""
+        plan = []
+        for gi, group in enumerate(self.param_groups):
+            scale, base_weight = self._validate_group(group, f"param_groups[{gi}]")
+            pairs = []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                V.check_gradient(p, p.grad, V.param_label(group, gi, pi))
+                pairs.append((p, p.grad))
+            plan.append((group, pairs, scale, base_weight))
+        return plan
+
+    def _init_llaca_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if "ema" in state:
+            return
+        # The EMA starts as a copy of p; the first real step overwrites it with the stepped p. If
+        # that step is skipped (AMP overflow) the EMA is still a faithful copy of the weights.
+        state["ema"] = p.detach().to(V.ema_dtype_for(p, group["ema_dtype"]), copy=True)
+        state["prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["alpha"] = torch.full((), -1.0, dtype=torch.float32, device=p.device)
+        state["alpha_fell_back"] = torch.zeros((), dtype=torch.bool, device=p.device)
+
+    @staticmethod
+    def _add_llaca(bucket: Bucket, state: dict[str, Any]) -> None:
+        bucket.emas.append(state["ema"])
+        bucket.prev_grads.append(state["prev_grad"])
+        bucket.alphas.append(state["alpha"])
+        bucket.fell_back.append(state["alpha_fell_back"])
+
+    def _pick(self, p: Tensor, companions: list[Tensor]) -> Backend:
+        """The group's backend when its kernels take this tensor, else the reference (float64,
+        layouts with gaps): never a contiguous copy updated in place of the real tensor."""
+        backend = self._backend_for(p.device.type)
+        return backend if backend.accepts(p, companions) else _REFERENCE
+
+    # ------------------------------------------------------------------ task API
+
+    def _llaca_state(self, p: Tensor) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def _llaca_params(self) -> Iterator[tuple[Tensor, dict[str, Any]]]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self._llaca_state(p)
+                if state is not None and "ema" in state:
+                    yield p, state
+
+    def ema(self, param: Tensor) -> Tensor | None:
+        """The EMA of ``param`` (the tensor itself, not a copy), or None before its first step."""
+        state = self._llaca_state(param)
+        return None if state is None else state.get("ema")
+
+    def alphas(self) -> LLaCAAlphas:
+        """The last step's alphas and fallback flags, without a host synchronisation."""
+        params, alphas, fell_back = [], [], []
+        for p, state in self._llaca_params():
+            params.append(p)
+            alphas.append(state["alpha"])
+            fell_back.append(state["alpha_fell_back"])
+        if not params:
+            return LLaCAAlphas([], torch.empty(0), torch.empty(0, dtype=torch.bool))
+        device = alphas[0].device
+        return LLaCAAlphas(
+            params,
+            torch.stack([a.to(device, non_blocking=True) for a in alphas]),
+            torch.stack([f.to(device, non_blocking=True) for f in fell_back]),
+        )
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Evaluate with the EMA weights: swaps them into the parameters in place and restores the
+        live weights bit-exactly on exit (also when the block raises).
+
+        Same-dtype EMAs are swapped through a one-tensor temporary; an fp32 EMA of a 16-bit
+        parameter cannot hold the live weights, so those parameters are backed up in their own
+        dtype for the duration of the block."""
+        self._check_not_swapped("swap the EMA weights in again")
+        swapped: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        with torch.no_grad():
+            for p, state in self._llaca_params():
+                ema = state["ema"]
+                if ema.dtype == p.dtype:
+                    live = p.detach().clone()
+                    p.copy_(ema)
+                    ema.copy_(live)
+                    swapped.append((p, ema, None))
+                else:
+                    backup = p.detach().clone()
+                    p.copy_(ema)
+                    swapped.append((p, ema, backup))
+        self._ema_swap = swapped
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, ema, backup in swapped:
+                    if backup is None:
+                        averaged = p.detach().clone()
+                        p.copy_(ema)
+                        ema.copy_(averaged)
+                    else:
+                        p.copy_(backup)
+            self._ema_swap = None
+
+    def end_task(self, keep_moments: bool = False) -> None:
+        """Ends a task: copies every EMA into its parameter, then returns the optimizer to the
+        state of a freshly built one (no EMA, previous gradient, moments or step counts), as the
+        published recipe does by starting a new run per task. ``keep_moments=True`` keeps the
+        inner optimizer's moments and step counts and drops only the LLaCA state."""
+        self._check_not_swapped("end the task")
+        with torch.no_grad():
+            for p, state in self._llaca_params():
+                p.copy_(state["ema"])
+        self._reset_for_new_task(keep_moments)
+
+    def _reset_for_new_task(self, keep_moments: bool) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state dicts
+
+    def _check_layout(self, state_dict: dict[str, Any], owner: str) -> dict[int, Tensor]:
+        """Raises unless ``state_dict`` was saved from the same parameter layout; returns the map
+        from saved parameter ids to this optimizer's parameters."""
+        saved_groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            raise ValueError(f"llaca_optim: not an optimizer state dict ({owner}): it needs 'state' and 'param_groups'")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"llaca_optim: the state dict ({owner}) has {len(saved_groups)} param groups but "
+                f"this optimizer has {len(self.param_groups)}; load it into an optimizer built "
+                "over the same parameters in the same groups and order"
+            )
+        id_map: dict[int, Tensor] = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"llaca_optim: param_groups[{gi}] of the state dict ({owner}) has "
+                    f"{len(saved['params'])} parameters but this optimizer's has "
+                    f"{len(group['params'])}; build the optimizer over the same parameters"
+                )
+            id_map.update(zip(saved["params"], group["params"]))
+        for pid, entry in saved_state.items():
+            if pid not in id_map:
+                raise ValueError(f"llaca_optim: the state dict ({owner}) has state for unknown parameter id {pid!r}")
+            p = id_map[pid]
+            for key in SHAPED_STATE_KEYS:
+                value = entry.get(key)
+                if isinstance(value, Tensor) and value.shape != p.shape:
+                    raise ValueError(
+                        f"llaca_optim: the state dict ({owner}) holds {key} of shape "
+                        f"{tuple(value.shape)} for a parameter of shape {tuple(p.shape)} "
+                        f"(saved id {pid}); it was saved from a different model layout"
+                    )
+        return id_map
+
+    def _restore_llaca_entries(self, state_dict: dict[str, Any], id_map: dict[int, Tensor],
+                               target: dict[Tensor, dict[str, Any]]) -> None:
+        """torch's loader casts every floating state tensor to its parameter's dtype; put the
+        LLaCA entries and the step counters back in their own dtypes, on the parameter's device."""
+        group_of = {p: group for group in self.param_groups for p in group["params"]}
+        for pid, entry in state_dict["state"].items():
+            p = id_map[pid]
+            state = target[p]
+            for key, value in entry.items():
+                if not isinstance(value, Tensor):
+                    continue
+                if key == "ema":
+                    dtype = V.ema_dtype_for(p, group_of[p]["ema_dtype"])
+                elif key in ("alpha", "step"):
+                    dtype = torch.float32
+                elif key == "alpha_fell_back":
+                    dtype = torch.bool
+                else:
+                    continue
+                state[key] = value.to(device=p.device, dtype=dtype)  # value is our deep copy
+
+    @staticmethod
+    def _copy_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+        # Loading must not alias the caller's tensors: later steps would write into them.
+        return copy.deepcopy(state_dict)
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return text.replace("(", f"(backend: {self._backends and self.backend or self._requested_backend}\n", 1)
+

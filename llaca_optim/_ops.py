@@ -1,0 +1,67 @@
+"""The ``torch.library`` ops of llaca_optim: schemas, fake implementations, and nothing else.
+
+The schemas are declared here, in Python, so that they exist whether or not the native extension
+was built; each native backend registers its kernel for its dispatch key under these names
+(``TORCH_LIBRARY_IMPL(llaca_optim, CPU, m)`` in csrc/cpu/, CUDA in csrc/cuda/), and PyTorch's
+dispatcher routes a call by the tensors' device. Mutated arguments carry ``(x!)`` annotations so
+that torch.compile and functionalization know what the ops write.
+
+Both ops take per-tensor lists grouped by the caller into one (device, dtype) bucket:
+
+* ``adamw_llaca_``: the fused step; AdamW on ``params``/moments/``state_steps`` and, when ``llaca``
+  is true, the LLaCA update on ``emas``/``prev_grads`` with one alpha and one fallback flag per
+  tensor written into ``alphas``/``fell_back`` (one-element tensors, so reading them needs no
+  host synchronisation). With ``llaca`` false the four LLaCA lists may be empty.
+* ``llaca_update_``: the LLaCA update alone, after any other optimizer's step.
+
+A negative value in ``alphas[i]`` on entry marks a tensor whose EMA and previous gradient are not
+yet set (its first LLaCA step): the kernels then fill them from the stepped parameter and the
+gradient. Keeping that mark on the device, rather than as a host-side flag, means a step skipped
+for an AMP overflow leaves it in place without any host synchronisation. With
+``found_inf`` non-zero nothing is changed (AMP overflow); ``grad_scale`` divides the gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "llaca_optim"
+
+ADAMW_LLACA_SCHEMA = (
+    "adamw_llaca_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
+    "Tensor(f!)[] emas, Tensor(g!)[] prev_grads, Tensor(h!)[] alphas, Tensor(i!)[] fell_back, "
+    "*, float lr, float beta1, float beta2, float weight_decay, float eps, "
+    "bool amsgrad, bool maximize, bool llaca, float scale, float base_weight, "
+    "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+)
+
+LLACA_UPDATE_SCHEMA = (
+    "llaca_update_(Tensor[] params, Tensor[] grads, Tensor(a!)[] emas, Tensor(b!)[] prev_grads, "
+    "Tensor(c!)[] alphas, Tensor(d!)[] fell_back, *, float scale, "
+    "float base_weight, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+)
+
+# Keeping the Library object alive keeps the definitions registered.
+_library = torch.library.Library(NAMESPACE, "DEF")
+_library.define(ADAMW_LLACA_SCHEMA)
+_library.define(LLACA_UPDATE_SCHEMA)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::adamw_llaca_")
+def _adamw_llaca_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas,
+                      prev_grads, alphas, fell_back, *, lr, beta1, beta2, weight_decay, eps,
+                      amsgrad, maximize, llaca, scale, base_weight, lr_tensor=None,
+                      grad_scale=None, found_inf=None) -> None:
+    # In-place on its arguments, no outputs: shapes and dtypes never change.
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::llaca_update_")
+def _llaca_update_fake(params, grads, emas, prev_grads, alphas, fell_back, *, scale,
+                       base_weight, grad_scale=None, found_inf=None) -> None:
+    return None
+
+
+adamw_llaca_ = torch.ops.llaca_optim.adamw_llaca_
+llaca_update_ = torch.ops.llaca_optim.llaca_update_

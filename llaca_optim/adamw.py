@@ -1,0 +1,173 @@
+"""``LLaCAAdamW``: ``torch.optim.AdamW`` with the LLaCA EMA fused into the same kernel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _validation as V
+from ._core import LLACA_STATE_KEYS, LLaCAOptimizerBase
+from .backends import Backend, Bucket, StepHyper
+
+__all__ = ["LLaCAAdamW"]
+
+
+class LLaCAAdamW(LLaCAOptimizerBase):
+    r"""AdamW whose every step also updates the LLaCA EMA of each parameter.
+
+    Drop-in for ``torch.optim.AdamW``: same signature, defaults, param-group keys, state layout
+    (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and state-dict format, plus, per
+    parameter, ``ema``, ``prev_grad``, ``alpha`` and ``alpha_fell_back``. With ``llaca=False`` it is
+    AdamW step for step. After the AdamW update of a tensor ``p`` with gradient ``g``:
+
+    .. math::
+        \alpha = \mathrm{scale}\,\frac{1 + \lVert g\rVert_1}{\lVert p - \bar p\rVert_1\,
+                 \lVert g - g_{prev}\rVert_1},\qquad
+        \bar p \leftarrow \bar p + \alpha\,(p - \bar p)
+
+    with :math:`\alpha` replaced by ``base_weight`` unless it lies in (0, 1) or when there is no
+    previous gradient yet. At the end of a task, :meth:`end_task` copies the EMA into the weights.
+
+    Args (beyond AdamW's):
+        preset: ``"coin"`` (scale 2.0, base_weight 0.01, the authors' code) or
+            ``"continual-next"`` (0.01, 0.001).
+        scale, base_weight: override the preset.
+        llaca: ``False`` turns the EMA off for the group (plain AdamW).
+        ema_dtype: ``None`` (float32 for 16-bit parameters, else the parameter's dtype),
+            ``"param"`` (the parameter's dtype, as the published code), or a torch dtype.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+
+    All of ``preset``, ``scale``, ``base_weight``, ``llaca`` and ``ema_dtype`` are per param group.
+    Works with ``torch.amp.GradScaler`` the way torch's fused AdamW does: the kernels unscale the
+    gradients and skip the whole step (EMA included) when an overflow was found.
+    """
+
+    # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        preset: str = "coin",
+        scale: float | None = None,
+        base_weight: float | None = None,
+        llaca: bool = True,
+        ema_dtype: Any = None,
+        backend: str | Backend = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=None, capturable=False, differentiable=False, fused=None,
+            decoupled_weight_decay=True,
+            preset=preset, scale=scale, base_weight=base_weight, llaca=llaca, ema_dtype=ema_dtype,
+        )
+        # Validate the defaults before torch builds any group, so the error names the argument.
+        V.validate_adamw_group(defaults, "constructor arguments")
+        V.resolve_llaca_knobs(defaults, "constructor arguments")
+        super().__init__(params, defaults)
+        self._setup_backend(backend)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Also what lets an AdamW state dict load into LLaCAAdamW: missing knobs take defaults.
+        for group in self.param_groups:
+            for key, value in {**V.LLACA_GROUP_DEFAULTS, "maximize": False, "amsgrad": False,
+                               "decoupled_weight_decay": True}.items():
+                group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._add_group_checked(super().add_param_group, param_group)
+
+    def _validate_group(self, group: dict[str, Any], where: str) -> tuple[float, float]:
+        V.validate_adamw_group(group, where)
+        return super()._validate_group(group, where)
+
+    def _llaca_state(self, p: Tensor) -> dict[str, Any] | None:
+        return self.state.get(p)
+
+    @torch.no_grad()
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            # step lives on the parameter's device, as in torch's fused AdamW: the kernels bump it.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["llaca"]:
+            self._init_llaca_state(p, state, group)
+        return state
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW + LLaCA step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_not_swapped("step")
+        plan = self._collect()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group, pairs, scale, base_weight in plan:
+            if not pairs:
+                continue
+            beta1, beta2 = (float(b) for b in group["betas"])
+            hyper = StepHyper(
+                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=float(group["weight_decay"]),
+                eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
+                llaca=group["llaca"], scale=scale, base_weight=base_weight,
+                grad_scale=grad_scale, found_inf=found_inf,
+            )
+            buckets: dict[tuple[Any, ...], tuple[Backend, Bucket]] = {}
+            for p, g in pairs:
+                state = self._init_state(p, group)
+                tensors = [g, state["exp_avg"], state["exp_avg_sq"]]
+                if group["amsgrad"]:
+                    tensors.append(state["max_exp_avg_sq"])
+                if group["llaca"]:
+                    tensors += [state["ema"], state["prev_grad"]]
+                backend = self._pick(p, tensors)
+                ema_dtype = state["ema"].dtype if group["llaca"] else None
+                key = (backend.name, p.device, p.dtype, ema_dtype)
+                _, bucket = buckets.setdefault(key, (backend, Bucket()))
+                bucket.params.append(p)
+                bucket.grads.append(g)
+                bucket.exp_avgs.append(state["exp_avg"])
+                bucket.exp_avg_sqs.append(state["exp_avg_sq"])
+                if group["amsgrad"]:
+                    bucket.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                bucket.state_steps.append(state["step"])
+                if group["llaca"]:
+                    self._add_llaca(bucket, state)
+            for backend, bucket in buckets.values():
+                backend.adamw_llaca(bucket, hyper)
+        return loss
+
+    def _reset_for_new_task(self, keep_moments: bool) -> None:
+        if not keep_moments:
+            self.state.clear()
+            return
+        for state in self.state.values():
+            for key in LLACA_STATE_KEYS:
+                state.pop(key, None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict saved by LLaCAAdamW (or by torch.optim.AdamW: the EMA then starts
+        afresh). A dict from another parameter layout raises and leaves this optimizer unchanged;
+        EMAs keep their own dtype instead of being cast to the parameter's."""
+        self._check_not_swapped("load a state dict")
+        state_dict = self._copy_state_dict(state_dict)
+        id_map = self._check_layout(state_dict, "LLaCAAdamW")
+        super().load_state_dict(state_dict)
+        self._restore_llaca_entries(state_dict, id_map, self.state)

@@ -1,0 +1,296 @@
+"""Backends: the implementations behind the one functional API, and how one is chosen.
+
+| name        | tensors          | what runs                                                   |
+|-------------|------------------|-------------------------------------------------------------|
+| `reference` | any device/dtype | llaca_optim/reference.py, tensor by tensor (the oracle)     |
+| `cpu`       | CPU              | the C++ extension's multi-threaded kernels (csrc/cpu/)      |
+| `cuda`      | CUDA             | the extension's CUDA kernels (csrc/cuda/), when built       |
+| `triton`    | CUDA             | Triton kernels, when triton is installed                    |
+
+Every backend takes a :class:`Bucket` (the tensors of one param group that share device, dtype
+and EMA dtype) and updates it in place. A backend may decline single tensors it cannot handle
+(float64, a layout with gaps): the optimizer hands those to the reference implementation, so no
+tensor is ever copied into a contiguous temporary and updated there (STYLE 6).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import _native
+
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "BackendUnavailable",
+    "Bucket",
+    "StepHyper",
+    "available_backends",
+    "backend_status",
+    "resolve_backend",
+]
+
+BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
+
+# Fastest first, per device type: what "auto" tries.
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why and how to fix it."""
+
+
+@dataclass
+class Bucket:
+    """Per-tensor lists of one kernel call. AdamW lists are empty for the standalone update;
+    LLaCA lists are empty when the LLaCA update is off for the group."""
+
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    max_exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    state_steps: list[Tensor] = field(default_factory=list)
+    emas: list[Tensor] = field(default_factory=list)
+    prev_grads: list[Tensor] = field(default_factory=list)
+    alphas: list[Tensor] = field(default_factory=list)
+    fell_back: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class StepHyper:
+    """The hyperparameters of one group at one step, resolved (preset applied) and validated."""
+
+    lr: float | Tensor = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    amsgrad: bool = False
+    maximize: bool = False
+    llaca: bool = True
+    scale: float = 2.0
+    base_weight: float = 0.01
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Whether one flat index walks both tensors' elements in the same order (csrc twin)."""
+    if a.numel() <= 1:
+        return True
+    return all(size == 1 or sa == sb for size, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill one block of memory without gaps or overlaps, in any order
+    of dimensions (a transposed tensor is dense; a strided slice is not)."""
+    if t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class Backend:
+    """The interface; :class:`ReferenceBackend` is the ground truth every other one matches."""
+
+    name = "abstract"
+
+    def accepts(self, param: Tensor, companions: list[Tensor]) -> bool:
+        """Whether this backend's kernels can update ``param`` with these state tensors in place."""
+        raise NotImplementedError
+
+    def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
+        raise NotImplementedError
+
+    def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<llaca_optim backend {self.name!r}>"
+
+
+class ReferenceBackend(Backend):
+    """Tensor by tensor through llaca_optim.reference; ``compute_dtype=torch.float64`` makes it the
+    high-precision oracle of the tests. Reads ``found_inf`` and the fresh marks on the host."""
+
+    name = "reference"
+
+    def __init__(self, compute_dtype: torch.dtype = torch.float32) -> None:
+        self.compute_dtype = compute_dtype
+
+    def accepts(self, param: Tensor, companions: list[Tensor]) -> bool:
+        return True
+
+    def _overflowed(self, h: StepHyper) -> bool:
+        return h.found_inf is not None and bool(h.found_inf.item() != 0)
+
+    def _compute_dtype(self, param: Tensor) -> torch.dtype:
+        # float64 parameters compute in float64, as torch.optim.AdamW does.
+        return torch.float64 if param.dtype == torch.float64 else self.compute_dtype
+
+    def _llaca(self, i: int, bucket: Bucket, grad: Tensor, h: StepHyper) -> None:
+        alpha, fell_back = reference.llaca_update_(
+            bucket.params[i], grad, bucket.emas[i], bucket.prev_grads[i],
+            fresh=bool(bucket.alphas[i].item() < 0), scale=h.scale, base_weight=h.base_weight,
+            compute_dtype=self._compute_dtype(bucket.params[i]),
+        )
+        bucket.alphas[i].fill_(alpha)
+        bucket.fell_back[i].fill_(fell_back)
+
+    @torch.no_grad()
+    def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
+        if self._overflowed(h):
+            return
+        lr = float(h.lr)
+        for i, param in enumerate(bucket.params):
+            grad = reference.adamw_step_(
+                param, bucket.grads[i], bucket.exp_avgs[i], bucket.exp_avg_sqs[i],
+                bucket.max_exp_avg_sqs[i] if h.amsgrad else None, bucket.state_steps[i],
+                lr=lr, beta1=h.beta1, beta2=h.beta2, weight_decay=h.weight_decay, eps=h.eps,
+                amsgrad=h.amsgrad, maximize=h.maximize, grad_scale=h.grad_scale,
+                compute_dtype=self._compute_dtype(param),
+            )
+            if h.llaca:
+                self._llaca(i, bucket, grad, h)
+
+    @torch.no_grad()
+    def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
+        if self._overflowed(h):
+            return
+        for i in range(len(bucket.params)):
+            grad = bucket.grads[i].to(self._compute_dtype(bucket.params[i]))
+            if h.grad_scale is not None:
+                grad = grad / h.grad_scale.to(device=grad.device, dtype=grad.dtype)
+            self._llaca(i, bucket, grad, h)
+
+
+class NativeBackend(Backend):
+    """The C++/CUDA extension's kernels, reached through the torch.library ops (the dispatcher
+    picks the kernel registered for the tensors' device)."""
+
+    _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+    def __init__(self, name: str, device_type: str) -> None:
+        self.name = name
+        self.device_type = device_type
+
+    def accepts(self, param: Tensor, companions: list[Tensor]) -> bool:
+        return (
+            param.device.type == self.device_type
+            and param.dtype in self._DTYPES
+            and param.layout == torch.strided
+            and is_dense(param)
+            and all(same_layout(param, t) for t in companions)
+        )
+
+    def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
+        lr_tensor = h.lr if isinstance(h.lr, Tensor) else None
+        torch.ops.llaca_optim.adamw_llaca_(
+            bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
+            bucket.max_exp_avg_sqs, bucket.state_steps, bucket.emas, bucket.prev_grads,
+            bucket.alphas, bucket.fell_back,
+            lr=0.0 if lr_tensor is not None else float(h.lr), beta1=h.beta1, beta2=h.beta2,
+            weight_decay=h.weight_decay, eps=h.eps, amsgrad=h.amsgrad, maximize=h.maximize,
+            llaca=h.llaca, scale=h.scale, base_weight=h.base_weight, lr_tensor=lr_tensor,
+            grad_scale=h.grad_scale, found_inf=h.found_inf,
+        )
+
+    def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
+        torch.ops.llaca_optim.llaca_update_(
+            bucket.params, bucket.grads, bucket.emas, bucket.prev_grads, bucket.alphas,
+            bucket.fell_back, scale=h.scale, base_weight=h.base_weight,
+            grad_scale=h.grad_scale, found_inf=h.found_inf,
+        )
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    """For every backend: whether it can run in this process, and why not / how to get it."""
+    status: dict[str, tuple[bool, str]] = {"reference": (True, "pure PyTorch, always available")}
+    loaded, why = _native.load()
+    status["cpu"] = (loaded, why if loaded else f"the C++ extension is not available: {why}")
+    status["cuda"] = (
+        False,
+        "this version of llaca_optim has no CUDA kernels yet (they are being written); "
+        "use backend='reference' on CUDA tensors meanwhile",
+    )
+    status["triton"] = (
+        False,
+        "this version of llaca_optim has no Triton kernels yet; use backend='reference' on "
+        "CUDA tensors meanwhile",
+    )
+    return status
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """The backends that can run here, fastest first; for one device type if ``device`` is given.
+
+    >>> llaca_optim.available_backends("cpu")
+    ['cpu', 'reference']
+    """
+    status = backend_status()
+    if device is None:
+        return [name for name in BACKEND_NAMES if status[name][0]]
+    device_type = torch.device(device).type
+    order = _AUTO_ORDER.get(device_type, ("reference",))
+    return [name for name in order if status[name][0]]
+
+
+_warned_auto: set[str] = set()
+_instances: dict[tuple[str, str], Backend] = {}
+
+
+def resolve_backend(requested: str | Backend, device_type: str) -> Backend:
+    """The backend object for a request ("auto", a name, or a Backend) and a device type.
+
+    An explicit name that cannot run raises :class:`BackendUnavailable`; "auto" falls back to
+    the reference implementation and warns once per device type, saying what is missing.
+    """
+    if isinstance(requested, Backend):
+        return requested
+    if requested == "auto":
+        candidates = _AUTO_ORDER.get(device_type, ("reference",))
+        status = backend_status()
+        for name in candidates:
+            if status[name][0]:
+                if name == "reference" and device_type not in _warned_auto and len(candidates) > 1:
+                    _warned_auto.add(device_type)
+                    reasons = "; ".join(f"{n}: {status[n][1]}" for n in candidates[:-1])
+                    warnings.warn(
+                        f"llaca_optim: no fused kernels for {device_type} tensors ({reasons}). "
+                        "Falling back to the reference implementation, which is correct but slow.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                return _instance(name, device_type)
+    if requested not in BACKEND_NAMES:
+        raise ValueError(
+            f"llaca_optim: unknown backend {requested!r}; choose one of "
+            f"{('auto',) + BACKEND_NAMES} (see llaca_optim.available_backends())"
+        )
+    ok, why = backend_status()[requested]
+    if not ok:
+        raise BackendUnavailable(f"llaca_optim: backend {requested!r} is not available: {why}")
+    wanted = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}.get(requested)
+    if wanted is not None and device_type != wanted:
+        raise BackendUnavailable(
+            f"llaca_optim: backend {requested!r} runs on {wanted} tensors, but these parameters "
+            f"are on {device_type}; use backend='auto' or move the model to {wanted}"
+        )
+    return _instance(requested, device_type)
+
+
+def _instance(name: str, device_type: str) -> Backend:
+    key = (name, device_type)
+    if key not in _instances:
+        _instances[key] = ReferenceBackend() if name == "reference" else NativeBackend(name, device_type)
+    return _instances[key]

@@ -1,0 +1,149 @@
+"""The oracle: SPEC section 2 in plain per-tensor PyTorch, written for clarity, never for speed.
+
+Every other backend is tested against these two functions. They work on one tensor at a time, on
+any device and any memory layout (they update views in place with ordinary PyTorch ops), and they
+can compute in float64 (``compute_dtype=torch.float64``) so that the tests compare the fused fp32
+kernels with something more exact than themselves.
+
+The AdamW step is ``torch.optim.AdamW``'s (decoupled weight decay, the single-tensor formula).
+The LLaCA update, after that step, for a tensor ``p`` with gradient ``g``::
+
+    if no EMA yet:              ema = copy(p)                   (taken after the inner step)
+    if a previous gradient:
+        a = sum |p - ema|       (L1 drift of the live weights from their EMA)
+        b = sum |g|             (L1 norm of the gradient)
+        c = sum |g - g_prev|    (L1 norm of the gradient change)
+        alpha = scale * (1 + b) / (a * c);  alpha = base_weight unless 0 < alpha < 1
+    else:
+        alpha = base_weight
+    ema = ema + alpha * (p - ema);  g_prev = copy(g)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["PRESETS", "Preset", "adamw_step_", "llaca_update_", "balance_weight"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named (scale, base_weight) pair."""
+
+    scale: float
+    base_weight: float
+
+
+#: ``coin``: the authors' released code; ``continual-next``: the Continual-NExT benchmark's port.
+PRESETS: dict[str, Preset] = {
+    "coin": Preset(scale=2.0, base_weight=0.01),
+    "continual-next": Preset(scale=0.01, base_weight=0.001),
+}
+
+
+def balance_weight(a: float, b: float, c: float, scale: float, base_weight: float) -> tuple[float, bool]:
+    """``alpha = scale * (1 + b) / (a * c)``, or ``base_weight`` unless ``0 < alpha < 1``.
+
+    Computed in Python floats (double precision). Division by zero and non-finite sums give
+    inf or NaN, which fail the range test and fall back. Returns ``(alpha, fell_back)``.
+    """
+    denominator = a * c
+    if denominator == 0.0 or math.isnan(denominator):
+        candidate = math.nan if (1.0 + b) == 0.0 or math.isnan(b) else math.inf
+    else:
+        candidate = scale * (1.0 + b) / denominator
+    if 0.0 < candidate < 1.0:
+        return candidate, False
+    return base_weight, True
+
+
+def adamw_step_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    step: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """One ``torch.optim.AdamW`` step on one tensor, in place; returns the (unscaled) gradient
+    in ``compute_dtype`` that the LLaCA update should see.
+
+    State tensors keep their storage dtype; the arithmetic runs in ``compute_dtype``.
+    """
+    g = grad.to(compute_dtype)
+    if grad_scale is not None:
+        g = g / grad_scale.to(device=g.device, dtype=compute_dtype)
+    g_adam = -g if maximize else g
+
+    step.add_(1)
+    t = float(step)
+    p = param.to(compute_dtype)
+    m = exp_avg.to(compute_dtype)
+    v = exp_avg_sq.to(compute_dtype)
+
+    p.mul_(1.0 - lr * weight_decay)
+    m.mul_(beta1).add_(g_adam, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(g_adam, g_adam, value=1.0 - beta2)
+    step_size = lr / (1.0 - beta1**t)
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
+    if amsgrad:
+        assert max_exp_avg_sq is not None
+        v_max = torch.maximum(max_exp_avg_sq.to(compute_dtype), v)
+        max_exp_avg_sq.copy_(v_max)
+        denom = v_max.sqrt() / bias_correction2_sqrt + eps
+    else:
+        denom = v.sqrt() / bias_correction2_sqrt + eps
+    p.addcdiv_(m, denom, value=-step_size)
+
+    param.copy_(p)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    return g
+
+
+def llaca_update_(
+    param: Tensor,
+    grad: Tensor,
+    ema: Tensor,
+    prev_grad: Tensor,
+    *,
+    fresh: bool,
+    scale: float,
+    base_weight: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[float, bool]:
+    """The LLaCA update of one tensor after its inner optimizer step, in place.
+
+    ``grad`` is the gradient the optimizer saw (unscaled, any dtype); ``fresh`` says that the
+    tensor has no EMA and no previous gradient yet (its first LLaCA step), in which case ``ema``
+    and ``prev_grad`` are only storage to fill. Returns ``(alpha, fell_back)``.
+    """
+    p = param.detach().to(compute_dtype)
+    g = grad.detach().to(compute_dtype)
+    if fresh:
+        ema.copy_(p)
+        alpha, fell_back = base_weight, True
+    else:
+        e = ema.to(compute_dtype)
+        # The sums run in float64 whatever compute_dtype is: this is the oracle.
+        a = float((p - e).abs().sum(dtype=torch.float64))
+        b = float(g.abs().sum(dtype=torch.float64))
+        c = float((g - prev_grad.to(compute_dtype)).abs().sum(dtype=torch.float64))
+        alpha, fell_back = balance_weight(a, b, c, scale, base_weight)
+        ema.copy_(e + alpha * (p - e))
+    prev_grad.copy_(g)
+    return alpha, fell_back

@@ -1,0 +1,132 @@
+"""``LLaCA``: the LLaCA EMA after the step of any torch optimizer (SGD, Adam, Adafactor, 8-bit…)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _validation as V
+from ._core import LLaCAOptimizerBase
+from .backends import Backend, Bucket, StepHyper
+
+__all__ = ["LLaCA"]
+
+
+class LLaCA(LLaCAOptimizerBase):
+    """Wraps ``optimizer``: ``step()`` runs its step, then the LLaCA update of every parameter
+    that has a gradient, with the same kernels and task API as :class:`LLaCAAdamW`.
+
+    The wrapper *shares* the inner optimizer's ``param_groups`` (LR schedulers, ``zero_grad`` and
+    ``add_param_group`` act on both); the LLaCA knobs (``preset``, ``scale``, ``base_weight``,
+    ``llaca``, ``ema_dtype``) are stored in those groups, so each group can set its own, and a
+    group that already carries one of these keys keeps its value. ``state_dict()`` holds the inner
+    optimizer's state dict under ``"inner"`` and the LLaCA state under ``"llaca"``.
+
+    With ``torch.amp.GradScaler`` the scaler unscales the gradients and skips ``step()`` on
+    overflow, so a skipped step changes nothing here either.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        preset: str = "coin",
+        scale: float | None = None,
+        base_weight: float | None = None,
+        llaca: bool = True,
+        ema_dtype: Any = None,
+        backend: str | Backend = "auto",
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"llaca_optim: LLaCA wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        knobs = dict(preset=preset, scale=scale, base_weight=base_weight, llaca=llaca, ema_dtype=ema_dtype)
+        V.resolve_llaca_knobs(knobs, "constructor arguments")
+        for gi, group in enumerate(optimizer.param_groups):  # validate all before changing any
+            V.resolve_llaca_knobs({**knobs, **{k: group[k] for k in knobs if k in group}}, f"param_groups[{gi}]")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Optimizer.__init__ gives us hooks, state and the step patching; the groups it builds are
+        # then replaced by the inner optimizer's own list, so both see every change.
+        super().__init__(params, {**optimizer.defaults, **knobs})
+        self.optimizer = optimizer
+        self._link_groups()
+        self._setup_backend(backend)
+
+    def _link_groups(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key in V.LLACA_GROUP_DEFAULTS:
+                    group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "optimizer"):  # called by Optimizer.__init__ for its temporary group
+            super().add_param_group(param_group)
+            return
+
+        def add(group: dict[str, Any]) -> None:
+            self.optimizer.add_param_group(group)
+            for key in V.LLACA_GROUP_DEFAULTS:
+                self.optimizer.param_groups[-1].setdefault(key, self.defaults[key])
+
+        self._add_group_checked(add, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _llaca_state(self, p: Tensor) -> dict[str, Any] | None:
+        return self.state.get(p)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """The inner optimizer's step, then the LLaCA update of every parameter with a gradient."""
+        self._check_not_swapped("step")
+        self._collect()  # validate before the inner step changes anything
+        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        with torch.no_grad():
+            for group, pairs, scale, base_weight in self._collect():
+                if not group["llaca"] or not pairs:
+                    continue
+                hyper = StepHyper(scale=scale, base_weight=base_weight)
+                buckets: dict[tuple[Any, ...], tuple[Backend, Bucket]] = {}
+                for p, g in pairs:
+                    state = self.state[p]
+                    self._init_llaca_state(p, state, group)
+                    backend = self._pick(p, [g, state["ema"], state["prev_grad"]])
+                    key = (backend.name, p.device, p.dtype, state["ema"].dtype)
+                    _, bucket = buckets.setdefault(key, (backend, Bucket()))
+                    bucket.params.append(p)
+                    bucket.grads.append(g)
+                    self._add_llaca(bucket, state)
+                for backend, bucket in buckets.values():
+                    backend.llaca_update(bucket, hyper)
+        return loss
+
+    def _reset_for_new_task(self, keep_moments: bool) -> None:
+        self.state.clear()
+        if not keep_moments:
+            self.optimizer.state.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.optimizer.state_dict(), "llaca": super().state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads what :meth:`state_dict` saved; checks both parts before changing either."""
+        self._check_not_swapped("load a state dict")
+        if not isinstance(state_dict, dict) or set(state_dict) != {"inner", "llaca"}:
+            raise ValueError(
+                "llaca_optim: LLaCA.load_state_dict takes the dict that LLaCA.state_dict() made "
+                "(keys 'inner' and 'llaca'); to load only the inner optimizer's state, call "
+                "wrapper.optimizer.load_state_dict(...)"
+            )
+        state_dict = self._copy_state_dict(state_dict)
+        self._check_layout(state_dict["inner"], "inner optimizer")
+        id_map = self._check_layout(state_dict["llaca"], "LLaCA")
+        self.optimizer.load_state_dict(state_dict["inner"])
+        super().load_state_dict(state_dict["llaca"])
+        self._link_groups()
+        self._restore_llaca_entries(state_dict["llaca"], id_map, self.state)
