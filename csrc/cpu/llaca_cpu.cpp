@@ -401,10 +401,11 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
     *step += 1.0f;
     const double t = static_cast<double>(*step);
     AdamWScalars& s = jobs[i].adamw;
-    s.lr = static_cast<float>(lr);
+    s.decay = static_cast<float>(1.0 - lr * weight_decay);
     s.beta1 = static_cast<float>(beta1);
+    s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
     s.beta2 = static_cast<float>(beta2);
-    s.weight_decay = static_cast<float>(weight_decay);
+    s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
     s.eps = static_cast<float>(eps);
     s.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, t)));
     s.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));

@@ -19,11 +19,14 @@ namespace llaca {
 
 // Per-tensor scalars of the AdamW step that depend on the step count; computed once per tensor per
 // step (in double on the host side of the CPU kernel), not per element.
+// The (1 - x) terms are formed in double before rounding to fp32: 1.0f - 0.999f is off by 1e-5
+// relative, which torch's AdamW (Python floats) does not do.
 struct AdamWScalars {
-  float lr;
+  float decay;            // 1 - lr * weight_decay
   float beta1;
+  float one_minus_beta1;
   float beta2;
-  float weight_decay;
+  float one_minus_beta2;
   float eps;
   float step_size;             // lr / (1 - beta1^t)
   float bias_correction2_sqrt; // sqrt(1 - beta2^t)
@@ -36,9 +39,9 @@ struct AdamWScalars {
 template <bool AMSGRAD>
 LLACA_HOST_DEVICE void adamw_element(float& p, float g, float& m, float& v, float& vmax,
                                      const AdamWScalars& s) {
-  p = p * (1.0f - s.lr * s.weight_decay);
-  m = s.beta1 * m + (1.0f - s.beta1) * g;
-  v = s.beta2 * v + (1.0f - s.beta2) * g * g;
+  p = p * s.decay;
+  m = s.beta1 * m + s.one_minus_beta1 * g;
+  v = s.beta2 * v + s.one_minus_beta2 * g * g;
   float second = v;
   if (AMSGRAD) {
     vmax = vmax > v ? vmax : v;

@@ -1,0 +1,77 @@
+"""Multi-step trajectories on a fixed zoo of awkward tensors, shared by the parity tests.
+
+A trajectory builds fresh parameters from the same random base values, feeds every optimizer the
+same random gradients for `steps` steps, and returns every parameter and every state tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_grad", "alpha",
+              "alpha_fell_back")
+
+
+def tensor_zoo(dtype: torch.dtype) -> list[Callable[[], Tensor]]:
+    """Makers of fresh parameter tensors with the same values each call: empty, one element, an
+    odd size, several CPU chunks, a transposed (dense, non-contiguous) tensor and a strided view
+    with gaps (which the fused kernels decline and the reference updates in place)."""
+    shapes = {"empty": (0, 3), "one": (1,), "odd": (4097,), "multi_chunk": (70001,), "matrix": (37, 65)}
+    base = {name: torch.randn(shape) for name, shape in shapes.items()}
+    strided_base = torch.randn(40, 64)
+    return [
+        lambda: base["empty"].to(dtype, copy=True),
+        lambda: base["one"].to(dtype, copy=True),
+        lambda: base["odd"].to(dtype, copy=True),
+        lambda: base["multi_chunk"].to(dtype, copy=True),
+        lambda: base["matrix"].to(dtype, copy=True).t(),             # strides (1, 37): dense, not contiguous
+        lambda: strided_base.to(dtype, copy=True)[:, ::2],           # every other column: not dense
+    ]
+
+
+def gradient_sequence(makers: list[Callable[[], Tensor]], steps: int, nonfinite_at: int | None = None):
+    """Random gradients of each parameter's shape and layout, with a varying scale so that the
+    gradient change (and thus alpha) moves from step to step."""
+    sequence = []
+    for step in range(steps):
+        grads = []
+        for make in makers:
+            like = make()
+            g = torch.empty_like(like, dtype=torch.float32).normal_() * (0.3 + 1.7 * torch.rand(()))
+            g = g.to(like.dtype)
+            if nonfinite_at == step and g.numel() > 1:
+                g[(0,) * g.dim()] = float("inf")
+                g[tuple(size - 1 for size in g.shape)] = float("nan")
+            grads.append(g)
+        sequence.append(grads)
+    return sequence
+
+
+def run_trajectory(make_optimizer, makers, grad_sequence, *, after_step=None) -> dict[str, list[Tensor]]:
+    params = [nn.Parameter(make()) for make in makers]
+    optimizer = make_optimizer(params)
+    for step, grads in enumerate(grad_sequence):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()  # clone keeps the layout that gradient_sequence gave it
+        optimizer.step()
+        if after_step is not None:
+            optimizer = after_step(step, optimizer, params) or optimizer
+    return collect(optimizer, params)
+
+
+def collect(optimizer, params) -> dict[str, list[Tensor]]:
+    out: dict[str, list[Tensor]] = {"param": [p.detach().clone() for p in params]}
+    llaca_state = optimizer.state
+    inner_state = getattr(optimizer, "optimizer", optimizer).state
+    for key in STATE_KEYS:
+        values = []
+        for p in params:
+            state = llaca_state.get(p, {}) if key in ("ema", "prev_grad", "alpha", "alpha_fell_back") else inner_state.get(p, {})
+            if key in state:
+                values.append(state[key].detach().clone())
+        if values:
+            out[key] = values
+    return out
