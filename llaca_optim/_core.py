@@ -146,9 +146,15 @@ class LLaCAOptimizerBase(Optimizer):
                     yield p, state
 
     def ema(self, param: Tensor) -> Tensor | None:
-        """The EMA of ``param`` (the tensor itself, not a copy), or None before its first step."""
+        """The EMA of ``param`` (the tensor itself, not a copy), or None before its first step.
+        Inside :meth:`ema_weights` a same-dtype EMA lives in the parameter itself, which is then
+        what this returns."""
         state = self._llaca_state(param)
-        return None if state is None else state.get("ema")
+        if state is None or "ema" not in state:
+            return None
+        if self._ema_swap is not None and any(p is param and backup is None for p, _, backup in self._ema_swap):
+            return param
+        return state["ema"]
 
     def alphas(self) -> LLaCAAlphas:
         """The last step's alphas and fallback flags, without a host synchronisation."""

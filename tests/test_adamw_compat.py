@@ -1,0 +1,108 @@
+"""llaca=False is torch.optim.AdamW; the optimizer API behaves as torch users expect."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from _compare import assert_close
+from llaca_optim import LLaCAAdamW
+
+
+def small_model() -> nn.Module:
+    # A zero-size parameter and a frozen layer, as torch's own optimizer tests use.
+    model = nn.Sequential(nn.Linear(13, 31), nn.Tanh(), nn.Linear(31, 7), nn.Linear(7, 5))
+    model.register_parameter("empty", nn.Parameter(torch.zeros(0, 4)))
+    model[3].requires_grad_(False)
+    return model
+
+
+def train(model, optimizer, steps=20, none_grad_step=7):
+    data = torch.randn(steps, 16, 13)
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        if step == none_grad_step:  # one step where a layer has no gradient at all
+            model[0].requires_grad_(False)
+        loss = model(data[step]).pow(2).mean()
+        loss.backward()
+        model[0].requires_grad_(True)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("torch_impl", ["for-loop", "fused"])
+def test_llaca_off_is_adamw(backend, amsgrad, torch_impl, request):
+    if backend == "cpu":
+        request.getfixturevalue("cpu_backend")
+    model = small_model()
+    twin = small_model()
+    twin.load_state_dict(model.state_dict())
+    kwargs = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.1, amsgrad=amsgrad)
+    ours = LLaCAAdamW(model.parameters(), llaca=False, backend=backend, **kwargs)
+    impl = {"foreach": False} if torch_impl == "for-loop" else {"fused": True}
+    theirs = torch.optim.AdamW(twin.parameters(), **kwargs, **impl)
+    torch.manual_seed(1234)
+    train(model, ours)
+    torch.manual_seed(1234)
+    train(twin, theirs)
+    # fp32 rounding only: same formula, contractions and operation order may differ by an ulp
+    # per step, compounding over 20 steps on O(1) weights.
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close(p, q, rtol=1e-5, atol=1e-6, what=name)
+        if q in theirs.state:
+            for key, value in theirs.state[q].items():
+                assert_close(ours.state[p][key].cpu(), value.cpu(), rtol=1e-5, atol=1e-6, what=f"{name}.{key}")
+    assert ours.state_dict()["param_groups"][0].keys() >= theirs.state_dict()["param_groups"][0].keys()
+
+
+def test_group_keys_and_defaults_match_adamw():
+    p = nn.Parameter(torch.randn(3))
+    ours, theirs = LLaCAAdamW([p]), torch.optim.AdamW([p])
+    for key, value in theirs.param_groups[0].items():
+        if key != "params":
+            assert ours.param_groups[0][key] == value, key
+    for key in ("preset", "scale", "base_weight", "llaca", "ema_dtype"):
+        assert key in ours.param_groups[0]
+
+
+def test_schedulers_closures_zero_grad_and_param_groups():
+    model = small_model()
+    optimizer = LLaCAAdamW(model[0].parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    optimizer.add_param_group({"params": model[2].parameters(), "lr": 0.05, "preset": "continual-next"})
+    x = torch.randn(8, 13)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    losses = [float(optimizer.step(closure).detach()) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    for _ in range(3):
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    optimizer.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model[0].parameters())
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model[0].parameters())
+    assert optimizer.ema(next(model[2].parameters())) is not None
+
+
+def test_adamw_checkpoint_loads_into_llaca_adamw():
+    model = small_model()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, adamw, steps=3)
+    buffer = io.BytesIO()
+    torch.save(adamw.state_dict(), buffer)
+    ours = LLaCAAdamW(model.parameters(), lr=1e-2)
+    buffer.seek(0)
+    ours.load_state_dict(torch.load(buffer))
+    assert ours.param_groups[0]["preset"] == "coin"
+    train(model, ours, steps=2)  # moments resumed, EMA starts now
+    assert ours.ema(model[0].weight) is not None

@@ -1,0 +1,68 @@
+"""The torch.library ops: schemas, fake implementations and registrations (torch.library.opcheck),
+and the backend registry's reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llaca_optim
+
+
+def adamw_args(n=3, dtype=torch.float32, amsgrad=True, fresh=False):
+    shapes = [(5,), (4, 3), (0,)][:n]
+    params = [torch.randn(s).to(dtype) for s in shapes]
+    like = lambda: [torch.rand(s).to(dtype) for s in shapes]  # noqa: E731
+    alphas = [torch.tensor(-1.0 if fresh else 0.5) for _ in shapes]
+    args = (
+        params, like(), like(), like(), like() if amsgrad else [],
+        [torch.tensor(3.0) for _ in shapes], [p.float().clone() for p in params], like(),
+        alphas, [torch.tensor(False) for _ in shapes],
+    )
+    kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=amsgrad,
+                  maximize=False, llaca=True, scale=2.0, base_weight=0.01)
+    return args, kwargs
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_adamw_llaca(cpu_backend, dtype, fresh):
+    args, kwargs = adamw_args(dtype=dtype, fresh=fresh)
+    torch.library.opcheck(torch.ops.llaca_optim.adamw_llaca_.default, args, kwargs)
+
+
+def test_opcheck_llaca_update(cpu_backend):
+    shapes = [(6,), (2, 2)]
+    params = [torch.randn(s) for s in shapes]
+    args = (params, [torch.randn(s) for s in shapes], [p.clone() for p in params],
+            [torch.randn(s) for s in shapes], [torch.tensor(0.3) for _ in shapes],
+            [torch.tensor(False) for _ in shapes])
+    torch.library.opcheck(torch.ops.llaca_optim.llaca_update_.default, args,
+                          dict(scale=2.0, base_weight=0.01))
+
+
+def test_ops_refuse_mismatched_lists(cpu_backend):
+    args, kwargs = adamw_args()
+    args = (args[0], args[1][:2], *args[2:])
+    with pytest.raises(RuntimeError, match="grads has 2 tensors but params has 3"):
+        torch.ops.llaca_optim.adamw_llaca_(*args, **kwargs)
+
+
+def test_found_inf_skips_the_whole_op(cpu_backend):
+    args, kwargs = adamw_args()
+    before = [[t.clone() for t in group] for group in args]
+    torch.ops.llaca_optim.adamw_llaca_(*args, **kwargs, found_inf=torch.tensor(1.0))
+    for group, saved in zip(args, before):
+        for t, s in zip(group, saved):
+            assert torch.equal(t, s)
+
+
+def test_backend_registry_reports():
+    status = llaca_optim.backend_status()
+    assert set(status) == {"reference", "cpu", "cuda", "triton"}
+    assert all(isinstance(ok, bool) and why for ok, why in status.values())
+    assert "reference" in llaca_optim.available_backends("cpu")
+    assert llaca_optim.available_backends("cpu")[-1] == "reference"  # fastest first
+    optimizer = llaca_optim.LLaCAAdamW([torch.nn.Parameter(torch.randn(2))])
+    assert optimizer.backend == llaca_optim.available_backends("cpu")[0]
+    assert optimizer.backend in repr(optimizer)

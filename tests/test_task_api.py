@@ -1,0 +1,186 @@
+"""end_task, the EMA swap, alphas, state dicts and AMP (SPEC section 2), on every backend."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from _compare import assert_equal
+from _trajectory import collect
+from llaca_optim import LLaCA, LLaCAAdamW
+
+BACKENDS = ["cpu", "reference"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "cpu":
+        request.getfixturevalue("cpu_backend")
+    return request.param
+
+
+def make_model(dtype=torch.float32) -> nn.Module:
+    return nn.Sequential(nn.Linear(9, 40), nn.GELU(), nn.Linear(40, 3)).to(dtype)
+
+
+def make_optimizer(kind, params, backend, **kw):
+    if kind == "fused":
+        return LLaCAAdamW(params, lr=1e-2, backend=backend, **kw)
+    return LLaCA(torch.optim.SGD(params, lr=0.05, momentum=0.9), backend=backend, **kw)
+
+
+def run_steps(model, optimizer, data):
+    for x in data:
+        optimizer.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        optimizer.step()
+
+
+def snapshot(model, optimizer):
+    return copy.deepcopy(collect(optimizer, list(model.parameters())))
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        for i, (x, y) in enumerate(zip(a[key], b[key])):
+            assert_equal(x, y, what=f"{key}[{i}]")
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ema_weights_round_trip_is_bit_exact(backend, kind, dtype):
+    model = make_model(dtype)
+    optimizer = make_optimizer(kind, model.parameters(), backend)
+    run_steps(model, optimizer, torch.randn(5, 4, 9, dtype=dtype))
+    before = snapshot(model, optimizer)
+    x = torch.randn(4, 9, dtype=dtype)
+    with optimizer.ema_weights():
+        for p, ema in zip(model.parameters(), before["ema"]):
+            assert_equal(p.detach(), ema.to(dtype), what="EMA swapped in")
+            assert_equal(optimizer.ema(p), ema, what="ema() inside the swap")
+        with pytest.raises(RuntimeError, match="ema_weights"):
+            optimizer.step()
+        ema_output = model(x)
+    assert_same(snapshot(model, optimizer), before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with optimizer.ema_weights():
+            raise RuntimeError("boom")
+    assert_same(snapshot(model, optimizer), before)
+    assert not torch.equal(ema_output, model(x))
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+def test_end_task_loads_the_ema_and_resets_to_a_fresh_optimizer(backend, kind):
+    model = make_model()
+    optimizer = make_optimizer(kind, model.parameters(), backend)
+    run_steps(model, optimizer, torch.randn(6, 4, 9))
+    emas = [optimizer.ema(p).clone() for p in model.parameters()]
+    optimizer.end_task()
+    for p, ema in zip(model.parameters(), emas):
+        assert_equal(p.detach(), ema, what="weights after end_task")
+    assert not optimizer.state and not getattr(optimizer, "optimizer", optimizer).state
+    # From here on it behaves exactly like a freshly built optimizer on the same weights.
+    twin = copy.deepcopy(model)
+    fresh = make_optimizer(kind, twin.parameters(), backend)
+    data = torch.randn(3, 4, 9)
+    run_steps(model, optimizer, data)
+    run_steps(twin, fresh, data)
+    assert_same(snapshot(model, optimizer), snapshot(twin, fresh))
+
+
+def test_end_task_can_keep_moments(backend):
+    model = make_model()
+    optimizer = make_optimizer("fused", model.parameters(), backend)
+    run_steps(model, optimizer, torch.randn(3, 4, 9))
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
+    optimizer.end_task(keep_moments=True)
+    for p, m in zip(model.parameters(), moments):
+        assert_equal(optimizer.state[p]["exp_avg"], m, what="exp_avg kept")
+        assert "ema" not in optimizer.state[p]
+    assert int(optimizer.state[next(model.parameters())]["step"]) == 3
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_state_dict_saved_halfway_continues_identically(backend, kind, dtype):
+    model = make_model(dtype)
+    optimizer = make_optimizer(kind, model.parameters(), backend)
+    data = torch.randn(10, 4, 9, dtype=dtype)
+    run_steps(model, optimizer, data[:5])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    run_steps(model, optimizer, data[5:])
+
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed_model = make_model(dtype)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = make_optimizer(kind, resumed_model.parameters(), backend)
+    resumed.load_state_dict(saved["optimizer"])
+    ema = resumed.ema(next(resumed_model.parameters()))
+    assert ema.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype), "EMA kept its precision"
+    run_steps(resumed_model, resumed, data[5:])
+    assert_same(snapshot(resumed_model, resumed), snapshot(model, optimizer))
+
+
+def test_alphas_are_device_tensors_and_report_fallback(backend):
+    model = make_model()
+    optimizer = make_optimizer("fused", model.parameters(), backend)
+    assert optimizer.alphas().alphas.numel() == 0
+    run_steps(model, optimizer, torch.randn(1, 4, 9))
+    first = optimizer.alphas()
+    assert first.alphas.dtype == torch.float32 and first.fell_back.dtype == torch.bool
+    assert len(first.params) == 4 and bool(first.fell_back.all())  # no previous gradient yet
+    assert torch.allclose(first.alphas, torch.full((4,), 0.01))
+    run_steps(model, optimizer, torch.randn(3, 4, 9))
+    later = optimizer.alphas()
+    adaptive = later.alphas[~later.fell_back]
+    assert bool(((adaptive > 0) & (adaptive < 1)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_scaler_overflow_changes_nothing(backend, dtype):
+    model = make_model(dtype)
+    optimizer = make_optimizer("fused", model.parameters(), backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    def scaled_step(poison: bool):
+        optimizer.zero_grad()
+        scaler.scale(model(torch.randn(4, 9, dtype=dtype)).float().pow(2).mean()).backward()
+        if poison:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(3):
+        scaled_step(poison=False)
+    before = snapshot(model, optimizer)
+    scale_before = scaler.get_scale()
+    scaled_step(poison=True)
+    assert_same(snapshot(model, optimizer), before)
+    assert scaler.get_scale() < scale_before
+    scaled_step(poison=False)
+    assert int(optimizer.state[next(model.parameters())]["step"]) == 4
+
+
+def test_scaled_gradients_are_unscaled_inside_the_step(backend):
+    model = make_model()
+    twin = copy.deepcopy(model)
+    ours = make_optimizer("fused", model.parameters(), backend)
+    plain = make_optimizer("fused", twin.parameters(), backend)
+    scale = torch.tensor(256.0)
+    for x in torch.randn(4, 4, 9):
+        for m, opt in ((model, ours), (twin, plain)):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+        for p in model.parameters():
+            p.grad.mul_(scale)  # a power of two: unscaling is exact
+        ours.grad_scale, ours.found_inf = scale, torch.tensor(0.0)
+        ours.step()
+        plain.step()
+    assert_same(snapshot(model, ours), snapshot(twin, plain))
