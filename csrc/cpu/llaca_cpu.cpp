@@ -76,7 +76,9 @@ inline float to_float(T x) {
 }
 
 // Phase 1 on the elements [begin, end) of one tensor. Returns the three partial L1 sums.
-template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA>
+// FRESH (the tensor's first LLaCA step) is a template parameter, not a branch in the loop: a
+// conditional store inside the loop keeps GCC from vectorising it.
+template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, bool FRESH>
 void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScalars& call,
                 float* partial) {
   param_t* __restrict__ p = static_cast<param_t*>(job.param);
@@ -90,7 +92,6 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
   const float sign = call.maximize ? -1.0f : 1.0f;
   const bool unscale = call.has_grad_scale;
   const float grad_scale = call.grad_scale;
-  const bool fresh = job.fresh;
 
   float sum_a = 0.0f, sum_b = 0.0f, sum_c = 0.0f;
 #pragma omp simd reduction(+ : sum_a, sum_b, sum_c)
@@ -112,7 +113,7 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
     }
     if (LLACA) {
       const param_t g_stored = unscale ? static_cast<param_t>(gf) : g[i];
-      if (fresh) {
+      if (FRESH) {
         ema[i] = static_cast<ema_t>(pf);
       } else {
         const float e = to_float(ema[i]);
@@ -208,8 +209,12 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
   parallel_over_items(items, item_ends, [&](int64_t k) {
     const Item& item = items[k];
     const TensorJob& job = jobs[item.job];
-    chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA>(job, item.begin, item.end, call,
-                                                      partial_data + 3 * k);
+    float* partial = partial_data + 3 * k;
+    if (LLACA && job.fresh) {
+      chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, true>(job, item.begin, item.end, call, partial);
+    } else {
+      chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, false>(job, item.begin, item.end, call, partial);
+    }
     if (LLACA && job.num_items == 1) {  // the whole tensor is this chunk: finish while it is hot
       finish_alpha(job, partial_data, call);
       if (!job.fresh) chunk_blend<param_t, ema_t>(job, item.begin, item.end);
