@@ -23,9 +23,13 @@ _EMA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _finite_nonnegative(name: str, value: Any, where: str) -> None:
-    number = float(value.item()) if isinstance(value, Tensor) else value
-    if isinstance(value, Tensor) and value.numel() != 1:
-        raise ValueError(f"llaca_optim: {name} must be a number or a one-element tensor ({where})")
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"llaca_optim: {name} must be a number or a one-element tensor ({where})")
+        if value.device.type != "cpu":
+            return  # reading a device tensor would synchronise every step (SPEC section 4)
+        value = float(value.item())
+    number = value
     if not isinstance(number, (int, float)) or isinstance(number, bool):
         raise TypeError(f"llaca_optim: {name} must be a number, got {type(value).__name__} ({where})")
     if not math.isfinite(number) or number < 0.0:
@@ -72,6 +76,8 @@ def validate_adamw_group(group: dict[str, Any], where: str) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"llaca_optim: betas must be a pair (beta1, beta2), got {betas!r} ({where})")
     for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.device.type != "cpu":
+            continue  # no host synchronisation per step
         value = float(beta.item()) if isinstance(beta, Tensor) else beta
         if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             raise ValueError(

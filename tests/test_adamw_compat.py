@@ -109,3 +109,21 @@ def test_adamw_checkpoint_loads_into_llaca_adamw():
     assert ours.param_groups[0]["preset"] == "coin"
     train(model, ours, steps=2)  # moments resumed, EMA starts now
     assert ours.ema(model[0].weight) is not None
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_tensor_learning_rate_equals_float(backend, request):
+    if backend == "cpu":
+        request.getfixturevalue("cpu_backend")
+    model, twin = small_model(), small_model()
+    twin.load_state_dict(model.state_dict())
+    as_float = LLaCAAdamW(model.parameters(), lr=3e-3, backend=backend)
+    as_tensor = LLaCAAdamW(twin.parameters(), lr=torch.tensor(3e-3, dtype=torch.float64), backend=backend)
+    torch.manual_seed(7)
+    train(model, as_float, steps=5)
+    torch.manual_seed(7)
+    train(twin, as_tensor, steps=5)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        if p in as_float.state:
+            assert torch.equal(as_float.ema(p), as_tensor.ema(q))
