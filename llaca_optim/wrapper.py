@@ -85,10 +85,14 @@ class LLaCA(LLaCAOptimizerBase):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The inner optimizer's step, then the LLaCA update of every parameter with a gradient."""
         self._check_not_swapped("step")
-        self._collect()  # validate before the inner step changes anything
-        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        plan = self._collect()  # validate before the inner step changes anything
+        if closure is None:
+            loss = self.optimizer.step()
+        else:  # the closure computes the gradients inside the inner step: plan again after it
+            loss = self.optimizer.step(closure)
+            plan = self._collect()
         with torch.no_grad():
-            for group, pairs, scale, base_weight in self._collect():
+            for group, pairs, scale, base_weight in plan:
                 if not group["llaca"] or not pairs:
                     continue
                 hyper = StepHyper(scale=scale, base_weight=base_weight)
