@@ -3,18 +3,19 @@
 // llaca_optim/_ops.py.
 //
 // NOTE [CPU work decomposition]
-// Every tensor is cut into fixed-size chunks of kChunk elements ("items"); all items of all tensors
-// of one call are spread over the intra-op threads by element count. The chunk boundaries do not
-// depend on the thread count, and each chunk's three partial sums are stored in its own slot and
-// added up per tensor in chunk order, so the reductions give the same bits run after run and for
-// any number of threads (no atomics).
-//   pass 1 (parallel over items): AdamW on the chunk, then the LLaCA partial sums
-//           a = sum|p - ema|, b = sum|g|, c = sum|g - g_prev| and the g_prev <- g copy.
-//           A tensor that fits in one chunk finishes right here: its alpha is known at the end of
-//           the chunk and the EMA blend re-reads p and ema while they are still in L1/L2.
-//   pass 2 (serial over the multi-chunk tensors): add the chunk sums, compute alpha.
-//   pass 3 (parallel over the items of multi-chunk tensors): ema <- ema + alpha (p - ema).
-// The only scratch memory is one thread-local vector of partial sums, grown once and reused.
+// Sums are taken over fixed blocks of kSumBlock elements: fp32 inside a block, then double over the
+// blocks of a tensor in block order. Block boundaries do not depend on the thread count and there
+// are no atomics, so the reductions give the same bits run after run and for any number of threads.
+// The work of one call is a list of items, spread over the intra-op threads by element count:
+//   * a tensor of at most kWholeTensorLimit elements is one item. Its thread does the AdamW step
+//     and the sums a = sum|p - ema|, b = sum|g|, c = sum|g - g_prev| (and g_prev <- g) block by
+//     block, computes alpha, then blends ema <- ema + alpha (p - ema) while p and ema are still in
+//     L2/L3: one trip to memory for the tensor (SPEC section 5's "on chip" design).
+//   * a larger tensor is split into one item per block, shared by all threads (pass 1: AdamW and
+//     block sums into per-item slots); then its alpha (pass 2, serial: add the slots in order) and
+//     the blend (pass 3, parallel, each thread walking its share backwards so it starts on the data
+//     it touched last). These tensors pay the two-phase cost of 13 memory accesses per element.
+// Scratch (the work list and the partial-sum slots) is thread-local, grown once and reused.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,12 +29,18 @@
 #include <vector>
 
 #include "llaca/math.h"
+#include "convert.h"
 
 namespace llaca {
 namespace cpu {
 namespace {
 
-constexpr int64_t kChunk = int64_t(1) << 15;
+// Elements per partial sum. Fixed, so the reductions do not depend on the thread count.
+constexpr int64_t kSumBlock = int64_t(1) << 15;
+// Tensors up to this many elements are one work item, finished by one thread in one visit (see
+// NOTE [CPU work decomposition]); larger ones are split into blocks shared by all threads.
+// Chosen by measurement with benchmarks/ (lora_llama's 88k-element LoRA factors must fall below).
+constexpr int64_t kWholeTensorLimit = int64_t(1) << 18;
 
 using at::Tensor;
 using at::TensorList;
@@ -51,6 +58,7 @@ struct TensorJob {
   float* alpha = nullptr;
   bool* fell_back = nullptr;
   bool fresh = false;
+  bool whole = false;  // one work item: finished (alpha and blend) by the thread that stepped it
   AdamWScalars adamw{};
   int64_t first_item = 0;
   int64_t num_items = 0;
@@ -62,6 +70,12 @@ struct Item {
   int64_t end;
 };
 
+struct Workspace {
+  std::vector<Item> items;
+  std::vector<int64_t> item_ends;  // running element count at the end of each item
+  std::vector<float> partials;     // three block sums per item of a split tensor
+};
+
 struct CallScalars {
   bool maximize = false;
   bool has_grad_scale = false;
@@ -70,56 +84,59 @@ struct CallScalars {
   double base_weight = 0.0;
 };
 
-template <typename T>
-inline float to_float(T x) {
-  return static_cast<float>(x);
-}
-
-// Phase 1 on the elements [begin, end) of one tensor. Returns the three partial L1 sums.
-// FRESH (the tensor's first LLaCA step) is a template parameter, not a branch in the loop: a
-// conditional store inside the loop keeps GCC from vectorising it.
+// Phase 1 on the elements [begin, end) of one tensor (at most one sum block). Returns the three
+// partial L1 sums. FRESH (the tensor's first LLaCA step) is a template parameter, not a branch in
+// the loop: a conditional store inside the loop keeps GCC from vectorising it.
 template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, bool FRESH>
 void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScalars& call,
                 float* partial) {
-  param_t* __restrict__ p = static_cast<param_t*>(job.param);
-  const param_t* __restrict__ g = static_cast<const param_t*>(job.grad);
-  param_t* __restrict__ m = static_cast<param_t*>(job.exp_avg);
-  param_t* __restrict__ v = static_cast<param_t*>(job.exp_avg_sq);
-  param_t* __restrict__ vmax = static_cast<param_t*>(job.max_exp_avg_sq);
-  ema_t* __restrict__ ema = static_cast<ema_t*>(job.ema);
-  param_t* __restrict__ gprev = static_cast<param_t*>(job.prev_grad);
+  using P = Codec<param_t>;
+  using E = Codec<ema_t>;
+  using praw = typename P::raw;
+  using eraw = typename E::raw;
+  praw* __restrict p = static_cast<praw*>(job.param);
+  const praw* __restrict g = static_cast<const praw*>(job.grad);
+  praw* __restrict m = static_cast<praw*>(job.exp_avg);
+  praw* __restrict v = static_cast<praw*>(job.exp_avg_sq);
+  praw* __restrict vmax = static_cast<praw*>(job.max_exp_avg_sq);
+  eraw* __restrict ema = static_cast<eraw*>(job.ema);
+  praw* __restrict gprev = static_cast<praw*>(job.prev_grad);
   const AdamWScalars s = job.adamw;
   const float sign = call.maximize ? -1.0f : 1.0f;
-  const bool unscale = call.has_grad_scale;
+  // 1.0 without a GradScaler: x / 1.0f is exact, so dividing always keeps the loop free of a
+  // branch that stopped GCC from vectorising it.
   const float grad_scale = call.grad_scale;
 
   float sum_a = 0.0f, sum_b = 0.0f, sum_c = 0.0f;
 #pragma omp simd reduction(+ : sum_a, sum_b, sum_c)
   for (int64_t i = begin; i < end; ++i) {
-    float gf = to_float(g[i]);
-    if (unscale) gf = gf / grad_scale;
-    float pf = to_float(p[i]);
+    // Division, not a multiply by the inverse: this is what torch's _amp_foreach_non_finite_check
+    // _and_unscale_ does, and the reference does the same.
+    const float gf = P::load(g[i]) / grad_scale;
+    float pf = P::load(p[i]);
     if (ADAMW) {
-      float mf = to_float(m[i]);
-      float vf = to_float(v[i]);
-      float vmaxf = AMSGRAD ? to_float(vmax[i]) : 0.0f;
+      float mf = P::load(m[i]);
+      float vf = P::load(v[i]);
+      float vmaxf = AMSGRAD ? P::load(vmax[i]) : 0.0f;
       adamw_element<AMSGRAD>(pf, sign * gf, mf, vf, vmaxf, s);
-      const param_t stored = static_cast<param_t>(pf);
+      const praw stored = P::store(pf);
       p[i] = stored;
-      pf = to_float(stored);  // LLaCA sees the parameter as stored, rounding included
-      m[i] = static_cast<param_t>(mf);
-      v[i] = static_cast<param_t>(vf);
-      if (AMSGRAD) vmax[i] = static_cast<param_t>(vmaxf);
+      pf = P::load(stored);  // LLaCA sees the parameter as stored, rounding included
+      m[i] = P::store(mf);
+      v[i] = P::store(vf);
+      if (AMSGRAD) vmax[i] = P::store(vmaxf);
     }
     if (LLACA) {
-      const param_t g_stored = unscale ? static_cast<param_t>(gf) : g[i];
+      // The unscaled gradient is what the next step compares against (SPEC: `g` is the gradient
+      // after unscaling). Without a scaler this stores g unchanged (16-bit round trips are exact).
+      const praw g_stored = P::store(gf);
       if (FRESH) {
-        ema[i] = static_cast<ema_t>(pf);
+        ema[i] = E::store(pf);
       } else {
-        const float e = to_float(ema[i]);
+        const float e = E::load(ema[i]);
         sum_a += std::fabs(pf - e);
         sum_b += std::fabs(gf);
-        sum_c += std::fabs(gf - to_float(gprev[i]));
+        sum_c += std::fabs(gf - P::load(gprev[i]));
       }
       gprev[i] = g_stored;
     }
@@ -131,45 +148,73 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
 
 template <typename param_t, typename ema_t>
 void chunk_blend(const TensorJob& job, int64_t begin, int64_t end) {
-  const param_t* __restrict__ p = static_cast<const param_t*>(job.param);
-  ema_t* __restrict__ ema = static_cast<ema_t*>(job.ema);
+  using P = Codec<param_t>;
+  using E = Codec<ema_t>;
+  const typename P::raw* __restrict p = static_cast<const typename P::raw*>(job.param);
+  typename E::raw* __restrict ema = static_cast<typename E::raw*>(job.ema);
   const float alpha = *job.alpha;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const float e = to_float(ema[i]);
-    ema[i] = static_cast<ema_t>(e + alpha * (to_float(p[i]) - e));
+    const float e = E::load(ema[i]);
+    ema[i] = E::store(e + alpha * (P::load(p[i]) - e));
   }
 }
 
-// Sums the partials of one tensor in chunk order and writes its alpha and fallback flag.
-void finish_alpha(const TensorJob& job, const float* partials, const CallScalars& call) {
+// Writes a tensor's alpha and fallback flag from its three whole-tensor sums.
+void finish_alpha(const TensorJob& job, double a, double b, double c, const CallScalars& call) {
   if (job.fresh) {  // no previous gradient yet: SPEC's `else` branch
     *job.alpha = static_cast<float>(call.base_weight);
     *job.fell_back = true;
     return;
-  }
-  double a = 0.0, b = 0.0, c = 0.0;
-  for (int64_t k = 0; k < job.num_items; ++k) {
-    a += partials[3 * (job.first_item + k) + 0];
-    b += partials[3 * (job.first_item + k) + 1];
-    c += partials[3 * (job.first_item + k) + 2];
   }
   double alpha = 0.0;
   *job.fell_back = balance_weight<double>(a, b, c, call.scale, call.base_weight, alpha);
   *job.alpha = static_cast<float>(alpha);
 }
 
+// A tensor small enough to be one work item: the AdamW step and the sums block by block, then its
+// alpha, then the blend while p and ema are still in cache. The blend walks the blocks backwards,
+// so the most recently touched block (the one surely still in L1/L2) comes first.
+template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, bool FRESH>
+void whole_tensor_step(const TensorJob& job, const CallScalars& call) {
+  double a = 0.0, b = 0.0, c = 0.0;
+  for (int64_t begin = 0; begin < job.numel; begin += kSumBlock) {
+    float partial[3];
+    chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, FRESH>(
+        job, begin, std::min(job.numel, begin + kSumBlock), call, partial);
+    a += partial[0];
+    b += partial[1];
+    c += partial[2];
+  }
+  if (!LLACA) return;
+  finish_alpha(job, a, b, c, call);
+  if (FRESH) return;
+  const int64_t blocks = (job.numel + kSumBlock - 1) / kSumBlock;
+  for (int64_t k = blocks - 1; k >= 0; --k) {
+    chunk_blend<param_t, ema_t>(job, k * kSumBlock, std::min(job.numel, (k + 1) * kSumBlock));
+  }
+}
+
 // Splits the items over the threads by element count, so one large tensor next to many small
 // ones does not leave a thread idle. Any split gives the same result (NOTE [CPU work decomposition]).
+// `backwards` walks each thread's share from its end: a second pass then starts on the data the
+// first pass touched last, which is the most likely to still be in cache.
 template <typename Fn>
 void parallel_over_items(const std::vector<Item>& items, const std::vector<int64_t>& item_ends,
-                         Fn&& fn) {
+                         bool backwards, Fn&& fn) {
   const int64_t n = static_cast<int64_t>(items.size());
   if (n == 0) return;
   const int64_t total = item_ends.back();
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  if (threads == 1 || total < 2 * kChunk) {
-    for (int64_t k = 0; k < n; ++k) fn(k);
+  auto run_range = [&](int64_t first, int64_t last) {
+    if (backwards) {
+      for (int64_t k = last - 1; k >= first; --k) fn(k);
+    } else {
+      for (int64_t k = first; k < last; ++k) fn(k);
+    }
+  };
+  if (threads == 1 || total < 2 * kSumBlock) {
+    run_range(0, n);
     return;
   }
   at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
@@ -177,63 +222,81 @@ void parallel_over_items(const std::vector<Item>& items, const std::vector<int64
       const int64_t lo_elem = total * t / threads;
       const int64_t hi_elem = total * (t + 1) / threads;
       // items whose end lies in (lo_elem, hi_elem] belong to thread t
-      auto first = std::upper_bound(item_ends.begin(), item_ends.end(), lo_elem) - item_ends.begin();
-      auto last = std::upper_bound(item_ends.begin(), item_ends.end(), hi_elem) - item_ends.begin();
+      int64_t first = std::upper_bound(item_ends.begin(), item_ends.end(), lo_elem) - item_ends.begin();
+      int64_t last = std::upper_bound(item_ends.begin(), item_ends.end(), hi_elem) - item_ends.begin();
       if (t == threads - 1) last = n;
-      for (int64_t k = first; k < last; ++k) fn(k);
+      run_range(first, last);
     }
   });
 }
 
 template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA>
 void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
-  std::vector<Item> items;
-  std::vector<int64_t> item_ends;
+  // Work list and scratch, reused from call to call (they grow, never shrink): a step allocates
+  // nothing once the optimizer has seen its largest call. Bound to references because the lambdas
+  // below run on other threads, where the names of thread_local variables denote other objects.
+  static thread_local Workspace workspace;
+  std::vector<Item>& items = workspace.items;
+  std::vector<int64_t>& item_ends = workspace.item_ends;
+  std::vector<float>& partials = workspace.partials;
+  items.clear();
+  item_ends.clear();
   int64_t elements = 0;
+  bool any_split = false;
   for (int64_t j = 0; j < static_cast<int64_t>(jobs.size()); ++j) {
     TensorJob& job = jobs[j];
     job.first_item = static_cast<int64_t>(items.size());
-    for (int64_t begin = 0; begin < job.numel; begin += kChunk) {
-      const int64_t end = std::min(job.numel, begin + kChunk);
-      items.push_back({j, begin, end});
-      elements += end - begin;
+    job.whole = job.numel > 0 && job.numel <= kWholeTensorLimit;
+    if (job.whole) {
+      items.push_back({j, 0, job.numel});
+      elements += job.numel;
       item_ends.push_back(elements);
+    } else {
+      for (int64_t begin = 0; begin < job.numel; begin += kSumBlock) {
+        const int64_t end = std::min(job.numel, begin + kSumBlock);
+        items.push_back({j, begin, end});
+        elements += end - begin;
+        item_ends.push_back(elements);
+      }
+      any_split = any_split || job.numel > 0;
     }
     job.num_items = static_cast<int64_t>(items.size()) - job.first_item;
   }
-  // Scratch for the chunk partial sums: reused from call to call (grows, never shrinks).
-  static thread_local std::vector<float> partials;
   if (partials.size() < 3 * items.size()) partials.resize(3 * items.size());
   float* partial_data = partials.data();
 
-  parallel_over_items(items, item_ends, [&](int64_t k) {
+  parallel_over_items(items, item_ends, /*backwards=*/false, [&](int64_t k) {
     const Item& item = items[k];
     const TensorJob& job = jobs[item.job];
-    float* partial = partial_data + 3 * k;
-    if (LLACA && job.fresh) {
-      chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, true>(job, item.begin, item.end, call, partial);
+    const bool fresh = LLACA && job.fresh;
+    if (job.whole) {
+      if (fresh) whole_tensor_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, true>(job, call);
+      else whole_tensor_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, false>(job, call);
+    } else if (fresh) {
+      chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, true>(job, item.begin, item.end, call, partial_data + 3 * k);
     } else {
-      chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, false>(job, item.begin, item.end, call, partial);
-    }
-    if (LLACA && job.num_items == 1) {  // the whole tensor is this chunk: finish while it is hot
-      finish_alpha(job, partial_data, call);
-      if (!job.fresh) chunk_blend<param_t, ema_t>(job, item.begin, item.end);
+      chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, false>(job, item.begin, item.end, call, partial_data + 3 * k);
     }
   });
   if (!LLACA) return;
 
-  bool any_multi_chunk = false;
+  // Tensors not finished in pass 1: the split ones (sum their block partials in order) and empty
+  // ones (no item; their sums are zero, so they fall back).
   for (const TensorJob& job : jobs) {
-    if (job.num_items != 1) {  // empty tensors (no item) and multi-chunk ones
-      finish_alpha(job, partial_data, call);
-      any_multi_chunk = any_multi_chunk || job.num_items > 1;
+    if (job.whole) continue;
+    double a = 0.0, b = 0.0, c = 0.0;
+    for (int64_t k = job.first_item; k < job.first_item + job.num_items; ++k) {
+      a += partial_data[3 * k + 0];
+      b += partial_data[3 * k + 1];
+      c += partial_data[3 * k + 2];
     }
+    finish_alpha(job, a, b, c, call);
   }
-  if (!any_multi_chunk) return;
-  parallel_over_items(items, item_ends, [&](int64_t k) {
+  if (!any_split) return;
+  parallel_over_items(items, item_ends, /*backwards=*/true, [&](int64_t k) {
     const Item& item = items[k];
     const TensorJob& job = jobs[item.job];
-    if (job.num_items > 1 && !job.fresh) chunk_blend<param_t, ema_t>(job, item.begin, item.end);
+    if (!job.whole && !job.fresh) chunk_blend<param_t, ema_t>(job, item.begin, item.end);
   });
 }
 
