@@ -26,6 +26,18 @@ _REFERENCE = ReferenceBackend()
 
 
 @dataclass
+class _GroupPlan:
+    """A param group's buckets from the last full planning, and what they assumed."""
+
+    params: list[Tensor]             # the group's params list object itself
+    n_params: int
+    options: tuple[Any, ...]         # group options that change which state exists
+    has_grad: list[bool]
+    grad_layouts: list[tuple[Any, ...]]  # (shape, dtype, device, stride) of each gradient
+    buckets: list[tuple[Backend, Bucket, list[int]]]
+
+
+@dataclass
 class LLaCAAlphas:
     """The last step's balance weights, one per parameter that has LLaCA state, in param-group
     order. ``alphas`` and ``fell_back`` are tensors on the parameters' device: reading them does
@@ -50,6 +62,7 @@ class LLaCAOptimizerBase(Optimizer):
         self._requested_backend = backend
         self._backends: dict[str, Backend] = {}
         self._ema_swap: list[tuple[Tensor, Tensor, Tensor | None]] | None = None
+        self._invalidate_plans()
         for group in self.param_groups:
             for p in group["params"]:
                 self._backend_for(p.device.type)
@@ -76,6 +89,7 @@ class LLaCAOptimizerBase(Optimizer):
     def _add_group_checked(self, add: Any, param_group: dict[str, Any]) -> None:
         """Adds a group through ``add`` and validates it; on error the group is removed again."""
         add(param_group)
+        self._invalidate_plans()
         index = len(self.param_groups) - 1
         try:
             self._validate_group(self.param_groups[index], f"param_groups[{index}]")
@@ -95,20 +109,80 @@ class LLaCAOptimizerBase(Optimizer):
                 "`with optimizer.ema_weights():` block first"
             )
 
-    def _collect(self) -> list[tuple[dict[str, Any], list[tuple[Tensor, Tensor]], float, float]]:
-        """Every (group, [(param, grad)], scale, base_weight) of this step, all of it validated
-        before anything is touched (SPEC section 6)."""
-        plan = []
+    # A step's work is planned per param group: which parameters have gradients, which backend
+    # takes each, and the per-(backend, device, dtype) buckets of tensors handed to the kernels.
+    # Planning validates every gradient and looks at every state tensor, which costs microseconds
+    # per parameter in Python: more than the kernel itself for thousands of small tensors. So a
+    # plan is kept and reused while nothing it depends on changes; each step then only checks that
+    # the same parameters have gradients with the same shape, dtype, device and strides (one
+    # comparison per gradient) and puts this step's gradients into the buckets. Anything else
+    # (a parameter without a gradient this time, a gradient of another layout, new groups, a new
+    # task, a loaded state dict) plans again from scratch, with the full checks.
+
+    def _invalidate_plans(self) -> None:
+        self._plans: dict[int, _GroupPlan] = {}
+
+    def _group_options(self, group: dict[str, Any]) -> tuple[Any, ...]:
+        return (group.get("llaca"), group.get("amsgrad"), group.get("ema_dtype"))
+
+    def _reuse_plan(self, gi: int, group: dict[str, Any]) -> list[tuple[Backend, Bucket]] | None:
+        plan = getattr(self, "_plans", {}).get(gi)
+        params = group["params"]
+        if (plan is None or plan.params is not params or plan.n_params != len(params)
+                or plan.options != self._group_options(group)):
+            return None
+        grads = [p.grad for p in params]
+        if [g is not None for g in grads] != plan.has_grad:
+            return None
+        present = [g for g in grads if g is not None]
+        strided = torch.strided
+        for g, (shape, dtype, device, stride) in zip(present, plan.grad_layouts):
+            if (g.stride() != stride or g.shape != shape or g.dtype != dtype
+                    or g.device != device or g.layout != strided):
+                return None
+        for _, bucket, positions in plan.buckets:
+            bucket.grads = [present[i] for i in positions]
+        return [(backend, bucket) for backend, bucket, _ in plan.buckets]
+
+    def _validated_pairs(self, gi: int, group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
+        pairs = []
+        for pi, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            V.check_gradient(p, p.grad, V.param_label(group, gi, pi))
+            pairs.append((p, p.grad))
+        return pairs
+
+    def _build_buckets(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
+                       ) -> list[tuple[Backend, Bucket, list[int]]]:
+        """Initialises missing state and sorts ``pairs`` into buckets; returns each bucket with
+        the positions in ``pairs`` of its tensors. Subclasses fill their own lists."""
+        raise NotImplementedError
+
+    def _plan_step(self) -> list[tuple[dict[str, Any], list[tuple[Backend, Bucket]], float, float]]:
+        """Every (group, buckets, scale, base_weight) of this step. All groups are validated
+        before any state is created or any tensor touched (SPEC section 6)."""
+        if not hasattr(self, "_plans"):
+            self._invalidate_plans()
+        plans: list[list[Any]] = []
+        to_build = []
         for gi, group in enumerate(self.param_groups):
             scale, base_weight = self._validate_group(group, f"param_groups[{gi}]")
-            pairs = []
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                V.check_gradient(p, p.grad, V.param_label(group, gi, pi))
-                pairs.append((p, p.grad))
-            plan.append((group, pairs, scale, base_weight))
-        return plan
+            buckets = self._reuse_plan(gi, group)
+            if buckets is None:
+                to_build.append((len(plans), gi, group, self._validated_pairs(gi, group)))
+            plans.append([group, buckets, scale, base_weight])
+        for index, gi, group, pairs in to_build:
+            built = self._build_buckets(group, pairs)
+            self._plans[gi] = _GroupPlan(
+                params=group["params"], n_params=len(group["params"]),
+                options=self._group_options(group),
+                has_grad=[p.grad is not None for p in group["params"]],
+                grad_layouts=[(g.shape, g.dtype, g.device, g.stride()) for _, g in pairs],
+                buckets=built,
+            )
+            plans[index][1] = [(backend, bucket) for backend, bucket, _ in built]
+        return [tuple(p) for p in plans]  # type: ignore[misc]
 
     def _init_llaca_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if "ema" in state:
@@ -218,6 +292,7 @@ class LLaCAOptimizerBase(Optimizer):
             for p, state in self._llaca_params():
                 p.copy_(state["ema"])
         self._reset_for_new_task(keep_moments)
+        self._invalidate_plans()
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         raise NotImplementedError

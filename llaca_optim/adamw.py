@@ -79,6 +79,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._invalidate_plans()
         # Also what lets an AdamW state dict load into LLaCAAdamW: missing knobs take defaults.
         for group in self.param_groups:
             for key, value in {**V.LLACA_GROUP_DEFAULTS, "maximize": False, "amsgrad": False,
@@ -116,11 +117,11 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             with torch.enable_grad():
                 loss = closure()
         self._check_not_swapped("step")
-        plan = self._collect()
+        plan = self._plan_step()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group, pairs, scale, base_weight in plan:
-            if not pairs:
+        for group, buckets, scale, base_weight in plan:
+            if not buckets:
                 continue
             beta1, beta2 = (float(b) for b in group["betas"])
             hyper = StepHyper(
@@ -129,30 +130,35 @@ class LLaCAAdamW(LLaCAOptimizerBase):
                 llaca=group["llaca"], scale=scale, base_weight=base_weight,
                 grad_scale=grad_scale, found_inf=found_inf,
             )
-            buckets: dict[tuple[Any, ...], tuple[Backend, Bucket]] = {}
-            for p, g in pairs:
-                state = self._init_state(p, group)
-                tensors = [g, state["exp_avg"], state["exp_avg_sq"]]
-                if group["amsgrad"]:
-                    tensors.append(state["max_exp_avg_sq"])
-                if group["llaca"]:
-                    tensors += [state["ema"], state["prev_grad"]]
-                backend = self._pick(p, tensors)
-                ema_dtype = state["ema"].dtype if group["llaca"] else None
-                key = (backend.name, p.device, p.dtype, ema_dtype)
-                _, bucket = buckets.setdefault(key, (backend, Bucket()))
-                bucket.params.append(p)
-                bucket.grads.append(g)
-                bucket.exp_avgs.append(state["exp_avg"])
-                bucket.exp_avg_sqs.append(state["exp_avg_sq"])
-                if group["amsgrad"]:
-                    bucket.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-                bucket.state_steps.append(state["step"])
-                if group["llaca"]:
-                    self._add_llaca(bucket, state)
-            for backend, bucket in buckets.values():
+            for backend, bucket in buckets:
                 backend.adamw_llaca(bucket, hyper)
         return loss
+
+    def _build_buckets(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
+                       ) -> list[tuple[Backend, Bucket, list[int]]]:
+        buckets: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int]]] = {}
+        for position, (p, g) in enumerate(pairs):
+            state = self._init_state(p, group)
+            tensors = [g, state["exp_avg"], state["exp_avg_sq"]]
+            if group["amsgrad"]:
+                tensors.append(state["max_exp_avg_sq"])
+            if group["llaca"]:
+                tensors += [state["ema"], state["prev_grad"]]
+            backend = self._pick(p, tensors)
+            ema_dtype = state["ema"].dtype if group["llaca"] else None
+            key = (backend.name, p.device, p.dtype, ema_dtype)
+            _, bucket, positions = buckets.setdefault(key, (backend, Bucket(), []))
+            positions.append(position)
+            bucket.params.append(p)
+            bucket.grads.append(g)
+            bucket.exp_avgs.append(state["exp_avg"])
+            bucket.exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                bucket.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            bucket.state_steps.append(state["step"])
+            if group["llaca"]:
+                self._add_llaca(bucket, state)
+        return list(buckets.values())
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         if not keep_moments:
@@ -171,3 +177,4 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         id_map = self._check_layout(state_dict, "LLaCAAdamW")
         super().load_state_dict(state_dict)
         self._restore_llaca_entries(state_dict, id_map, self.state)
+        self._invalidate_plans()

@@ -85,30 +85,37 @@ class LLaCA(LLaCAOptimizerBase):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The inner optimizer's step, then the LLaCA update of every parameter with a gradient."""
         self._check_not_swapped("step")
-        plan = self._collect()  # validate before the inner step changes anything
+        plan = self._plan_step()  # validate before the inner step changes anything
         if closure is None:
             loss = self.optimizer.step()
         else:  # the closure computes the gradients inside the inner step: plan again after it
             loss = self.optimizer.step(closure)
-            plan = self._collect()
+            plan = self._plan_step()
         with torch.no_grad():
-            for group, pairs, scale, base_weight in plan:
-                if not group["llaca"] or not pairs:
+            for group, buckets, scale, base_weight in plan:
+                if not buckets:
                     continue
                 hyper = StepHyper(scale=scale, base_weight=base_weight)
-                buckets: dict[tuple[Any, ...], tuple[Backend, Bucket]] = {}
-                for p, g in pairs:
-                    state = self.state[p]
-                    self._init_llaca_state(p, state, group)
-                    backend = self._pick(p, [g, state["ema"], state["prev_grad"]])
-                    key = (backend.name, p.device, p.dtype, state["ema"].dtype)
-                    _, bucket = buckets.setdefault(key, (backend, Bucket()))
-                    bucket.params.append(p)
-                    bucket.grads.append(g)
-                    self._add_llaca(bucket, state)
-                for backend, bucket in buckets.values():
+                for backend, bucket in buckets:
                     backend.llaca_update(bucket, hyper)
         return loss
+
+    def _build_buckets(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
+                       ) -> list[tuple[Backend, Bucket, list[int]]]:
+        if not group["llaca"]:
+            return []
+        buckets: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int]]] = {}
+        for position, (p, g) in enumerate(pairs):
+            state = self.state[p]
+            self._init_llaca_state(p, state, group)
+            backend = self._pick(p, [g, state["ema"], state["prev_grad"]])
+            key = (backend.name, p.device, p.dtype, state["ema"].dtype)
+            _, bucket, positions = buckets.setdefault(key, (backend, Bucket(), []))
+            positions.append(position)
+            bucket.params.append(p)
+            bucket.grads.append(g)
+            self._add_llaca(bucket, state)
+        return list(buckets.values())
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         self.state.clear()
@@ -134,3 +141,4 @@ class LLaCA(LLaCAOptimizerBase):
         super().load_state_dict(state_dict["llaca"])
         self._link_groups()
         self._restore_llaca_entries(state_dict["llaca"], id_map, self.state)
+        self._invalidate_plans()

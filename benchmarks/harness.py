@@ -1,0 +1,134 @@
+"""Timing and memory measurement of contenders on one workload.
+
+How time is taken:
+
+* CPU: all contenders of a measurement are built on the same parameters and stepped in
+  round-robin order, one step each per round, timed with ``time.perf_counter``. Interleaving puts
+  every contender under the same machine conditions (frequency, other load, page cache), which on
+  a shared 2-core machine matters more than anything else; ratios are taken between medians.
+* CUDA: contenders are measured one after the other (a ``full`` workload's states do not fit on
+  the GPU together), each step between two CUDA events after a warm-up, and the GPU synchronised
+  once per contender, not per step.
+
+Every contender gets ``warmup`` untimed steps (the first LLaCA step only takes the EMA copy, and
+the first call may build or load kernels), then up to ``steps`` timed ones, fewer when it has
+used ``budget_s`` seconds (the published loop on 10,000 tensors takes seconds per step).
+
+Memory: ``state_bytes`` is the optimizer state a contender keeps; ``step_alloc_bytes`` is what one
+step allocates: on CUDA the rise of the peak allocated memory over the step, on the CPU the bytes
+allocated by the ops of the step as torch.profiler records them (SPEC section 5: "no per-step
+allocation proportional to the model").
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .contenders import Contender, Stepper
+
+
+@dataclass
+class Measurement:
+    times_s: list[float]
+    state_bytes: int
+    step_alloc_bytes: int | None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    def quantile_s(self, q: float) -> float:
+        xs = sorted(self.times_s)
+        pos = q * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _state_bytes(stepper: Stepper) -> int:
+    return sum(t.numel() * t.element_size() for t in stepper.state_tensors())
+
+
+def _cpu_step_alloc_bytes(stepper: Stepper) -> int | None:
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:  # pragma: no cover
+        return None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        stepper.step()
+    return int(sum(max(0, e.self_cpu_memory_usage) for e in prof.events()))
+
+
+def _cuda_step_alloc_bytes(stepper: Stepper, device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    stepper.step()
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - before)
+
+
+def measure_cpu(contenders: list[Contender], params: list[torch.Tensor], warmup: int, steps: int,
+                budget_s: float, on_progress=None) -> dict[str, Measurement]:
+    steppers = {c.name: c.build(params) for c in contenders}
+    for _ in range(warmup):
+        for s in steppers.values():
+            s.step()
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    spent: dict[str, float] = {name: 0.0 for name in steppers}
+    for _ in range(steps):
+        active = [n for n in steppers if len(times[n]) < 3 or spent[n] < budget_s]
+        if not active:
+            break
+        for name in active:
+            start = time.perf_counter()
+            steppers[name].step()
+            elapsed = time.perf_counter() - start
+            times[name].append(elapsed)
+            spent[name] += elapsed
+        if on_progress:
+            on_progress()
+    return {
+        name: Measurement(times[name], _state_bytes(s), _cpu_step_alloc_bytes(s))
+        for name, s in steppers.items()
+    }
+
+
+def measure_cuda(contenders: list[Contender], params: list[torch.Tensor], warmup: int, steps: int,
+                 budget_s: float, on_progress=None) -> dict[str, Measurement]:
+    device = params[0].device
+    out = {}
+    for c in contenders:
+        stepper = c.build(params)
+        for _ in range(warmup):
+            stepper.step()
+        torch.cuda.synchronize(device)
+        events = []
+        wall = time.perf_counter()
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            stepper.step()
+            end.record()
+            events.append((start, end))
+            if len(events) >= 3 and time.perf_counter() - wall > budget_s:
+                break
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) / 1e3 for s, e in events]
+        out[c.name] = Measurement(times, _state_bytes(stepper), _cuda_step_alloc_bytes(stepper, device))
+        del stepper
+        torch.cuda.empty_cache()
+        if on_progress:
+            on_progress()
+    return out
+
+
+def measure(contenders: list[Contender], params: list[torch.Tensor], warmup: int = 3,
+            steps: int = 30, budget_s: float = 5.0, on_progress=None) -> dict[str, Measurement]:
+    if params[0].device.type == "cuda":
+        return measure_cuda(contenders, params, warmup, steps, budget_s, on_progress)
+    return measure_cpu(contenders, params, warmup, steps, budget_s, on_progress)

@@ -1,0 +1,200 @@
+"""Rows, ratios and the files a benchmark run writes: JSON, CSV, a markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import llaca_optim
+
+from .contenders import ADAMW_FUSED, COPY, FOREACH, PUBLISHED, Contender, model_bytes
+from .harness import Measurement
+from .workloads import Workload
+
+COLUMNS = [
+    "workload", "family", "dtype", "n_tensors", "n_elements", "implementation", "kind", "backend",
+    "median_ms", "p10_ms", "p90_ms", "steps_timed", "bytes_model", "model_bytes",
+    "bandwidth_GBps", "fraction_of_copy", "x_adamw_fused", "speedup_vs_published",
+    "speedup_vs_foreach", "state_bytes", "step_alloc_bytes",
+]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "llaca_optim": getattr(llaca_optim, "__version__", "unknown")}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = None
+    if device.type == "cuda":
+        versions["cuda"] = torch.version.cuda
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "versions": versions,
+        "backends": {k: {"available": ok, "detail": why}
+                     for k, (ok, why) in llaca_optim.backend_status().items()},
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    }
+
+
+def rows_for(workload: Workload, dtype: torch.dtype, params: list[torch.Tensor],
+             contenders: list[Contender], results: dict[str, Measurement]) -> list[dict[str, Any]]:
+    """One row per contender, with ratios to the baselines measured in the same run."""
+    med = {name: m.median_s for name, m in results.items()}
+    copy_bw = None
+    if COPY in results:
+        copy_bw = model_bytes("llaca", params) / med[COPY] / 1e9
+    rows = []
+    for c in contenders:
+        m = results[c.name]
+        nbytes = model_bytes("llaca" if c.bytes_model == "copy" else c.bytes_model, params)
+        bandwidth = nbytes / m.median_s / 1e9
+        rows.append({
+            "workload": workload.name,
+            "family": workload.family,
+            "dtype": str(dtype).removeprefix("torch."),
+            "n_tensors": workload.n_tensors,
+            "n_elements": workload.n_elements,
+            "implementation": c.name,
+            "kind": c.kind,
+            "backend": c.backend,
+            "median_ms": 1e3 * m.median_s,
+            "p10_ms": 1e3 * m.quantile_s(0.1),
+            "p90_ms": 1e3 * m.quantile_s(0.9),
+            "steps_timed": len(m.times_s),
+            "bytes_model": c.bytes_model,
+            "model_bytes": nbytes,
+            "bandwidth_GBps": bandwidth,
+            "fraction_of_copy": bandwidth / copy_bw if copy_bw else None,
+            "x_adamw_fused": m.median_s / med[ADAMW_FUSED] if ADAMW_FUSED in med else None,
+            "speedup_vs_published": med[PUBLISHED] / m.median_s if PUBLISHED in med else None,
+            "speedup_vs_foreach": med[FOREACH] / m.median_s if FOREACH in med else None,
+            "state_bytes": m.state_bytes,
+            "step_alloc_bytes": m.step_alloc_bytes,
+        })
+    return rows
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _mib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f}"
+
+
+def markdown(env: dict[str, Any], rows: list[dict[str, Any]], families: tuple[str, ...]) -> str:
+    lines = [
+        f"Device: **{env['device']}**; torch {env['versions']['torch']}; {env['date']}",
+        f"Command: `{env['command']}`",
+        "",
+        "Medians over interleaved steps (CPU) or CUDA events (GPU). Bandwidth is SPEC section 5's "
+        "bytes model over the median time (7 accesses for AdamW alone, 11 for an AdamW+LLaCA step); "
+        "`copy` is a device-to-device copy of the LLaCA step's bytes. Ratios are to the baselines "
+        "of the same run.",
+        "",
+    ]
+    header = ("| workload | dtype | implementation | median ms (p10–p90) | GB/s | of copy "
+              "| × AdamW(fused) | vs published | vs foreach | state MiB | step alloc MiB |")
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        if r["family"] not in families:
+            continue
+        lines.append(
+            f"| {r['workload']} | {r['dtype']} | {r['implementation']} "
+            f"| {_fmt(r['median_ms'], 3)} ({_fmt(r['p10_ms'], 3)}–{_fmt(r['p90_ms'], 3)}) "
+            f"| {_fmt(r['bandwidth_GBps'], 1)} | {_fmt(r['fraction_of_copy'])} "
+            f"| {_fmt(r['x_adamw_fused'])} | {_fmt(r['speedup_vs_published'], 1)} "
+            f"| {_fmt(r['speedup_vs_foreach'])} | {_mib(r['state_bytes'])} "
+            f"| {_mib(r['step_alloc_bytes'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], family: str, x_key: str, x_label: str, title: str,
+         path: Path) -> bool:
+    """Median step time against ``x_key``, one line per implementation and dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    selected = [r for r in rows if r["family"] == family]
+    if not selected:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for dtype, style in (("float32", "-"), ("bfloat16", "--"), ("float16", ":")):
+        for impl in dict.fromkeys(r["implementation"] for r in selected):
+            pts = sorted((r[x_key], r["median_ms"]) for r in selected
+                         if r["implementation"] == impl and r["dtype"] == dtype)
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", ms=3, label=f"{impl} {dtype}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("median step time (ms)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_all(out_dir: Path, env: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    path = out_dir / "results.json"
+    path.write_text(json.dumps({"environment": env, "columns": COLUMNS, "rows": rows}, indent=1))
+    written.append(path)
+    path = out_dir / "results.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    written.append(path)
+    path = out_dir / "results.md"
+    path.write_text(markdown(env, rows, ("lora_llama", "full", "many_tiny")))
+    written.append(path)
+    dev = env["device"]
+    for family, x_key, x_label, name in (
+        ("tensors_sweep", "n_tensors", "number of 1024-element tensors", "time_vs_tensors.png"),
+        ("size_sweep", "n_elements", "elements in one tensor", "time_vs_size.png"),
+    ):
+        if plot(rows, family, x_key, x_label, f"optimizer step, {dev}", out_dir / name):
+            written.append(out_dir / name)
+    return written
