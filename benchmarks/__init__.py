@@ -1,1 +1,6 @@
-"""Benchmarks of llaca_optim (the full suite is an open issue; see step_time.py for the first)."""
+"""Benchmarks of llaca_optim against every baseline of SPEC section 5.
+
+* ``python -m benchmarks``: the suite (workloads.py, contenders.py, harness.py, report.py), which
+  writes JSON, CSV, a markdown table and plots; ``--help`` for options.
+* ``pytest benchmarks/``: pytest-benchmark microbenchmarks of each op on each backend (micro/).
+"""

@@ -13,6 +13,7 @@ Writes results.json, results.csv, results.md, time_vs_tensors.png and time_vs_si
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
     p.add_argument("--out", type=Path, default=None, help="output folder")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--replot", type=Path, default=None, metavar="DIR",
+                   help="only rewrite the table, CSV and plots of DIR/results.json (no timing)")
     return p.parse_args(argv)
 
 
@@ -62,6 +65,11 @@ def slug(text: str) -> str:
 
 def run(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    if args.replot:
+        data = json.loads((args.replot / "results.json").read_text())
+        for path in report.write_all(args.replot, data["environment"], data["rows"], json_too=False):
+            print(f"wrote {path}")
+        return args.replot
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -88,7 +96,9 @@ def run(argv: list[str] | None = None) -> Path:
         # The published loop costs a host round trip per tensor: on the largest tensor sweeps it
         # would take minutes for nothing new, so it stops at 3,000 tensors.
         cs = C.contenders(device, nbytes, include_published=workload.n_tensors <= 3000)
-        results = harness.measure(cs, params, warmup=warmup, steps=steps, budget_s=budget)
+        main_workload = workload.family in ("lora_llama", "full", "many_tiny")
+        results = harness.measure(cs, params, warmup=warmup, steps=steps, budget_s=budget,
+                                  memory=main_workload)
         rows += report.rows_for(workload, dtype, params, cs, results)
         del params, results
     written = report.write_all(out_dir, env, rows)

@@ -72,8 +72,14 @@ def _cuda_step_alloc_bytes(stepper: Stepper, device: torch.device) -> int:
     return max(0, torch.cuda.max_memory_allocated(device) - before)
 
 
+def _cheap_to_profile(times_s: list[float]) -> bool:
+    # The profiler's event parsing costs seconds for a step of thousands of small ops (the
+    # reference and the published loop on many tensors); those rows go without the figure.
+    return statistics.median(times_s) < 0.05
+
+
 def measure_cpu(contenders: list[Contender], params: list[torch.Tensor], warmup: int, steps: int,
-                budget_s: float, on_progress=None) -> dict[str, Measurement]:
+                budget_s: float, on_progress=None, memory: bool = True) -> dict[str, Measurement]:
     steppers = {c.name: c.build(params) for c in contenders}
     for _ in range(warmup):
         for s in steppers.values():
@@ -93,7 +99,9 @@ def measure_cpu(contenders: list[Contender], params: list[torch.Tensor], warmup:
         if on_progress:
             on_progress()
     return {
-        name: Measurement(times[name], _state_bytes(s), _cpu_step_alloc_bytes(s))
+        name: Measurement(times[name], _state_bytes(s),
+                          _cpu_step_alloc_bytes(s) if memory and _cheap_to_profile(times[name])
+                          else None)
         for name, s in steppers.items()
     }
 
@@ -128,7 +136,10 @@ def measure_cuda(contenders: list[Contender], params: list[torch.Tensor], warmup
 
 
 def measure(contenders: list[Contender], params: list[torch.Tensor], warmup: int = 3,
-            steps: int = 30, budget_s: float = 5.0, on_progress=None) -> dict[str, Measurement]:
+            steps: int = 30, budget_s: float = 5.0, on_progress=None, memory: bool = True
+            ) -> dict[str, Measurement]:
+    """``memory=False`` skips the per-step allocation count on the CPU: the profiler that takes it
+    needs seconds to parse a step of thousands of per-tensor ops (the sweeps do without it)."""
     if params[0].device.type == "cuda":
         return measure_cuda(contenders, params, warmup, steps, budget_s, on_progress)
-    return measure_cpu(contenders, params, warmup, steps, budget_s, on_progress)
+    return measure_cpu(contenders, params, warmup, steps, budget_s, on_progress, memory)

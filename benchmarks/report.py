@@ -155,13 +155,16 @@ def plot(rows: list[dict[str, Any]], family: str, x_key: str, x_label: str, titl
     selected = [r for r in rows if r["family"] == family]
     if not selected:
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    impls = list(dict.fromkeys(r["implementation"] for r in selected))
+    colors = plt.get_cmap("tab10")
     for dtype, style in (("float32", "-"), ("bfloat16", "--"), ("float16", ":")):
-        for impl in dict.fromkeys(r["implementation"] for r in selected):
+        for k, impl in enumerate(impls):  # one colour per implementation, one style per dtype
             pts = sorted((r[x_key], r["median_ms"]) for r in selected
                          if r["implementation"] == impl and r["dtype"] == dtype)
             if pts:
-                ax.plot(*zip(*pts), style, marker="o", ms=3, label=f"{impl} {dtype}")
+                ax.plot(*zip(*pts), style, color=colors(k % 10), marker="o", ms=3,
+                        label=f"{impl} {dtype}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(x_label)
@@ -175,12 +178,15 @@ def plot(rows: list[dict[str, Any]], family: str, x_key: str, x_label: str, titl
     return True
 
 
-def write_all(out_dir: Path, env: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
+def write_all(out_dir: Path, env: dict[str, Any], rows: list[dict[str, Any]],
+              json_too: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     path = out_dir / "results.json"
-    path.write_text(json.dumps({"environment": env, "columns": COLUMNS, "rows": rows}, indent=1))
-    written.append(path)
+    if json_too:
+        path.write_text(json.dumps({"environment": env, "columns": COLUMNS, "rows": rows},
+                                   indent=1))
+        written.append(path)
     path = out_dir / "results.csv"
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -195,6 +201,7 @@ def write_all(out_dir: Path, env: dict[str, Any], rows: list[dict[str, Any]]) ->
         ("tensors_sweep", "n_tensors", "number of 1024-element tensors", "time_vs_tensors.png"),
         ("size_sweep", "n_elements", "elements in one tensor", "time_vs_size.png"),
     ):
-        if plot(rows, family, x_key, x_label, f"optimizer step, {dev}", out_dir / name):
+        if plot(rows, family, x_key, x_label, f"optimizer step, {dev} ({env['date'][:10]})",
+                out_dir / name):
             written.append(out_dir / name)
     return written

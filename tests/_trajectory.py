@@ -17,9 +17,12 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_gr
 
 def tensor_zoo(dtype: torch.dtype) -> list[Callable[[], Tensor]]:
     """Makers of fresh parameter tensors with the same values each call: empty, one element, an
-    odd size, several CPU chunks, a transposed (dense, non-contiguous) tensor and a strided view
-    with gaps (which the fused kernels decline and the reference updates in place)."""
-    shapes = {"empty": (0, 3), "one": (1,), "odd": (4097,), "multi_chunk": (70001,), "matrix": (37, 65)}
+    odd size, several CPU sum blocks (one work item), one past the CPU kernel's whole-tensor limit
+    (2^18 elements: split over threads, alpha and blend in later passes), a transposed (dense,
+    non-contiguous) tensor and a strided view with gaps (which the fused kernels decline and the
+    reference updates in place)."""
+    shapes = {"empty": (0, 3), "one": (1,), "odd": (4097,), "multi_chunk": (70001,),
+              "split": (2**18 + 4099,), "matrix": (37, 65)}
     base = {name: torch.randn(shape) for name, shape in shapes.items()}
     strided_base = torch.randn(40, 64)
     return [
@@ -27,6 +30,7 @@ def tensor_zoo(dtype: torch.dtype) -> list[Callable[[], Tensor]]:
         lambda: base["one"].to(dtype, copy=True),
         lambda: base["odd"].to(dtype, copy=True),
         lambda: base["multi_chunk"].to(dtype, copy=True),
+        lambda: base["split"].to(dtype, copy=True),
         lambda: base["matrix"].to(dtype, copy=True).t(),             # strides (1, 37): dense, not contiguous
         lambda: strided_base.to(dtype, copy=True)[:, ::2],           # every other column: not dense
     ]

@@ -1,0 +1,86 @@
+"""The benchmark suite at CI size: it runs, and what it writes is well formed. No timing is
+asserted (SPEC section 5's ratios are measured by ``python -m benchmarks``, never in tests)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from llaca_optim import _build
+
+ROOT = _build.PACKAGE_DIR.parent
+pytest.importorskip("matplotlib")
+
+
+def test_quick_run_writes_well_formed_results(tmp_path, cpu_backend):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import cli, contenders
+    finally:
+        sys.path.remove(str(ROOT))
+    out = cli.run(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+    assert out == tmp_path
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"results.json", "results.csv", "results.md", "time_vs_tensors.png",
+            "time_vs_size.png"} <= names
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    env, rows = data["environment"], data["rows"]
+    assert env["device"] and env["versions"]["torch"] and env["versions"]["llaca_optim"]
+    assert rows and all(set(r) == set(data["columns"]) for r in rows)
+
+    # Every measurement has every baseline and both of our entry points on the cpu backend.
+    measurements = {(r["workload"], r["dtype"]) for r in rows}
+    assert {r["family"] for r in rows} == {"lora_llama", "full", "many_tiny", "tensors_sweep",
+                                           "size_sweep"}
+    assert {d for _, d in measurements} == {"float32", "bfloat16"}
+    expected = {contenders.ADAMW_FUSED, contenders.PUBLISHED, contenders.FOREACH, contenders.COPY,
+                "LLaCAAdamW[cpu]", "LLaCA(AdamW(fused))[cpu]", "LLaCAAdamW[reference]"}
+    for m in measurements:
+        impls = {r["implementation"] for r in rows if (r["workload"], r["dtype"]) == m}
+        assert expected <= impls, f"{m}: missing {expected - impls}"
+
+    for r in rows:
+        what = f"{r['workload']} {r['dtype']} {r['implementation']}"
+        assert r["steps_timed"] >= 3, what
+        assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"], what
+        assert math.isclose(r["bandwidth_GBps"], r["model_bytes"] / (r["median_ms"] * 1e6),
+                            rel_tol=1e-9), what
+        assert r["x_adamw_fused"] > 0 and r["speedup_vs_foreach"] > 0, what
+        assert r["state_bytes"] > 0 or r["implementation"] == contenders.COPY, what
+        if r["family"] in ("lora_llama", "full", "many_tiny") and r["backend"] == "cpu":
+            # SPEC section 5: no per-step allocation proportional to the model (none at all here)
+            assert r["step_alloc_bytes"] == 0, what
+        if r["implementation"] == contenders.ADAMW_FUSED:
+            assert r["x_adamw_fused"] == 1.0, what
+        if r["implementation"] == contenders.COPY:
+            assert r["fraction_of_copy"] == pytest.approx(1.0), what
+    # The bytes model: 11 accesses of 4 bytes for fp32; 9 of 2 bytes plus an fp32 EMA for bf16.
+    for r in rows:
+        if r["bytes_model"] == "llaca":
+            per_element = 44 if r["dtype"] == "float32" else 26
+            assert r["model_bytes"] == per_element * r["n_elements"]
+
+    with (tmp_path / "results.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and list(table[0]) == data["columns"]
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("\n| ") >= len([r for r in rows if r["family"] in ("lora_llama", "full",
+                                                                        "many_tiny")])
+    for png in ("time_vs_tensors.png", "time_vs_size.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_microbenchmarks_run(cpu_backend):
+    """pytest benchmarks/ with timing disabled: each microbenchmark runs once."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+         str(ROOT / "benchmarks")],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
