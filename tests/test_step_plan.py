@@ -37,6 +37,13 @@ def set_grads(a, b, grads):
         pb.grad = None if g is None else g.clone()
 
 
+def step_both(opt_a, opt_b, a, b, grads):
+    set_grads(a, b, grads)
+    opt_a.step()
+    opt_b.step()
+    assert_same(opt_a, opt_b, a, b)
+
+
 def assert_same(opt_a, opt_b, a, b):
     # fp32 kernel vs fp32 reference over a handful of steps: a few ulps of the values involved.
     for i, (pa, pb) in enumerate(zip(a, b)):
@@ -58,10 +65,7 @@ def test_gradients_coming_and_going(cpu_backend, kind, shapes):
     # alike, only the gradient mask tells a reused plan that it no longer fits.
     masks = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 1, 1], [1, 0, 1, 1], [0, 1, 1, 0], [1, 1, 1, 1]]
     for mask in masks:
-        set_grads(a, b, [torch.randn(s) if m else None for s, m in zip(shapes, mask)])
-        opt_a.step()
-        opt_b.step()
-        assert_same(opt_a, opt_b, a, b)
+        step_both(opt_a, opt_b, a, b, [torch.randn(s) if m else None for s, m in zip(shapes, mask)])
 
 
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
@@ -72,10 +76,7 @@ def test_gradient_layout_change_between_steps(cpu_backend, kind):
         grads = [torch.randn(s) for s in SHAPES]
         if step == 2:  # same values, transposed memory layout: the plan must not be reused
             grads[0] = torch.randn(SHAPES[0][::-1]).t()
-        set_grads(a, b, grads)
-        opt_a.step()
-        opt_b.step()
-        assert_same(opt_a, opt_b, a, b)
+        step_both(opt_a, opt_b, a, b, grads)
 
 
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
@@ -107,10 +108,7 @@ def test_new_group_and_new_task_after_reused_steps(cpu_backend, kind):
         if step == 4:
             opt_a.end_task()
             opt_b.end_task()
-        set_grads(a, b, [torch.randn(s) for s in SHAPES])
-        opt_a.step()
-        opt_b.step()
-        assert_same(opt_a, opt_b, a, b)
+        step_both(opt_a, opt_b, a, b, [torch.randn(s) for s in SHAPES])
 
 
 def test_group_option_change_between_steps(cpu_backend):
@@ -121,10 +119,7 @@ def test_group_option_change_between_steps(cpu_backend):
             opt_a.param_groups[0]["amsgrad"] = opt_b.param_groups[0]["amsgrad"] = True
         if step == 3:  # and LLaCA off: the plan must drop the EMA lists
             opt_a.param_groups[0]["llaca"] = opt_b.param_groups[0]["llaca"] = False
-        set_grads(a, b, [torch.randn(s) for s in SHAPES])
-        opt_a.step()
-        opt_b.step()
-        assert_same(opt_a, opt_b, a, b)
+        step_both(opt_a, opt_b, a, b, [torch.randn(s) for s in SHAPES])
 
 
 def test_state_dict_load_between_steps(cpu_backend):
@@ -137,7 +132,4 @@ def test_state_dict_load_between_steps(cpu_backend):
         if step == 4:  # going back: the loaded state tensors are new objects
             opt_a.load_state_dict(saved[0])
             opt_b.load_state_dict(saved[1])
-        set_grads(a, b, [torch.randn(s) for s in SHAPES])
-        opt_a.step()
-        opt_b.step()
-        assert_same(opt_a, opt_b, a, b)
+        step_both(opt_a, opt_b, a, b, [torch.randn(s) for s in SHAPES])

@@ -53,21 +53,14 @@ def run(benchmark, fn):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_adamw_llaca_op(benchmark, backend, workload, dtype):
-    bucket = make_bucket(WORKLOADS[workload], DTYPES[dtype], with_adamw=True)
+@pytest.mark.parametrize("op", ["adamw_llaca_", "llaca_update_"])
+def test_op(benchmark, op, backend, workload, dtype):
+    fused = op == "adamw_llaca_"
+    bucket = make_bucket(WORKLOADS[workload], DTYPES[dtype], with_adamw=fused)
     impl, hyper = resolve_backend(backend, DEVICE), StepHyper()
-    benchmark.extra_info.update(op="adamw_llaca_", backend=backend, tensors=len(bucket.params))
-    run(benchmark, lambda: impl.adamw_llaca(bucket, hyper))
-
-
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("workload", list(WORKLOADS))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_llaca_update_op(benchmark, backend, workload, dtype):
-    bucket = make_bucket(WORKLOADS[workload], DTYPES[dtype], with_adamw=False)
-    impl, hyper = resolve_backend(backend, DEVICE), StepHyper()
-    benchmark.extra_info.update(op="llaca_update_", backend=backend, tensors=len(bucket.params))
-    run(benchmark, lambda: impl.llaca_update(bucket, hyper))
+    call = impl.adamw_llaca if fused else impl.llaca_update
+    benchmark.extra_info.update(op=op, backend=backend, tensors=len(bucket.params))
+    run(benchmark, lambda: call(bucket, hyper))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
