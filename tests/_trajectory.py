@@ -15,7 +15,7 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_gr
               "alpha_fell_back")
 
 
-def tensor_zoo(dtype: torch.dtype) -> list[Callable[[], Tensor]]:
+def tensor_zoo(dtype: torch.dtype, large: bool = True) -> list[Callable[[], Tensor]]:
     """Makers of fresh parameter tensors with the same values each call: empty, one element, an
     odd size, several CPU sum blocks (one work item), one past the CPU kernel's whole-tensor limit
     (2^18 elements: split over threads, alpha and blend in later passes), a transposed (dense,
@@ -25,12 +25,15 @@ def tensor_zoo(dtype: torch.dtype) -> list[Callable[[], Tensor]]:
               "split": (2**18 + 4099,), "matrix": (37, 65)}
     base = {name: torch.randn(shape) for name, shape in shapes.items()}
     strided_base = torch.randn(40, 64)
+    # large=False leaves out the tensor past the CPU kernel's limit (Triton's interpreter, which
+    # runs the Triton tests on a CPU, needs seconds for it; Triton's blocks are 1024 elements, so
+    # the other tensors already span many blocks).
     return [
         lambda: base["empty"].to(dtype, copy=True),
         lambda: base["one"].to(dtype, copy=True),
         lambda: base["odd"].to(dtype, copy=True),
         lambda: base["multi_chunk"].to(dtype, copy=True),
-        lambda: base["split"].to(dtype, copy=True),
+        *([lambda: base["split"].to(dtype, copy=True)] if large else []),
         lambda: base["matrix"].to(dtype, copy=True).t(),             # strides (1, 37): dense, not contiguous
         lambda: strided_base.to(dtype, copy=True)[:, ::2],           # every other column: not dense
     ]
@@ -54,12 +57,15 @@ def gradient_sequence(makers: list[Callable[[], Tensor]], steps: int, nonfinite_
     return sequence
 
 
-def run_trajectory(make_optimizer, makers, grad_sequence, *, after_step=None) -> dict[str, list[Tensor]]:
-    params = [nn.Parameter(make()) for make in makers]
+def run_trajectory(make_optimizer, makers, grad_sequence, *, after_step=None, device="cpu"
+                   ) -> dict[str, list[Tensor]]:
+    # On another device the strided view with gaps arrives dense (.to() packs it): there it tests
+    # one layout less.
+    params = [nn.Parameter(make() if device == "cpu" else make().to(device)) for make in makers]
     optimizer = make_optimizer(params)
     for step, grads in enumerate(grad_sequence):
         for p, g in zip(params, grads):
-            p.grad = g.clone()  # clone keeps the layout that gradient_sequence gave it
+            p.grad = g.to(device).clone()  # clone keeps the layout that gradient_sequence gave it
         optimizer.step()
         if after_step is not None:
             optimizer = after_step(step, optimizer, params) or optimizer
@@ -67,7 +73,7 @@ def run_trajectory(make_optimizer, makers, grad_sequence, *, after_step=None) ->
 
 
 def collect(optimizer, params) -> dict[str, list[Tensor]]:
-    out: dict[str, list[Tensor]] = {"param": [p.detach().clone() for p in params]}
+    out: dict[str, list[Tensor]] = {"param": [p.detach().cpu().clone() for p in params]}
     llaca_state = optimizer.state
     inner_state = getattr(optimizer, "optimizer", optimizer).state
     for key in STATE_KEYS:
@@ -75,7 +81,7 @@ def collect(optimizer, params) -> dict[str, list[Tensor]]:
         for p in params:
             state = llaca_state.get(p, {}) if key in ("ema", "prev_grad", "alpha", "alpha_fell_back") else inner_state.get(p, {})
             if key in state:
-                values.append(state[key].detach().clone())
+                values.append(state[key].detach().cpu().clone())
         if values:
             out[key] = values
     return out

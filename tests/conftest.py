@@ -10,7 +10,12 @@ import os
 import pytest
 import torch
 
-import llaca_optim
+# Without a GPU, the Triton kernels run through Triton's interpreter on CPU tensors. It must be
+# switched on before triton compiles (decorates) any kernel, so before llaca_optim loads them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import llaca_optim  # noqa: E402
 
 REQUIRE_NATIVE = os.environ.get("LLACA_REQUIRE_NATIVE", "0") == "1"
 
@@ -27,6 +32,26 @@ def cpu_backend_or_skip() -> str:
 @pytest.fixture
 def cpu_backend() -> str:
     return cpu_backend_or_skip()
+
+
+def triton_backend_or_skip() -> str:
+    ok, why = llaca_optim.backend_status()["triton"]
+    if not ok:
+        if REQUIRE_NATIVE:  # CI installs triton (the test extra): there it must run
+            pytest.fail(f"LLACA_REQUIRE_NATIVE=1 but the triton backend is unavailable: {why}")
+        pytest.skip(f"triton backend unavailable: {why}")
+    return "triton"
+
+
+@pytest.fixture
+def triton_backend() -> str:
+    return triton_backend_or_skip()
+
+
+def kernel_device() -> str:
+    """Where the Triton tests put their tensors: the GPU when there is one, else the CPU
+    (through TRITON_INTERPRET=1)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)

@@ -111,10 +111,10 @@ def test_adamw_checkpoint_loads_into_llaca_adamw():
     assert ours.ema(model[0].weight) is not None
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_tensor_learning_rate_equals_float(backend, request):
-    if backend == "cpu":
-        request.getfixturevalue("cpu_backend")
+    if backend in ("cpu", "triton"):
+        request.getfixturevalue(f"{backend}_backend")
     model, twin = small_model(), small_model()
     twin.load_state_dict(model.state_dict())
     as_float = LLaCAAdamW(model.parameters(), lr=3e-3, backend=backend)

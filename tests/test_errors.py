@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,8 +135,23 @@ def test_bad_group_edits_are_caught_at_step_and_add_param_group():
 
 def test_unavailable_backend_says_why():
     p = nn.Parameter(torch.randn(3))
-    with pytest.raises(llaca_optim.BackendUnavailable, match="backend 'triton' is not available: .*"):
-        LLaCAAdamW([p], backend="triton")
+    with pytest.raises(llaca_optim.BackendUnavailable, match="backend 'cuda' is not available: .*"):
+        LLaCAAdamW([p], backend="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_triton_without_gpu_or_interpreter_says_how():
+    code = (
+        "import torch, llaca_optim\n"
+        "try:\n"
+        "    llaca_optim.LLaCAAdamW([torch.nn.Parameter(torch.randn(3))], backend='triton')\n"
+        "except llaca_optim.BackendUnavailable as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "backend 'triton' is not available" in out.stdout, out.stdout + out.stderr
+    assert "TRITON_INTERPRET=1" in out.stdout or "pip install triton" in out.stdout
 
 
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from _compare import assert_equal, describe_difference, max_abs_error
+from conftest import kernel_device
 from _trajectory import gradient_sequence, run_trajectory, tensor_zoo
 from llaca_optim import LLaCA, LLaCAAdamW
 from llaca_optim.backends import ReferenceBackend
@@ -77,10 +78,15 @@ def assert_within_rule(kernel, ref32, ref64, dtype, steps=STEPS):
             assert error <= bound, f"{what}: mean error {error:.3e} > {bound:.3e}; {describe_difference(k, r64)}"
 
 
-def trajectories(make, dtype, steps=STEPS, nonfinite_at=None):
-    makers = tensor_zoo(dtype)
+def trajectories(make, dtype, steps=STEPS, nonfinite_at=None, kernel="cpu"):
+    """The kernel backend's trajectory and the fp32 and fp64 references', on the same data. The
+    Triton kernels run on the GPU when there is one, else through Triton's CPU interpreter (on a
+    zoo without the largest tensor, which the interpreter would need seconds for)."""
+    device = kernel_device() if kernel == "triton" else "cpu"
+    makers = tensor_zoo(dtype, large=kernel != "triton" or device != "cpu")
     grads = gradient_sequence(makers, steps, nonfinite_at)
-    return [run_trajectory(lambda ps, b=b: make(ps, b), makers, grads) for b in ("cpu", REF32, REF64)]
+    return [run_trajectory(lambda ps, b=b: make(ps, b), makers, grads, device=d)
+            for b, d in ((kernel, device), (REF32, "cpu"), (REF64, "cpu"))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -159,3 +165,59 @@ def test_llaca_does_not_change_the_adamw_trajectory(cpu_backend):
         for a, b in zip(on[key], off[key]):
             assert torch.equal(a, b), f"{key}: {describe_difference(a, b)}"
     assert "ema" not in off
+
+
+# The Triton kernels against the same rule. Under the interpreter every program runs in Python, so
+# instead of the full product above, each case of SPEC section 3 appears in a smaller set: every
+# dtype with both presets and both alpha regimes, and weight decay, amsgrad and maximize switched
+# on in turn across those twelve runs.
+TRITON_CASES = [
+    (dtype, preset, regime, i % 2 == 0, i % 3 == 0, i % 4 == 1)
+    for i, (dtype, preset, regime) in enumerate(
+        (d, p, r) for d in DTYPES for p in ("coin", "continual-next") for r in ("adaptive", "fallback"))
+]
+
+
+@pytest.mark.parametrize("dtype,preset,regime,weight_decay_on,amsgrad,maximize", TRITON_CASES,
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_triton_fused_adamw_matches_reference(triton_backend, dtype, preset, regime,
+                                              weight_decay_on, amsgrad, maximize):
+    scale = None if regime == "adaptive" else 1e12
+
+    def make(params, backend):
+        return LLaCAAdamW(params, lr=3e-3, weight_decay=0.05 if weight_decay_on else 0.0,
+                          amsgrad=amsgrad, maximize=maximize, preset=preset, scale=scale,
+                          backend=backend)
+
+    kernel, ref32, ref64 = trajectories(make, dtype, kernel="triton")
+    assert_within_rule(kernel, ref32, ref64, dtype)
+    fell_back = torch.stack(ref64["alpha_fell_back"])
+    populated = torch.tensor([p.numel() > 0 for p in ref64["param"]])
+    if regime == "fallback":
+        assert fell_back.all()
+    else:
+        assert not fell_back[populated].all(), "no tensor took the adaptive alpha"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_wrapper_and_ema_dtype(triton_backend, dtype):
+    """The standalone update (llaca_update_) behind the wrapper, with the EMA in the parameter's
+    dtype: the other op and the other EMA storage."""
+    def make(params, backend):
+        return LLaCA(torch.optim.SGD(params, lr=0.05, momentum=0.9), preset="coin",
+                     ema_dtype="param", backend=backend)
+
+    kernel, ref32, ref64 = trajectories(make, dtype, kernel="triton")
+    assert all(e.dtype == dtype for e in kernel["ema"])
+    assert_within_rule(kernel, ref32, ref64, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_nonfinite_gradients_fall_back(triton_backend, dtype):
+    def make(params, backend):
+        return LLaCAAdamW(params, lr=1e-3, backend=backend)
+
+    kernel, ref32, ref64 = trajectories(make, dtype, steps=4, nonfinite_at=2, kernel="triton")  # noqa: F841
+    for key in ("alpha", "alpha_fell_back"):
+        for k, r in zip(kernel[key], ref64[key]):
+            assert torch.equal(k, r), f"{key}: {k} != {r}"

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from . import _native
+from . import _native, _triton
 
 __all__ = [
     "BACKEND_NAMES",
@@ -213,6 +213,21 @@ class NativeBackend(Backend):
         )
 
 
+class TritonBackend(NativeBackend):
+    """The Triton kernels (backends/_triton_kernels.py): three launches per bucket. Same
+    eligibility as the extension's kernels (dense, one layout for a tensor and its state)."""
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__("triton", device_type)
+        self._launcher = _triton.TritonLauncher(device_type)
+
+    def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
+        self._launcher.launch(bucket, h, adamw=True)
+
+    def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
+        self._launcher.launch(bucket, h, adamw=False)
+
+
 def backend_status() -> dict[str, tuple[bool, str]]:
     """For every backend: whether it can run in this process, and why not / how to get it."""
     status: dict[str, tuple[bool, str]] = {"reference": (True, "pure PyTorch, always available")}
@@ -223,11 +238,7 @@ def backend_status() -> dict[str, tuple[bool, str]]:
         "this version of llaca_optim has no CUDA kernels yet (they are being written); "
         "use backend='reference' on CUDA tensors meanwhile",
     )
-    status["triton"] = (
-        False,
-        "this version of llaca_optim has no Triton kernels yet; use backend='reference' on "
-        "CUDA tensors meanwhile",
-    )
+    status["triton"] = _triton.status()
     return status
 
 
@@ -281,6 +292,8 @@ def resolve_backend(requested: str | Backend, device_type: str) -> Backend:
     if not ok:
         raise BackendUnavailable(f"llaca_optim: backend {requested!r} is not available: {why}")
     wanted = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}.get(requested)
+    if requested == "triton" and device_type in _triton.device_types():
+        wanted = None  # CPU tensors too, under TRITON_INTERPRET=1 (the tests' way to run it)
     if wanted is not None and device_type != wanted:
         raise BackendUnavailable(
             f"llaca_optim: backend {requested!r} runs on {wanted} tensors, but these parameters "
@@ -292,5 +305,10 @@ def resolve_backend(requested: str | Backend, device_type: str) -> Backend:
 def _instance(name: str, device_type: str) -> Backend:
     key = (name, device_type)
     if key not in _instances:
-        _instances[key] = ReferenceBackend() if name == "reference" else NativeBackend(name, device_type)
+        if name == "reference":
+            _instances[key] = ReferenceBackend()
+        elif name == "triton":
+            _instances[key] = TritonBackend(device_type)
+        else:
+            _instances[key] = NativeBackend(name, device_type)
     return _instances[key]

@@ -1,0 +1,152 @@
+"""The Triton backend: builds the address and block tables of a bucket and launches the three
+kernels of _triton_kernels.py (a fixed number of launches per bucket, whatever its size).
+
+It runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before triton is
+first imported (Triton's interpreter: how the tests check these kernels on a machine without a
+GPU). Nothing in a step reads a device value on the host: the step counters, alphas, fresh marks,
+learning-rate tensor, gradient scale and found-inf flag are all read by the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+
+import torch
+from torch import Tensor
+
+RBLOCK = 128   # block partials summed per iteration of the per-tensor pass
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Elements per program of the element-wise passes. The interpreter runs programs one by one in
+# Python, so it gets fewer, larger blocks (tensors in the tests still span several).
+BLOCK = 4096 if interpreting() else 1024
+
+
+def status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed (pip install triton; it ships with CUDA builds of torch)"
+    if torch.cuda.is_available():
+        return True, "Triton kernels (JIT-compiled on first use)"
+    if interpreting():
+        return True, "Triton kernels through TRITON_INTERPRET=1 (CPU tensors; slow, for testing)"
+    return False, "no CUDA device, and TRITON_INTERPRET=1 is not set (set it to run the kernels on CPU tensors for testing)"
+
+
+def device_types() -> tuple[str, ...]:
+    return ("cuda", "cpu") if interpreting() else ("cuda",)
+
+
+def _split(x: float) -> tuple[float, float]:
+    """A double as fp32 hi + lo (Triton passes float scalars as fp32; the kernel adds them in fp64)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0] if math.isfinite(x) else x
+    return hi, (x - hi) if math.isfinite(x) else 0.0
+
+
+class _Tables:
+    """Block tables of one list of tensor sizes, kept between steps (they change only when the
+    sizes do); the address table is rebuilt each step because gradients are new tensors."""
+
+    def __init__(self, numels: list[int], device: torch.device) -> None:
+        block_tensor, block_start, first, count = [], [], [], []
+        for t, n in enumerate(numels):
+            blocks = math.ceil(n / BLOCK)
+            first.append(len(block_tensor))
+            count.append(blocks)
+            block_tensor += [t] * blocks
+            block_start += [k * BLOCK for k in range(blocks)]
+        as_tensor = lambda xs, dt: torch.tensor(xs, dtype=dt).to(device)  # noqa: E731
+        self.n_blocks = len(block_tensor)
+        self.numels = as_tensor(numels, torch.int64)
+        self.block_tensor = as_tensor(block_tensor or [0], torch.int32)
+        self.block_start = as_tensor(block_start or [0], torch.int64)
+        self.first_block = as_tensor(first, torch.int64)
+        self.block_count = as_tensor(count, torch.int64)
+        self.partials = torch.zeros(3 * max(1, self.n_blocks), dtype=torch.float32, device=device)
+        self.fresh = torch.zeros(max(1, len(numels)), dtype=torch.int8, device=device)
+
+
+class TritonLauncher:
+    name = "triton"
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self._tables: dict[tuple[torch.device, tuple[int, ...]], _Tables] = {}
+
+    def tables(self, params: list[Tensor]) -> _Tables:
+        key = (params[0].device, tuple(p.numel() for p in params))
+        tables = self._tables.get(key)
+        if tables is None:
+            if len(self._tables) > 64:  # a changing model: do not keep every old layout
+                self._tables.clear()
+            tables = self._tables[key] = _Tables(list(key[1]), params[0].device)
+        return tables
+
+    @staticmethod
+    def addresses(columns: list[list[Tensor] | None], n: int, device: torch.device) -> Tensor:
+        rows = []
+        for column in columns:
+            rows += [t.data_ptr() for t in column] if column else [0] * n
+        host = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":  # pinned, so the copy does not synchronise with the host
+            return host.pin_memory().to(device, non_blocking=True)
+        return host
+
+    def launch(self, bucket, h, adamw: bool) -> None:
+        from . import _triton_kernels as K
+        import triton.language as tl
+
+        params = bucket.params
+        if not params:
+            return
+        device = params[0].device
+        n = len(params)
+        tables = self.tables(params)
+        dtypes = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+        pdt = dtypes[params[0].dtype]
+        edt = dtypes[bucket.emas[0].dtype] if h.llaca and bucket.emas else pdt
+        columns = [params, bucket.grads]
+        if adamw:
+            columns += [bucket.exp_avgs, bucket.exp_avg_sqs,
+                        bucket.max_exp_avg_sqs if h.amsgrad else None]
+        else:
+            columns += [None, None, None]
+        llaca = h.llaca and bool(bucket.emas)
+        columns += [bucket.emas if llaca else None, bucket.prev_grads if llaca else None,
+                    bucket.state_steps if adamw else None, bucket.alphas if llaca else None,
+                    bucket.fell_back if llaca else None]
+        table = self.addresses(columns, n, device)
+        dummy = tables.partials  # any tensor on the device, for pointer arguments left unused
+        lr_ptr = h.lr if isinstance(h.lr, Tensor) else None
+        beta1, beta2 = float(h.beta1), float(h.beta2)
+        common = dict(found_inf_ptr=h.found_inf if h.found_inf is not None else dummy,
+                      HAS_FOUND_INF=h.found_inf is not None)
+        if tables.n_blocks:
+            K._step_blocks[(tables.n_blocks,)](
+                table, tables.numels, tables.block_tensor, tables.block_start, tables.partials, n,
+                *_split(0.0 if lr_ptr is not None else float(h.lr)), beta1, beta2,
+                1.0 - beta1, 1.0 - beta2,
+                math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
+                *_split(float(h.weight_decay)), float(h.eps),
+                lr_ptr if lr_ptr is not None else dummy,
+                h.grad_scale if h.grad_scale is not None else dummy,
+                PDT=pdt, EDT=edt, ADAMW=adamw, AMSGRAD=adamw and h.amsgrad, MAXIMIZE=h.maximize,
+                LLACA=llaca, HAS_LR_PTR=lr_ptr is not None,
+                HAS_GRAD_SCALE=h.grad_scale is not None, BLOCK=BLOCK, **common,
+            )
+        K._finish_tensors[(n,)](
+            table, tables.first_block, tables.block_count, tables.partials, tables.fresh, n,
+            float(h.scale), float(h.base_weight), ADAMW=adamw, LLACA=llaca, RBLOCK=RBLOCK, **common,
+        )
+        if llaca and tables.n_blocks:
+            K._blend_blocks[(tables.n_blocks,)](
+                table, tables.numels, tables.block_tensor, tables.block_start, tables.fresh, n,
+                PDT=pdt, EDT=edt, BLOCK=BLOCK, **common,
+            )

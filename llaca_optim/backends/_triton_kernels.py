@@ -1,0 +1,207 @@
+"""Triton kernels of the fused AdamW + LLaCA step and of the standalone LLaCA update.
+
+Three launches per call, whatever the number of tensors (SPEC section 4):
+
+1. ``_step_blocks``, one program per block of BLOCK elements of any tensor: the AdamW step
+   (when ADAMW), the LLaCA sums a = sum|p - ema|, b = sum|g|, c = sum|g - g_prev| of the block
+   into its own slot of ``partials``, g_prev <- g, and ema <- p on a tensor's first LLaCA step.
+2. ``_finish_tensors``, one program per tensor: the step counter, then the tensor's block sums
+   added in a fixed order (fp64), alpha, the fallback flag and the "fresh" mark for pass 3.
+3. ``_blend_blocks``, one program per block again: ema <- ema + alpha (p - ema).
+
+Tensors are reached through a table of raw addresses in device memory (one row per role, one
+column per tensor), cast to typed pointers in the kernel; which tensor and offset a block covers
+comes from two more tables. Block offsets are int64 (tensors over 2^31 elements). Every
+hyperparameter is a runtime argument, so a new learning rate never recompiles; the dtypes, the
+block size and which optional tensors exist (lr, grad scale, found-inf) are compile-time.
+Sums are per-block ``tl.sum`` (a fixed tree) and a fixed-order pass over the blocks, so the result
+is the same bits run after run. The bias corrections are formed in fp64 from the device step
+counter, like the CPU kernel does on the host.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Rows of the address table.
+P, G, M, V, VMAX, EMA, GPREV, STEP, ALPHA, FELL_BACK = range(10)
+ROLES = 10
+
+
+@triton.jit
+def _narrow(x, DT: tl.constexpr):
+    """fp32 -> storage dtype with round-to-nearest-even. For bfloat16 the rounding is done on the
+    bits first, so the final cast only drops zeros: GPUs round to nearest even anyway, but
+    Triton's CPU interpreter truncates, and the tests run there."""
+    if DT == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        rounded = tl.where(x != x, 0x7FC00000, rounded)
+        return rounded.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _addr(table, role, t, n_tensors):
+    return tl.load(table + role * n_tensors + t)
+
+
+@triton.jit
+def _step_blocks(
+    table, numels, block_tensor, block_start, partials, n_tensors,
+    lr_hi, lr_lo, beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2,
+    wd_hi, wd_lo, eps,
+    lr_ptr, grad_scale_ptr, found_inf_ptr,
+    PDT: tl.constexpr, EDT: tl.constexpr, ADAMW: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr, LLACA: tl.constexpr, HAS_LR_PTR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    t = tl.load(block_tensor + b).to(tl.int64)
+    start = tl.load(block_start + b)
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+
+    p_ptr = _addr(table, P, t, n_tensors).to(tl.pointer_type(PDT))
+    g_ptr = _addr(table, G, t, n_tensors).to(tl.pointer_type(PDT))
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale_ptr).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    if ADAMW:
+        step_ptr = _addr(table, STEP, t, n_tensors).to(tl.pointer_type(tl.float32))
+        step = tl.load(step_ptr).to(tl.float64) + 1.0
+        if HAS_LR_PTR:
+            lr_now = tl.load(lr_ptr).to(tl.float64)
+        else:
+            # Float scalars arrive as fp32: a float lr comes as two of them (hi + lo) and is put
+            # back together in fp64, so it equals the same lr given as a float64 tensor.
+            lr_now = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
+        # Scalar arguments arrive as fp32: the (1 - beta) terms and log(beta) are formed in
+        # double on the host, so no 1 - 0.999f cancellation happens here.
+        bias_correction1 = 1.0 - tl.exp(step * tl.cast(log_beta1, tl.float64))
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step * tl.cast(log_beta2, tl.float64)))
+        step_size = (lr_now / bias_correction1).to(tl.float32)
+        weight_decay = tl.cast(wd_hi, tl.float64) + tl.cast(wd_lo, tl.float64)
+        decay = (1.0 - lr_now * weight_decay).to(tl.float32)
+        b1f = beta1
+        b2f = beta2
+        bc2 = bias_correction2_sqrt.to(tl.float32)
+
+        m_ptr = _addr(table, M, t, n_tensors).to(tl.pointer_type(PDT))
+        v_ptr = _addr(table, V, t, n_tensors).to(tl.pointer_type(PDT))
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gd = -g if MAXIMIZE else g
+        p = p * decay
+        m = b1f * m + one_minus_beta1 * gd
+        v = b2f * v + one_minus_beta2 * gd * gd
+        second = v
+        if AMSGRAD:
+            vmax_ptr = _addr(table, VMAX, t, n_tensors).to(tl.pointer_type(PDT))
+            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            vmax = tl.maximum(vmax, v)
+            tl.store(vmax_ptr + offs, _narrow(vmax, PDT), mask=mask)
+            second = vmax
+        denom = tl.sqrt(second) / bc2 + eps
+        p = p - step_size * m / denom
+        p_stored = _narrow(p, PDT)
+        tl.store(p_ptr + offs, p_stored, mask=mask)
+        tl.store(m_ptr + offs, _narrow(m, PDT), mask=mask)
+        tl.store(v_ptr + offs, _narrow(v, PDT), mask=mask)
+        p = p_stored.to(tl.float32)  # LLaCA sees the parameter as stored, rounding included
+
+    if LLACA:
+        ema_ptr = _addr(table, EMA, t, n_tensors).to(tl.pointer_type(EDT))
+        gprev_ptr = _addr(table, GPREV, t, n_tensors).to(tl.pointer_type(PDT))
+        alpha_ptr = _addr(table, ALPHA, t, n_tensors).to(tl.pointer_type(tl.float32))
+        fresh = tl.load(alpha_ptr) < 0.0
+        if fresh:
+            tl.store(ema_ptr + offs, _narrow(p, EDT), mask=mask)
+            sum_a = 0.0
+            sum_b = 0.0
+            sum_c = 0.0
+        else:
+            e = tl.load(ema_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            gp = tl.load(gprev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            sum_a = tl.sum(tl.where(mask, tl.abs(p - e), 0.0), axis=0)
+            sum_b = tl.sum(tl.where(mask, tl.abs(g), 0.0), axis=0)
+            sum_c = tl.sum(tl.where(mask, tl.abs(g - gp), 0.0), axis=0)
+        tl.store(gprev_ptr + offs, _narrow(g, PDT), mask=mask)
+        tl.store(partials + 3 * b + 0, sum_a)
+        tl.store(partials + 3 * b + 1, sum_b)
+        tl.store(partials + 3 * b + 2, sum_c)
+
+
+@triton.jit
+def _finish_tensors(
+    table, tensor_first_block, tensor_blocks, partials, fresh_marks, n_tensors,
+    scale, base_weight, found_inf_ptr,
+    ADAMW: tl.constexpr, LLACA: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    if ADAMW:
+        step_ptr = _addr(table, STEP, t, n_tensors).to(tl.pointer_type(tl.float32))
+        tl.store(step_ptr, tl.load(step_ptr) + 1.0)
+    if LLACA:
+        alpha_ptr = _addr(table, ALPHA, t, n_tensors).to(tl.pointer_type(tl.float32))
+        flag_ptr = _addr(table, FELL_BACK, t, n_tensors).to(tl.pointer_type(tl.int8))
+        fresh = tl.load(alpha_ptr) < 0.0
+        tl.store(fresh_marks + t, fresh.to(tl.int8))
+        first = tl.load(tensor_first_block + t)
+        count = tl.load(tensor_blocks + t)
+        # Fixed-order sum of the block partials: lane k of the accumulators takes blocks
+        # k, k + RBLOCK, ... in turn, then one tl.sum; the same bits on every run.
+        acc_a = tl.zeros([RBLOCK], dtype=tl.float64)
+        acc_b = tl.zeros([RBLOCK], dtype=tl.float64)
+        acc_c = tl.zeros([RBLOCK], dtype=tl.float64)
+        for k0 in range(0, count, RBLOCK):
+            ks = k0 + tl.arange(0, RBLOCK).to(tl.int64)
+            kmask = ks < count
+            rows = 3 * (first + ks)
+            acc_a += tl.load(partials + rows + 0, mask=kmask, other=0.0).to(tl.float64)
+            acc_b += tl.load(partials + rows + 1, mask=kmask, other=0.0).to(tl.float64)
+            acc_c += tl.load(partials + rows + 2, mask=kmask, other=0.0).to(tl.float64)
+        a = tl.sum(acc_a, axis=0)
+        b = tl.sum(acc_b, axis=0)
+        c = tl.sum(acc_c, axis=0)
+        candidate = tl.cast(scale, tl.float64) * (1.0 + b) / (a * c)
+        # NaN compares false, so 0/0 and non-finite gradients fall back too (SPEC section 2).
+        adaptive = (candidate > 0.0) & (candidate < 1.0) & (fresh == 0)
+        alpha = tl.where(adaptive, candidate, tl.cast(base_weight, tl.float64))
+        tl.store(alpha_ptr, alpha.to(tl.float32))
+        tl.store(flag_ptr, (adaptive == 0).to(tl.int8))
+
+
+@triton.jit
+def _blend_blocks(
+    table, numels, block_tensor, block_start, fresh_marks, n_tensors, found_inf_ptr,
+    PDT: tl.constexpr, EDT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    t = tl.load(block_tensor + b).to(tl.int64)
+    if tl.load(fresh_marks + t) != 0:  # first LLaCA step: ema was set to p in pass 1
+        return
+    start = tl.load(block_start + b)
+    n = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    p_ptr = _addr(table, P, t, n_tensors).to(tl.pointer_type(PDT))
+    ema_ptr = _addr(table, EMA, t, n_tensors).to(tl.pointer_type(EDT))
+    alpha = tl.load(_addr(table, ALPHA, t, n_tensors).to(tl.pointer_type(tl.float32)))
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(ema_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ema_ptr + offs, _narrow((e + alpha * (p - e)), EDT), mask=mask)
