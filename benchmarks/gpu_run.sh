@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build the extension, run the tests (GPU tests included, Triton on
+# CUDA tensors), run the benchmark suite, and put logs and results into one folder.
+#
+#   bash benchmarks/gpu_run.sh "$OUT"          # the device tool's output folder
+#
+# It installs nothing from the network (the device machines have none): torch, triton,
+# matplotlib, tqdm, pytest and pytest-benchmark must already be there, as they are in the
+# device image (see the device tool's KINDS.md).
+set -uo pipefail
+out="${1:-${OUT:?usage: bash benchmarks/gpu_run.sh OUTPUT_DIR}}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} > "$out/device.txt" 2>&1
+python3 -m pip install --no-deps --no-build-isolation --no-index -e . > "$out/build.log" 2>&1 \
+  || echo "extension build failed: the tests below say which backends remain" >> "$out/build.log"
+python3 -m pytest -q -x -p no:cacheprovider 2>&1 | tail -n 200 > "$out/tests.log"
+python3 -m benchmarks --no-progress --out "$out/bench" 2>&1 | grep -v USDT | tail -n 200 > "$out/bench.log"
+ls -R "$out"
