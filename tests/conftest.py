@@ -20,32 +20,25 @@ import llaca_optim  # noqa: E402
 REQUIRE_NATIVE = os.environ.get("LLACA_REQUIRE_NATIVE", "0") == "1"
 
 
-def cpu_backend_or_skip() -> str:
-    ok, why = llaca_optim.backend_status()["cpu"]
+def backend_or_skip(name: str) -> str:
+    """``name`` if that backend can run here; else a skip, or a failure in CI (which builds the
+    extension and installs triton, so both must run there)."""
+    ok, why = llaca_optim.backend_status()[name]
     if not ok:
         if REQUIRE_NATIVE:
-            pytest.fail(f"LLACA_REQUIRE_NATIVE=1 but the cpu backend is unavailable: {why}")
-        pytest.skip(f"cpu backend unavailable: {why}")
-    return "cpu"
+            pytest.fail(f"LLACA_REQUIRE_NATIVE=1 but the {name} backend is unavailable: {why}")
+        pytest.skip(f"{name} backend unavailable: {why}")
+    return name
 
 
 @pytest.fixture
 def cpu_backend() -> str:
-    return cpu_backend_or_skip()
-
-
-def triton_backend_or_skip() -> str:
-    ok, why = llaca_optim.backend_status()["triton"]
-    if not ok:
-        if REQUIRE_NATIVE:  # CI installs triton (the test extra): there it must run
-            pytest.fail(f"LLACA_REQUIRE_NATIVE=1 but the triton backend is unavailable: {why}")
-        pytest.skip(f"triton backend unavailable: {why}")
-    return "triton"
+    return backend_or_skip("cpu")
 
 
 @pytest.fixture
 def triton_backend() -> str:
-    return triton_backend_or_skip()
+    return backend_or_skip("triton")
 
 
 def kernel_device() -> str:

@@ -49,6 +49,15 @@ def _addr(table, role, t, n_tensors):
 
 
 @triton.jit
+def _block(numels, block_tensor, block_start, BLOCK: tl.constexpr):
+    """This program's tensor, element offsets (int64) and bounds mask."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.load(block_tensor + b).to(tl.int64)
+    offs = tl.load(block_start + b) + tl.arange(0, BLOCK).to(tl.int64)
+    return b, t, offs, offs < tl.load(numels + t)
+
+
+@triton.jit
 def _step_blocks(
     table, numels, block_tensor, block_start, partials, n_tensors,
     lr_hi, lr_lo, beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1, log_beta2,
@@ -58,15 +67,10 @@ def _step_blocks(
     MAXIMIZE: tl.constexpr, LLACA: tl.constexpr, HAS_LR_PTR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
-    t = tl.load(block_tensor + b).to(tl.int64)
-    start = tl.load(block_start + b)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
+    b, t, offs, mask = _block(numels, block_tensor, block_start, BLOCK)
 
     p_ptr = _addr(table, P, t, n_tensors).to(tl.pointer_type(PDT))
     g_ptr = _addr(table, G, t, n_tensors).to(tl.pointer_type(PDT))
@@ -188,17 +192,12 @@ def _blend_blocks(
     table, numels, block_tensor, block_start, fresh_marks, n_tensors, found_inf_ptr,
     PDT: tl.constexpr, EDT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
-    t = tl.load(block_tensor + b).to(tl.int64)
+    b, t, offs, mask = _block(numels, block_tensor, block_start, BLOCK)
     if tl.load(fresh_marks + t) != 0:  # first LLaCA step: ema was set to p in pass 1
         return
-    start = tl.load(block_start + b)
-    n = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < n
     p_ptr = _addr(table, P, t, n_tensors).to(tl.pointer_type(PDT))
     ema_ptr = _addr(table, EMA, t, n_tensors).to(tl.pointer_type(EDT))
     alpha = tl.load(_addr(table, ALPHA, t, n_tensors).to(tl.pointer_type(tl.float32)))
