@@ -126,8 +126,10 @@ class TritonLauncher:
         dummy = tables.partials  # any tensor on the device, for pointer arguments left unused
         lr_ptr = h.lr if isinstance(h.lr, Tensor) else None
         beta1, beta2 = float(h.beta1), float(h.beta2)
+        # enable_fp_fusion=False: no a*b+c -> FMA contraction, so the kernels round like torch's
+        # element-wise ops (as the CPU build's -ffp-contract=off); the step is memory-bound.
         common = dict(found_inf_ptr=h.found_inf if h.found_inf is not None else dummy,
-                      HAS_FOUND_INF=h.found_inf is not None)
+                      HAS_FOUND_INF=h.found_inf is not None, enable_fp_fusion=False)
         if tables.n_blocks:
             K._step_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, tables.partials, n,

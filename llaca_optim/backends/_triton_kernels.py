@@ -24,8 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Rows of the address table.
-P, G, M, V, VMAX, EMA, GPREV, STEP, ALPHA, FELL_BACK = range(10)
+# Rows of the address table (constexpr: kernels may only read globals of that kind).
+P, G, M, V, VMAX, EMA, GPREV, STEP, ALPHA, FELL_BACK = (tl.constexpr(i) for i in range(10))
 ROLES = 10
 
 
