@@ -44,6 +44,10 @@ def compile_for_hopper(kernel, constexprs):
     src = ASTSource(kernel, signature(kernel, constexprs), constexprs=constexprs)
     compiled = triton.compile(src, target=TARGET, options={"enable_fp_fusion": False})
     assert compiled.asm.get("cubin"), "no cubin produced"
+    if constexprs.get("ALIGNED"):  # full blocks of aligned arrays must use 16-byte accesses
+        ptx = compiled.asm["ptx"]
+        assert "ld.global.v4" in ptx and "st.global.v4" in ptx, (
+            f"{kernel.fn.__name__}: no 16-byte vector loads/stores in the PTX")
     print(f"compiled {kernel.fn.__name__} {sorted((k, str(v)) for k, v in constexprs.items())}")
     return compiled
 
@@ -58,11 +62,13 @@ def main() -> None:
             compile_for_hopper(K._step_blocks, {
                 "PDT": DTYPES[pdt], "EDT": DTYPES[edt], "ADAMW": adamw, "AMSGRAD": amsgrad,
                 "MAXIMIZE": flags, "LLACA": True, "HAS_LR_PTR": flags, "HAS_GRAD_SCALE": flags,
-                "HAS_FOUND_INF": flags, "BLOCK": 1024,
+                "HAS_FOUND_INF": flags, "ALIGNED": not flags, "BLOCK": 1024,
             })
     for pdt, edt in [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16")]:
-        compile_for_hopper(K._blend_blocks, {"PDT": DTYPES[pdt], "EDT": DTYPES[edt],
-                                             "HAS_FOUND_INF": True, "BLOCK": 1024})
+        for aligned in (True, False):
+            compile_for_hopper(K._blend_blocks, {"PDT": DTYPES[pdt], "EDT": DTYPES[edt],
+                                                 "HAS_FOUND_INF": True, "ALIGNED": aligned,
+                                                 "BLOCK": 1024})
     for adamw, llaca in [(True, True), (True, False), (False, True)]:
         compile_for_hopper(K._finish_tensors, {"ADAMW": adamw, "LLACA": llaca,
                                                "HAS_FOUND_INF": True, "RBLOCK": 128})

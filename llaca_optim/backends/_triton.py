@@ -123,6 +123,9 @@ class TritonLauncher:
                     bucket.state_steps if adamw else None, bucket.alphas if llaca else None,
                     bucket.fell_back if llaca else None]
         table = self.addresses(columns, n, device)
+        # 16-byte vector loads need every array of the call 16-byte aligned (allocations are;
+        # views with an odd storage offset may not be).
+        aligned = all(t.data_ptr() % 16 == 0 for column in columns if column for t in column)
         dummy = tables.partials  # any tensor on the device, for pointer arguments left unused
         lr_ptr = h.lr if isinstance(h.lr, Tensor) else None
         beta1, beta2 = float(h.beta1), float(h.beta2)
@@ -141,7 +144,7 @@ class TritonLauncher:
                 h.grad_scale if h.grad_scale is not None else dummy,
                 PDT=pdt, EDT=edt, ADAMW=adamw, AMSGRAD=adamw and h.amsgrad, MAXIMIZE=h.maximize,
                 LLACA=llaca, HAS_LR_PTR=lr_ptr is not None,
-                HAS_GRAD_SCALE=h.grad_scale is not None, BLOCK=BLOCK, **common,
+                HAS_GRAD_SCALE=h.grad_scale is not None, ALIGNED=aligned, BLOCK=BLOCK, **common,
             )
         K._finish_tensors[(n,)](
             table, tables.first_block, tables.block_count, tables.partials, tables.fresh, n,
@@ -150,5 +153,5 @@ class TritonLauncher:
         if llaca and tables.n_blocks:
             K._blend_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, tables.fresh, n,
-                PDT=pdt, EDT=edt, BLOCK=BLOCK, **common,
+                PDT=pdt, EDT=edt, ALIGNED=aligned, BLOCK=BLOCK, **common,
             )

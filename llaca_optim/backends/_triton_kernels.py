@@ -49,12 +49,43 @@ def _addr(table, role, t, n_tensors):
 
 
 @triton.jit
+def _array(table, role, t, n_tensors, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s array of ``role`` as a typed pointer. ALIGNED (every address of the call
+    is a multiple of 16 bytes, checked on the host) lets the compiler use 16-byte vector loads."""
+    ptr = _addr(table, role, t, n_tensors).to(tl.pointer_type(DT))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _ld(ptr, mask, MASKED: tl.constexpr):
+    """A block's load; only the last block of a tensor is masked, because a bounds mask of
+    unknown alignment keeps Triton from using vector loads (checked in the PTX)."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _st(ptr, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
 def _block(numels, block_tensor, block_start, BLOCK: tl.constexpr):
-    """This program's tensor, element offsets (int64) and bounds mask."""
+    """This program's block, tensor, element offsets (int64), bounds mask, and whether the block
+    is full (needs no mask). Blocks start at multiples of BLOCK, which the hint passes on."""
     b = tl.program_id(0).to(tl.int64)
     t = tl.load(block_tensor + b).to(tl.int64)
-    offs = tl.load(block_start + b) + tl.arange(0, BLOCK).to(tl.int64)
-    return b, t, offs, offs < tl.load(numels + t)
+    start = tl.multiple_of(tl.load(block_start + b), BLOCK)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    n = tl.load(numels + t)
+    return b, t, offs, offs < n, start + BLOCK <= n
 
 
 @triton.jit
@@ -65,19 +96,41 @@ def _step_blocks(
     lr_ptr, grad_scale_ptr, found_inf_ptr,
     PDT: tl.constexpr, EDT: tl.constexpr, ADAMW: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, LLACA: tl.constexpr, HAS_LR_PTR: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
-    b, t, offs, mask = _block(numels, block_tensor, block_start, BLOCK)
+    b, t, offs, mask, full = _block(numels, block_tensor, block_start, BLOCK)
+    if full:
+        _step_block(table, partials, n_tensors, b, t, offs, mask, lr_hi, lr_lo, beta1, beta2,
+                    one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, wd_hi, wd_lo, eps,
+                    lr_ptr, grad_scale_ptr, PDT, EDT, ADAMW, AMSGRAD, MAXIMIZE, LLACA, HAS_LR_PTR,
+                    HAS_GRAD_SCALE, ALIGNED, False)
+    else:
+        _step_block(table, partials, n_tensors, b, t, offs, mask, lr_hi, lr_lo, beta1, beta2,
+                    one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, wd_hi, wd_lo, eps,
+                    lr_ptr, grad_scale_ptr, PDT, EDT, ADAMW, AMSGRAD, MAXIMIZE, LLACA, HAS_LR_PTR,
+                    HAS_GRAD_SCALE, ALIGNED, True)
 
-    p_ptr = _addr(table, P, t, n_tensors).to(tl.pointer_type(PDT))
-    g_ptr = _addr(table, G, t, n_tensors).to(tl.pointer_type(PDT))
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+@triton.jit
+def _step_block(
+    table, partials, n_tensors, b, t, offs, mask, lr_hi, lr_lo, beta1, beta2,
+    one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, wd_hi, wd_lo, eps,
+    lr_ptr, grad_scale_ptr,
+    PDT: tl.constexpr, EDT: tl.constexpr, ADAMW: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr, LLACA: tl.constexpr, HAS_LR_PTR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Pass 1 on one block (see the module docstring); MASKED only for a tensor's last block."""
+    p_ptr = _array(table, P, t, n_tensors, PDT, ALIGNED)
+    g_ptr = _array(table, G, t, n_tensors, PDT, ALIGNED)
+    g = _ld(g_ptr + offs, mask, MASKED).to(tl.float32)
     if HAS_GRAD_SCALE:
         g = g / tl.load(grad_scale_ptr).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = _ld(p_ptr + offs, mask, MASKED).to(tl.float32)
 
     if ADAMW:
         step_ptr = _addr(table, STEP, t, n_tensors).to(tl.pointer_type(tl.float32))
@@ -99,46 +152,46 @@ def _step_blocks(
         b2f = beta2
         bc2 = bias_correction2_sqrt.to(tl.float32)
 
-        m_ptr = _addr(table, M, t, n_tensors).to(tl.pointer_type(PDT))
-        v_ptr = _addr(table, V, t, n_tensors).to(tl.pointer_type(PDT))
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m_ptr = _array(table, M, t, n_tensors, PDT, ALIGNED)
+        v_ptr = _array(table, V, t, n_tensors, PDT, ALIGNED)
+        m = _ld(m_ptr + offs, mask, MASKED).to(tl.float32)
+        v = _ld(v_ptr + offs, mask, MASKED).to(tl.float32)
         gd = -g if MAXIMIZE else g
         p = p * decay
         m = b1f * m + one_minus_beta1 * gd
         v = b2f * v + one_minus_beta2 * gd * gd
         second = v
         if AMSGRAD:
-            vmax_ptr = _addr(table, VMAX, t, n_tensors).to(tl.pointer_type(PDT))
-            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            vmax_ptr = _array(table, VMAX, t, n_tensors, PDT, ALIGNED)
+            vmax = _ld(vmax_ptr + offs, mask, MASKED).to(tl.float32)
             vmax = tl.maximum(vmax, v)
-            tl.store(vmax_ptr + offs, _narrow(vmax, PDT), mask=mask)
+            _st(vmax_ptr + offs, _narrow(vmax, PDT), mask, MASKED)
             second = vmax
         denom = tl.sqrt(second) / bc2 + eps
         p = p - step_size * m / denom
         p_stored = _narrow(p, PDT)
-        tl.store(p_ptr + offs, p_stored, mask=mask)
-        tl.store(m_ptr + offs, _narrow(m, PDT), mask=mask)
-        tl.store(v_ptr + offs, _narrow(v, PDT), mask=mask)
+        _st(p_ptr + offs, p_stored, mask, MASKED)
+        _st(m_ptr + offs, _narrow(m, PDT), mask, MASKED)
+        _st(v_ptr + offs, _narrow(v, PDT), mask, MASKED)
         p = p_stored.to(tl.float32)  # LLaCA sees the parameter as stored, rounding included
 
     if LLACA:
-        ema_ptr = _addr(table, EMA, t, n_tensors).to(tl.pointer_type(EDT))
-        gprev_ptr = _addr(table, GPREV, t, n_tensors).to(tl.pointer_type(PDT))
+        ema_ptr = _array(table, EMA, t, n_tensors, EDT, ALIGNED)
+        gprev_ptr = _array(table, GPREV, t, n_tensors, PDT, ALIGNED)
         alpha_ptr = _addr(table, ALPHA, t, n_tensors).to(tl.pointer_type(tl.float32))
         fresh = tl.load(alpha_ptr) < 0.0
         if fresh:
-            tl.store(ema_ptr + offs, _narrow(p, EDT), mask=mask)
+            _st(ema_ptr + offs, _narrow(p, EDT), mask, MASKED)
             sum_a = 0.0
             sum_b = 0.0
             sum_c = 0.0
         else:
-            e = tl.load(ema_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            gp = tl.load(gprev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            e = _ld(ema_ptr + offs, mask, MASKED).to(tl.float32)
+            gp = _ld(gprev_ptr + offs, mask, MASKED).to(tl.float32)
             sum_a = tl.sum(tl.where(mask, tl.abs(p - e), 0.0), axis=0)
             sum_b = tl.sum(tl.where(mask, tl.abs(g), 0.0), axis=0)
             sum_c = tl.sum(tl.where(mask, tl.abs(g - gp), 0.0), axis=0)
-        tl.store(gprev_ptr + offs, _narrow(g, PDT), mask=mask)
+        _st(gprev_ptr + offs, _narrow(g, PDT), mask, MASKED)
         tl.store(partials + 3 * b + 0, sum_a)
         tl.store(partials + 3 * b + 1, sum_b)
         tl.store(partials + 3 * b + 2, sum_c)
@@ -190,17 +243,27 @@ def _finish_tensors(
 @triton.jit
 def _blend_blocks(
     table, numels, block_tensor, block_start, fresh_marks, n_tensors, found_inf_ptr,
-    PDT: tl.constexpr, EDT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+    PDT: tl.constexpr, EDT: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
-    b, t, offs, mask = _block(numels, block_tensor, block_start, BLOCK)
+    b, t, offs, mask, full = _block(numels, block_tensor, block_start, BLOCK)
     if tl.load(fresh_marks + t) != 0:  # first LLaCA step: ema was set to p in pass 1
         return
-    p_ptr = _addr(table, P, t, n_tensors).to(tl.pointer_type(PDT))
-    ema_ptr = _addr(table, EMA, t, n_tensors).to(tl.pointer_type(EDT))
+    if full:
+        _blend_block(table, t, offs, mask, n_tensors, PDT, EDT, ALIGNED, False)
+    else:
+        _blend_block(table, t, offs, mask, n_tensors, PDT, EDT, ALIGNED, True)
+
+
+@triton.jit
+def _blend_block(table, t, offs, mask, n_tensors, PDT: tl.constexpr, EDT: tl.constexpr,
+                 ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    p_ptr = _array(table, P, t, n_tensors, PDT, ALIGNED)
+    ema_ptr = _array(table, EMA, t, n_tensors, EDT, ALIGNED)
     alpha = tl.load(_addr(table, ALPHA, t, n_tensors).to(tl.pointer_type(tl.float32)))
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(ema_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ema_ptr + offs, _narrow((e + alpha * (p - e)), EDT), mask=mask)
+    p = _ld(p_ptr + offs, mask, MASKED).to(tl.float32)
+    e = _ld(ema_ptr + offs, mask, MASKED).to(tl.float32)
+    _st(ema_ptr + offs, _narrow((e + alpha * (p - e)), EDT), mask, MASKED)
