@@ -74,8 +74,6 @@ class _Tables:
 
 
 class TritonLauncher:
-    name = "triton"
-
     def __init__(self, device_type: str) -> None:
         self.device_type = device_type
         self._tables: dict[tuple[torch.device, tuple[int, ...]], _Tables] = {}
