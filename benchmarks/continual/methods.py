@@ -54,8 +54,13 @@ class AdamWWithFixedEMA:
         self._fresh()
 
 
-def methods(lr: float, backend: str = "auto", sweep: bool = True) -> list[tuple[str, dict, Factory]]:
-    """(name, settings, factory) of every method, baselines first."""
+SWEEP = [(scale, base) for scale in (0.1, 2.0, 50.0) for base in (0.003, 0.01, 0.03)]
+
+
+def methods(lr: float, backend: str = "auto", sweep: bool = True,
+            grid: list[tuple[float, float]] | None = None) -> list[tuple[str, dict, Factory]]:
+    """(name, settings, factory) of every method, baselines first; ``grid`` is the sweep's list
+    of (scale, base_weight)."""
     out: list[tuple[str, dict, Factory]] = [
         ("AdamW", {}, lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True)),
         ("AdamW + EMA(0.99)", {"ema_weight": 0.01}, lambda ps: AdamWWithFixedEMA(ps, lr)),
@@ -65,10 +70,9 @@ def methods(lr: float, backend: str = "auto", sweep: bool = True) -> list[tuple[
          lambda ps: llaca_optim.LLaCAAdamW(ps, lr=lr, preset="continual-next", backend=backend)),
     ]
     if sweep:
-        for scale in (0.1, 2.0, 50.0):
-            for base_weight in (0.003, 0.01, 0.03):
-                out.append((f"LLaCAAdamW scale={scale:g} base={base_weight:g}",
-                            {"scale": scale, "base_weight": base_weight},
-                            lambda ps, s=scale, b=base_weight: llaca_optim.LLaCAAdamW(
-                                ps, lr=lr, scale=s, base_weight=b, backend=backend)))
+        for scale, base_weight in grid if grid is not None else SWEEP:
+            out.append((f"LLaCAAdamW scale={scale:g} base={base_weight:g}",
+                        {"scale": scale, "base_weight": base_weight},
+                        lambda ps, s=scale, b=base_weight: llaca_optim.LLaCAAdamW(
+                            ps, lr=lr, scale=s, base_weight=b, backend=backend)))
     return out

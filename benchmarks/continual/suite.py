@@ -2,11 +2,14 @@
 tasks, several seeds, the accuracy matrices, Avg.ACC / Forgetting / New.ACC (mean and std), JSON,
 and a plot of Forgetting against New.ACC (one point per method and setting).
 
-    python -m benchmarks.continual                    # permuted digits, 3 seeds, with the sweep
+    python -m benchmarks.continual                    # both families, 3 seeds, with the sweeps
+    python -m benchmarks.continual --family digits    # only permuted digits (about 4 minutes)
     python -m benchmarks.continual --quick --out /tmp/c   # CI size: checks that it runs
 
-Task families: ``digits`` (permuted scikit-learn digits, a small MLP; see digits.py). The
-instruction-tuned small language model family of the issue is not written yet.
+Task families (``--family``): ``digits`` (permuted scikit-learn digits, a small MLP; digits.py)
+and ``lm`` (a tiny Llama from transformers, instruction-tuned on four generated tasks in
+sequence, full fine-tuning and LoRA through peft; lm.py); ``all`` runs both. Each setting writes
+into its own folder under benchmarks/results/continual/ (digits, lm-full, lm-lora).
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ RESULTS = Path(__file__).resolve().parents[1] / "results" / "continual"
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.continual", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", default="digits", choices=["digits"])
+    p.add_argument("--family", default="all", choices=["digits", "lm", "all"])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--tasks", type=int, default=5)
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps per task")
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tasks", type=int, default=5, help="digits: number of tasks")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per task (default: digits 400, lm 300)")
+    p.add_argument("--width", type=int, default=512, help="digits: MLP width")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: 1e-3 (digits, lm full fine-tuning), 3e-3 (lm LoRA)")
     p.add_argument("--no-sweep", action="store_true", help="only the baselines and the presets")
     p.add_argument("--backend", default="auto")
     p.add_argument("--quick", action="store_true", help="tiny run for the tests")
@@ -67,39 +72,87 @@ def plot(summary: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+# The language-model sweep is smaller than the digits one: each run trains a transformer.
+LM_GRID = [(0.1, 0.01), (2.0, 0.03), (50.0, 0.01)]
+
+
+def settings_of(args) -> list[dict]:
+    """One entry per (family, mode): where it writes and how one run of a method is made."""
+    out = []
+    if args.family in ("digits", "all"):
+        steps = args.steps or (20 if args.quick else 400)
+        tasks, width = (3, 32) if args.quick else (args.tasks, args.width)
+        lr = args.lr or 1e-3
+        out.append(dict(
+            name="digits", lr=lr, grid=None, steps=steps,
+            protocol=f"permuted digits, {tasks} tasks x {steps} steps, MLP width {width}, lr {lr}, batch 64",
+            tasks=tasks, prepare=lambda seed: None,
+            # default arguments bind the values now: the lm branch below reuses these names
+            run=lambda name, make, seed, base, progress, tasks=tasks, steps=steps, width=width:
+                digits.run(name, make, seed, tasks, steps, width, progress)))
+    if args.family in ("lm", "all"):
+        from . import lm
+
+        steps = args.steps or (10 if args.quick else 300)
+        pre_steps, n_eval = (10, 8) if args.quick else (300, 100)
+        for mode in ("full", "lora"):
+            lr = args.lr or (1e-3 if mode == "full" else 3e-3)
+            out.append(dict(
+                name=f"lm-{mode}", lr=lr, grid=LM_GRID, steps=steps,
+                protocol=(f"tiny Llama (2 layers, hidden 64), char-level, pre-trained {pre_steps} "
+                          f"steps on a copy task, then {', '.join(lm.TASKS)} x {steps} steps each, "
+                          f"{'LoRA r=8 on all projections' if mode == 'lora' else 'full fine-tuning'}, "
+                          f"lr {lr}, batch 32, exact match on {n_eval} held-out prompts per task"),
+                tasks=len(lm.TASKS),
+                prepare=lambda seed, pre_steps=pre_steps: lm.pretrain(seed, pre_steps, 32),
+                run=lambda name, make, seed, base, progress, mode=mode, steps=steps, n_eval=n_eval:
+                    lm.run(name, make, base, mode, steps, 32, n_eval, progress)))
+    return out
+
+
 def run(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     if args.quick:
-        args.seeds, args.tasks, args.steps, args.width = 2, 3, 20, 32
-    out = args.out or RESULTS / args.family
-    out.mkdir(parents=True, exist_ok=True)
-    plan = methods(args.lr, args.backend, sweep=not args.no_sweep)
-    runs: dict[str, list] = {name: [] for name, _, _ in plan}
-    total = len(plan) * args.seeds * args.tasks * args.steps
-    with tqdm(total=total, unit="step", desc=args.family, disable=args.no_progress,
+        args.seeds = 2
+    root = args.out or RESULTS
+    settings = settings_of(args)
+    plans = {st["name"]: methods(st["lr"], args.backend, sweep=not args.no_sweep, grid=st["grid"])
+             for st in settings}
+    total = sum(len(plans[st["name"]]) * args.seeds * st["tasks"] * st["steps"] for st in settings)
+    with tqdm(total=total, unit="step", desc="continual", disable=args.no_progress,
               file=sys.stderr, mininterval=0.5) as progress:
-        for seed in range(args.seeds):
-            for name, _, factory in plan:
-                runs[name].append(digits.run(name, factory, seed, args.tasks, args.steps,
-                                             args.width, progress))
+        for st in settings:
+            runs: dict[str, list] = {name: [] for name, _, _ in plans[st["name"]]}
+            for seed in range(args.seeds):
+                base = st["prepare"](seed)  # shared by every method of this seed
+                for name, _, factory in plans[st["name"]]:
+                    progress.set_postfix_str(f"{st['name']} seed {seed}: {name}")
+                    runs[name].append(st["run"](name, factory, seed, base, progress))
+            write(root / st["name"], st, args, argv, plans[st["name"]], runs)
+    return root
+
+
+def write(out: Path, st: dict, args, argv, plan, runs) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     summary = []
     for name, settings, _ in plan:
         row = {"method": name, "settings": settings, **metrics.summarize(runs[name])}
         row["accuracy_matrices"] = [r.accuracy for r in runs[name]]
         summary.append(row)
     data = {
-        "family": args.family,
-        "protocol": f"permuted digits, {args.tasks} tasks x {args.steps} steps, MLP width "
-                    f"{args.width}, lr {args.lr}, batch 64, seeds 0..{args.seeds - 1}",
-        "command": " ".join(["python -m benchmarks.continual", *(argv if argv is not None else sys.argv[1:])]),
+        "family": st["name"],
+        "protocol": st["protocol"] + f", seeds 0..{args.seeds - 1}",
+        "command": " ".join(["python -m benchmarks.continual",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads(),
                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "results": summary,
     }
     (out / "results.json").write_text(json.dumps(data, indent=1))
-    plot(summary, f"{args.family}: {args.tasks} tasks, {args.seeds} seeds", out / "forgetting_vs_new_acc.png")
-    print(f"\n{data['protocol']}")
+    plot(summary, f"{st['name']}: {st['tasks']} tasks, {args.seeds} seeds",
+         out / "forgetting_vs_new_acc.png")
+    print(f"\n{st['name']}: {data['protocol']}")
     header = f"{'method':<38}{'Avg.ACC':>15}{'Forgetting':>15}{'New.ACC':>15}"
     print(header)
     print("-" * len(header))
@@ -107,7 +160,6 @@ def run(argv: list[str] | None = None) -> Path:
         cells = "".join(f"{100 * row[m]:>8.1f} ±{100 * row[m + '_std']:4.1f}" for m in metrics.METRICS)
         print(f"{row['method']:<38}{cells}")
     print(f"wrote {out / 'results.json'} and {out / 'forgetting_vs_new_acc.png'}")
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
