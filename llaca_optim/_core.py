@@ -30,7 +30,6 @@ class _GroupPlan:
     """A param group's buckets from the last full planning, and what they assumed."""
 
     params: list[Tensor]             # the group's params list object itself
-    n_params: int
     options: tuple[Any, ...]         # group options that change which state exists
     has_grad: list[bool]
     grad_layouts: list[tuple[Any, ...]]  # (shape, dtype, device, stride) of each gradient
@@ -126,13 +125,12 @@ class LLaCAOptimizerBase(Optimizer):
         return (group.get("llaca"), group.get("amsgrad"), group.get("ema_dtype"))
 
     def _reuse_plan(self, gi: int, group: dict[str, Any]) -> list[tuple[Backend, Bucket]] | None:
-        plan = getattr(self, "_plans", {}).get(gi)
+        plan = self._plans.get(gi)
         params = group["params"]
-        if (plan is None or plan.params is not params or plan.n_params != len(params)
-                or plan.options != self._group_options(group)):
+        if plan is None or plan.params is not params or plan.options != self._group_options(group):
             return None
         grads = [p.grad for p in params]
-        if [g is not None for g in grads] != plan.has_grad:
+        if [g is not None for g in grads] != plan.has_grad:  # also catches a changed length
             return None
         present = [g for g in grads if g is not None]
         strided = torch.strided
@@ -175,8 +173,7 @@ class LLaCAOptimizerBase(Optimizer):
         for index, gi, group, pairs in to_build:
             built = self._build_buckets(group, pairs)
             self._plans[gi] = _GroupPlan(
-                params=group["params"], n_params=len(group["params"]),
-                options=self._group_options(group),
+                params=group["params"], options=self._group_options(group),
                 has_grad=[p.grad is not None for p in group["params"]],
                 grad_layouts=[(g.shape, g.dtype, g.device, g.stride()) for _, g in pairs],
                 buckets=built,

@@ -78,7 +78,6 @@ struct Workspace {
 
 struct CallScalars {
   bool maximize = false;
-  bool has_grad_scale = false;
   float grad_scale = 1.0f;
   double scale = 0.0;
   double base_weight = 0.0;
@@ -436,7 +435,6 @@ bool read_amp(const std::optional<Tensor>& grad_scale, const std::optional<Tenso
   if (grad_scale.has_value() && grad_scale->defined()) {
     TORCH_CHECK(grad_scale->device().is_cpu() && grad_scale->numel() == 1,
                 "llaca_optim: grad_scale must be a one-element CPU tensor");
-    call.has_grad_scale = true;
     call.grad_scale = grad_scale->item<float>();
   }
   return false;

@@ -88,14 +88,21 @@ class TritonLauncher:
         return tables
 
     @staticmethod
-    def addresses(columns: list[list[Tensor] | None], n: int, device: torch.device) -> Tensor:
+    def addresses(columns: list[list[Tensor] | None], n: int, device: torch.device
+                  ) -> tuple[Tensor, bool]:
+        """The address table, and whether every element array in it (the roles before STEP) is
+        16-byte aligned, which the kernels' vector loads need (allocations are; views with an
+        odd storage offset may not be)."""
+        from . import _triton_kernels as K
+
         rows = []
         for column in columns:
             rows += [t.data_ptr() for t in column] if column else [0] * n
+        aligned = all(ptr % 16 == 0 for ptr in rows[: int(K.STEP) * n])
         host = torch.tensor(rows, dtype=torch.int64)
         if device.type == "cuda":  # pinned, so the copy does not synchronise with the host
-            return host.pin_memory().to(device, non_blocking=True)
-        return host
+            return host.pin_memory().to(device, non_blocking=True), aligned
+        return host, aligned
 
     def launch(self, bucket, h, adamw: bool) -> None:
         from . import _triton_kernels as K
@@ -120,10 +127,7 @@ class TritonLauncher:
         columns += [bucket.emas if llaca else None, bucket.prev_grads if llaca else None,
                     bucket.state_steps if adamw else None, bucket.alphas if llaca else None,
                     bucket.fell_back if llaca else None]
-        table = self.addresses(columns, n, device)
-        # 16-byte vector loads need every array of the call 16-byte aligned (allocations are;
-        # views with an odd storage offset may not be).
-        aligned = all(t.data_ptr() % 16 == 0 for column in columns if column for t in column)
+        table, aligned = self.addresses(columns, n, device)
         dummy = tables.partials  # any tensor on the device, for pointer arguments left unused
         lr_ptr = h.lr if isinstance(h.lr, Tensor) else None
         beta1, beta2 = float(h.beta1), float(h.beta2)
