@@ -28,6 +28,7 @@
 #include <cmath>
 #include <vector>
 
+#include "llaca/checks.h"
 #include "llaca/math.h"
 #include "convert.h"
 
@@ -41,9 +42,6 @@ constexpr int64_t kSumBlock = int64_t(1) << 15;
 // NOTE [CPU work decomposition]); larger ones are split into blocks shared by all threads.
 // Chosen by measurement with benchmarks/ (lora_llama's 88k-element LoRA factors must fall below).
 constexpr int64_t kWholeTensorLimit = int64_t(1) << 18;
-
-using at::Tensor;
-using at::TensorList;
 
 // Everything one tensor contributes to a call, resolved to raw pointers once per step.
 struct TensorJob {
@@ -161,14 +159,7 @@ void chunk_blend(const TensorJob& job, int64_t begin, int64_t end) {
 
 // Writes a tensor's alpha and fallback flag from its three whole-tensor sums.
 void finish_alpha(const TensorJob& job, double a, double b, double c, const CallScalars& call) {
-  if (job.fresh) {  // no previous gradient yet: SPEC's `else` branch
-    *job.alpha = static_cast<float>(call.base_weight);
-    *job.fell_back = true;
-    return;
-  }
-  double alpha = 0.0;
-  *job.fell_back = balance_weight<double>(a, b, c, call.scale, call.base_weight, alpha);
-  *job.alpha = static_cast<float>(alpha);
+  *job.fell_back = tensor_alpha(job.fresh, a, b, c, call.scale, call.base_weight, *job.alpha);
 }
 
 // A tensor small enough to be one work item: the AdamW step and the sums block by block, then its
@@ -299,105 +290,23 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
   });
 }
 
-// ----------------------------------------------------------------------------------------------
-// Input checks. The Python layer validates user input with messages that name the parameter;
-// these guard the op boundary for direct callers and keep a bad call from touching memory.
-
-// Two tensors that are walked with one flat index must lay their elements out identically; strides
-// of size-1 dimensions do not matter (llaca_optim/backends/_layout.py applies the same rule).
-bool same_layout(const Tensor& a, const Tensor& b) {
-  if (a.numel() <= 1) return true;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
-}
-
-void check_companion(const Tensor& p, const Tensor& t, const char* what, int64_t i,
-                     bool same_dtype = true) {
-  TORCH_CHECK(t.device() == p.device(), "llaca_optim: ", what, "[", i, "] is on ", t.device(),
-              " but its parameter is on ", p.device());
-  TORCH_CHECK(t.sizes() == p.sizes(), "llaca_optim: ", what, "[", i, "] has shape ", t.sizes(),
-              " but its parameter has shape ", p.sizes());
-  TORCH_CHECK(same_layout(p, t), "llaca_optim: ", what, "[", i,
-              "] has strides ", t.strides(), " but its parameter has strides ", p.strides(),
-              "; the CPU kernel updates memory in place and needs identical layouts");
-  if (same_dtype) {
-    TORCH_CHECK(t.scalar_type() == p.scalar_type(), "llaca_optim: ", what, "[", i, "] has dtype ",
-                t.scalar_type(), " but its parameter has dtype ", p.scalar_type());
-  }
-}
-
-void check_scalar_slot(const Tensor& t, at::ScalarType dtype, const char* what, int64_t i) {
-  TORCH_CHECK(t.device().is_cpu() && t.numel() == 1 && t.scalar_type() == dtype, "llaca_optim: ",
-              what, "[", i, "] must be a one-element CPU tensor of dtype ", dtype, ", got ",
-              t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
-}
-
-struct Lists {
-  TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas, prev_grads,
-      alphas, fell_back;
-};
-
-// Fills the jobs from the lists; returns the EMA dtype.
+// Checks the lists (llaca/checks.h) and fills the jobs from them; returns the EMA dtype.
 at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
                           std::vector<TensorJob>& jobs) {
+  const at::ScalarType ema_dtype = check_lists(l, adamw, amsgrad, llaca, c10::DeviceType::CPU, "cpu");
   const int64_t n = static_cast<int64_t>(l.params.size());
-  auto same_length = [&](TensorList list, const char* what) {
-    TORCH_CHECK(static_cast<int64_t>(list.size()) == n, "llaca_optim: ", what, " has ",
-                list.size(), " tensors but params has ", n);
-  };
-  same_length(l.grads, "grads");
-  if (adamw) {
-    same_length(l.exp_avgs, "exp_avgs");
-    same_length(l.exp_avg_sqs, "exp_avg_sqs");
-    same_length(l.state_steps, "state_steps");
-    if (amsgrad) same_length(l.max_exp_avg_sqs, "max_exp_avg_sqs");
-  }
-  if (llaca) {
-    same_length(l.emas, "emas");
-    same_length(l.prev_grads, "prev_grads");
-    same_length(l.alphas, "alphas");
-    same_length(l.fell_back, "fell_back");
-  }
-  at::ScalarType ema_dtype = n > 0 && llaca ? l.emas[0].scalar_type() : at::kFloat;
   jobs.resize(n);
   for (int64_t i = 0; i < n; ++i) {
-    const Tensor& p = l.params[i];
-    TORCH_CHECK(p.device().is_cpu(), "llaca_optim: params[", i, "] is on ", p.device(),
-                "; the cpu kernels take CPU tensors");
-    TORCH_CHECK(p.layout() == at::kStrided && p.is_non_overlapping_and_dense(),
-                "llaca_optim: params[", i,
-                "] is not dense (a view with gaps or overlaps); the fused kernels update memory "
-                "in place: use the reference backend for such tensors");
-    TORCH_CHECK(p.scalar_type() == l.params[0].scalar_type(), "llaca_optim: params[", i,
-                "] has dtype ", p.scalar_type(), " but params[0] has ", l.params[0].scalar_type(),
-                "; one call takes one dtype");
-    check_companion(p, l.grads[i], "grads", i);
     TensorJob& job = jobs[i];
-    job.numel = p.numel();
-    job.param = p.data_ptr();
+    job.numel = l.params[i].numel();
+    job.param = l.params[i].data_ptr();
     job.grad = l.grads[i].data_ptr();
     if (adamw) {
-      check_companion(p, l.exp_avgs[i], "exp_avgs", i);
-      check_companion(p, l.exp_avg_sqs[i], "exp_avg_sqs", i);
-      check_scalar_slot(l.state_steps[i], at::kFloat, "state_steps", i);
       job.exp_avg = l.exp_avgs[i].data_ptr();
       job.exp_avg_sq = l.exp_avg_sqs[i].data_ptr();
-      if (amsgrad) {
-        check_companion(p, l.max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
-        job.max_exp_avg_sq = l.max_exp_avg_sqs[i].data_ptr();
-      }
+      if (amsgrad) job.max_exp_avg_sq = l.max_exp_avg_sqs[i].data_ptr();
     }
     if (llaca) {
-      check_companion(p, l.emas[i], "emas", i, /*same_dtype=*/false);
-      TORCH_CHECK(l.emas[i].scalar_type() == ema_dtype &&
-                      (ema_dtype == at::kFloat || ema_dtype == p.scalar_type()),
-                  "llaca_optim: emas[", i, "] has dtype ", l.emas[i].scalar_type(),
-                  "; EMAs must all be float32 or all in the parameters' dtype");
-      check_companion(p, l.prev_grads[i], "prev_grads", i);
-      check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i);
-      check_scalar_slot(l.fell_back[i], at::kBool, "fell_back", i);
       job.ema = l.emas[i].data_ptr();
       job.prev_grad = l.prev_grads[i].data_ptr();
       job.alpha = l.alphas[i].data_ptr<float>();
@@ -427,16 +336,10 @@ void dispatch_dtypes(at::ScalarType param_dtype, at::ScalarType ema_dtype,
 // Reads the AMP tensors: true when this step must change nothing.
 bool read_amp(const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
               CallScalars& call) {
-  if (found_inf.has_value() && found_inf->defined()) {
-    TORCH_CHECK(found_inf->device().is_cpu() && found_inf->numel() == 1,
-                "llaca_optim: found_inf must be a one-element CPU tensor");
-    if (found_inf->item<double>() != 0.0) return true;
-  }
-  if (grad_scale.has_value() && grad_scale->defined()) {
-    TORCH_CHECK(grad_scale->device().is_cpu() && grad_scale->numel() == 1,
-                "llaca_optim: grad_scale must be a one-element CPU tensor");
-    call.grad_scale = grad_scale->item<float>();
-  }
+  check_call_scalar(found_inf, "found_inf", c10::Device(c10::DeviceType::CPU));
+  check_call_scalar(grad_scale, "grad_scale", c10::Device(c10::DeviceType::CPU));
+  if (found_inf.has_value() && found_inf->defined() && found_inf->item<double>() != 0.0) return true;
+  if (grad_scale.has_value() && grad_scale->defined()) call.grad_scale = grad_scale->item<float>();
   return false;
 }
 
@@ -456,25 +359,13 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   Lists lists{params, grads,  exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
               emas,   prev_grads, alphas,   fell_back};
   const at::ScalarType ema_dtype = build_jobs(lists, /*adamw=*/true, amsgrad, llaca, jobs);
+  check_call_scalar(lr_tensor, "lr", c10::Device(c10::DeviceType::CPU));
   if (read_amp(grad_scale, found_inf, call)) return;
-  if (lr_tensor.has_value() && lr_tensor->defined()) {
-    TORCH_CHECK(lr_tensor->device().is_cpu() && lr_tensor->numel() == 1,
-                "llaca_optim: lr must be a float or a one-element CPU tensor for CPU parameters");
-    lr = lr_tensor->item<double>();
-  }
+  if (lr_tensor.has_value() && lr_tensor->defined()) lr = lr_tensor->item<double>();
   for (int64_t i = 0; i < static_cast<int64_t>(jobs.size()); ++i) {
     float* step = state_steps[i].data_ptr<float>();
     *step += 1.0f;
-    const double t = static_cast<double>(*step);
-    AdamWScalars& s = jobs[i].adamw;
-    s.decay = static_cast<float>(1.0 - lr * weight_decay);
-    s.beta1 = static_cast<float>(beta1);
-    s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-    s.beta2 = static_cast<float>(beta2);
-    s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-    s.eps = static_cast<float>(eps);
-    s.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, t)));
-    s.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
+    jobs[i].adamw = adamw_scalars(lr, beta1, beta2, weight_decay, eps, static_cast<double>(*step));
   }
   if (params.empty()) return;
   const at::ScalarType dtype = params[0].scalar_type();

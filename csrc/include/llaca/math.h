@@ -51,6 +51,23 @@ LLACA_HOST_DEVICE void adamw_element(float& p, float g, float& m, float& v, floa
   p = p - s.step_size * m / denom;
 }
 
+// The AdamW scalars of one tensor at step t (the count after this step's increment), formed in
+// double and rounded once, as torch's AdamW does with Python floats. The CPU kernel calls this on
+// the host and the CUDA kernels on the device, so both round the same way.
+LLACA_HOST_DEVICE AdamWScalars adamw_scalars(double lr, double beta1, double beta2,
+                                             double weight_decay, double eps, double t) {
+  AdamWScalars s;
+  s.decay = static_cast<float>(1.0 - lr * weight_decay);
+  s.beta1 = static_cast<float>(beta1);
+  s.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.eps = static_cast<float>(eps);
+  s.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, t)));
+  s.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
+  return s;
+}
+
 // The balance weight of one tensor from its three L1 reductions (SPEC section 2):
 //   alpha = scale * (1 + b) / (a * c), replaced by base_weight unless 0 < alpha < 1.
 // The comparison is written so that NaN (0/0, inf/inf, non-finite gradients) falls back too.
@@ -65,6 +82,17 @@ LLACA_HOST_DEVICE bool balance_weight(acc_t a, acc_t b, acc_t c, acc_t scale, ac
   }
   alpha = base_weight;
   return true;
+}
+
+// One tensor's alpha and fallback flag at the end of its step: base_weight (fell back) on its
+// first LLaCA step, when there is no previous gradient yet (SPEC section 2's `else` branch), else
+// balance_weight of its whole-tensor sums. Returns the fallback flag.
+LLACA_HOST_DEVICE bool tensor_alpha(bool fresh, double a, double b, double c, double scale,
+                                    double base_weight, float& alpha_out) {
+  double alpha = base_weight;
+  const bool fell_back = fresh || balance_weight<double>(a, b, c, scale, base_weight, alpha);
+  alpha_out = static_cast<float>(fell_back ? base_weight : alpha);
+  return fell_back;
 }
 
 }  // namespace llaca

@@ -1,0 +1,130 @@
+// Input checks at the op boundary, shared by the CPU and CUDA kernels.
+//
+// The Python layer validates user input with messages that name the parameter (SPEC section 6);
+// these guard direct callers of the torch.library ops and keep a bad call from touching memory.
+// Everything is checked before anything is written.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace llaca {
+
+using at::Tensor;
+using at::TensorList;
+
+// The per-tensor lists of one call, as the op schemas in llaca_optim/_ops.py name them.
+struct Lists {
+  TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas, prev_grads,
+      alphas, fell_back;
+};
+
+// Two tensors walked with one flat index must lay their elements out identically; strides of
+// size-1 dimensions do not matter (llaca_optim/backends/__init__.py applies the same rule).
+inline bool same_layout(const Tensor& a, const Tensor& b) {
+  if (a.numel() <= 1) return true;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+inline void check_companion(const Tensor& p, const Tensor& t, const char* what, int64_t i,
+                            bool same_dtype = true) {
+  TORCH_CHECK(t.device() == p.device(), "llaca_optim: ", what, "[", i, "] is on ", t.device(),
+              " but its parameter is on ", p.device());
+  TORCH_CHECK(t.sizes() == p.sizes(), "llaca_optim: ", what, "[", i, "] has shape ", t.sizes(),
+              " but its parameter has shape ", p.sizes());
+  TORCH_CHECK(same_layout(p, t), "llaca_optim: ", what, "[", i, "] has strides ", t.strides(),
+              " but its parameter has strides ", p.strides(),
+              "; the fused kernels update memory in place and need identical layouts");
+  if (same_dtype) {
+    TORCH_CHECK(t.scalar_type() == p.scalar_type(), "llaca_optim: ", what, "[", i, "] has dtype ",
+                t.scalar_type(), " but its parameter has dtype ", p.scalar_type());
+  }
+}
+
+// A one-element per-tensor slot (step count, alpha, fallback flag) on the parameter's device.
+inline void check_scalar_slot(const Tensor& t, at::ScalarType dtype, const char* what, int64_t i,
+                              const c10::Device& device) {
+  TORCH_CHECK(t.device() == device && t.numel() == 1 && t.scalar_type() == dtype, "llaca_optim: ",
+              what, "[", i, "] must be a one-element tensor of dtype ", dtype, " on ", device,
+              ", got ", t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
+}
+
+// An optional one-element call-wide tensor (lr, grad_scale, found_inf) on `device`.
+inline void check_call_scalar(const std::optional<Tensor>& t, const char* what,
+                              const c10::Device& device) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->device() == device && t->numel() == 1 &&
+                  (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
+              "llaca_optim: ", what, " must be a one-element float32 or float64 tensor on ",
+              device, " (the parameters' device), got ", t->scalar_type(), " with ", t->numel(),
+              " elements on ", t->device());
+}
+
+// Checks every list of a call against params; returns the EMAs' dtype (float32 when there are
+// none). `device_type` is the kernels' device type; all tensors must be on params[0]'s device.
+inline at::ScalarType check_lists(const Lists& l, bool adamw, bool amsgrad, bool llaca,
+                                  c10::DeviceType device_type, const char* kernels) {
+  const int64_t n = static_cast<int64_t>(l.params.size());
+  auto same_length = [&](TensorList list, const char* what) {
+    TORCH_CHECK(static_cast<int64_t>(list.size()) == n, "llaca_optim: ", what, " has ",
+                list.size(), " tensors but params has ", n);
+  };
+  same_length(l.grads, "grads");
+  if (adamw) {
+    same_length(l.exp_avgs, "exp_avgs");
+    same_length(l.exp_avg_sqs, "exp_avg_sqs");
+    same_length(l.state_steps, "state_steps");
+    if (amsgrad) same_length(l.max_exp_avg_sqs, "max_exp_avg_sqs");
+  }
+  if (llaca) {
+    same_length(l.emas, "emas");
+    same_length(l.prev_grads, "prev_grads");
+    same_length(l.alphas, "alphas");
+    same_length(l.fell_back, "fell_back");
+  }
+  const at::ScalarType ema_dtype = n > 0 && llaca ? l.emas[0].scalar_type() : at::kFloat;
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor& p = l.params[i];
+    TORCH_CHECK(p.device().type() == device_type && p.device() == l.params[0].device(),
+                "llaca_optim: params[", i, "] is on ", p.device(), "; the ", kernels,
+                " kernels take ", c10::DeviceTypeName(device_type, /*lower_case=*/true),
+                " tensors, all on one device (params[0] is on ", l.params[0].device(), ")");
+    TORCH_CHECK(p.layout() == at::kStrided && p.is_non_overlapping_and_dense(),
+                "llaca_optim: params[", i,
+                "] is not dense (a view with gaps or overlaps); the fused kernels update memory "
+                "in place: use the reference backend for such tensors");
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16 ||
+                    p.scalar_type() == at::kHalf,
+                "llaca_optim: params[", i, "] has dtype ", p.scalar_type(), "; the ", kernels,
+                " kernels take float32, bfloat16 and float16 (float64 goes to the reference "
+                "backend)");
+    TORCH_CHECK(p.scalar_type() == l.params[0].scalar_type(), "llaca_optim: params[", i,
+                "] has dtype ", p.scalar_type(), " but params[0] has ", l.params[0].scalar_type(),
+                "; one call takes one dtype");
+    check_companion(p, l.grads[i], "grads", i);
+    if (adamw) {
+      check_companion(p, l.exp_avgs[i], "exp_avgs", i);
+      check_companion(p, l.exp_avg_sqs[i], "exp_avg_sqs", i);
+      check_scalar_slot(l.state_steps[i], at::kFloat, "state_steps", i, p.device());
+      if (amsgrad) check_companion(p, l.max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
+    }
+    if (llaca) {
+      check_companion(p, l.emas[i], "emas", i, /*same_dtype=*/false);
+      TORCH_CHECK(l.emas[i].scalar_type() == ema_dtype &&
+                      (ema_dtype == at::kFloat || ema_dtype == p.scalar_type()),
+                  "llaca_optim: emas[", i, "] has dtype ", l.emas[i].scalar_type(),
+                  "; EMAs must all be float32 or all in the parameters' dtype");
+      check_companion(p, l.prev_grads[i], "prev_grads", i);
+      check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i, p.device());
+      check_scalar_slot(l.fell_back[i], at::kBool, "fell_back", i, p.device());
+    }
+  }
+  return ema_dtype;
+}
+
+}  // namespace llaca
