@@ -176,13 +176,15 @@ class ReferenceBackend(Backend):
 
 class NativeBackend(Backend):
     """The C++/CUDA extension's kernels, reached through the torch.library ops (the dispatcher
-    picks the kernel registered for the tensors' device)."""
+    picks the kernel registered for the tensors' device). ``ops`` is the op namespace: the tests
+    pass the one of an emulated build (tests/_cuda_sim.py)."""
 
     _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-    def __init__(self, name: str, device_type: str) -> None:
+    def __init__(self, name: str, device_type: str, ops=None) -> None:
         self.name = name
         self.device_type = device_type
+        self._ops = ops if ops is not None else torch.ops.llaca_optim
 
     def accepts(self, param: Tensor, companions: list[Tensor]) -> bool:
         return (
@@ -195,7 +197,7 @@ class NativeBackend(Backend):
 
     def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
         lr_tensor = h.lr if isinstance(h.lr, Tensor) else None
-        torch.ops.llaca_optim.adamw_llaca_(
+        self._ops.adamw_llaca_(
             bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
             bucket.max_exp_avg_sqs, bucket.state_steps, bucket.emas, bucket.prev_grads,
             bucket.alphas, bucket.fell_back,
@@ -206,7 +208,7 @@ class NativeBackend(Backend):
         )
 
     def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
-        torch.ops.llaca_optim.llaca_update_(
+        self._ops.llaca_update_(
             bucket.params, bucket.grads, bucket.emas, bucket.prev_grads, bucket.alphas,
             bucket.fell_back, scale=h.scale, base_weight=h.base_weight,
             grad_scale=h.grad_scale, found_inf=h.found_inf,

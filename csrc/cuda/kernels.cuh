@@ -1,0 +1,402 @@
+// The CUDA kernels of the llaca_optim ops: the fused AdamW + LLaCA step and the standalone LLaCA
+// update over all tensors of a bucket, in two launches whatever the number of tensors (NOTE [CUDA
+// work decomposition] in layout.h).
+//
+// Layers, as in torch's fused optimizers: element math (llaca/math.h, shared with the CPU
+// kernels), fragment loads and stores (this file), the kernels (this file), the launcher
+// (`launch_call` below, given a Launcher that either launches on a GPU or emulates one) and the
+// op with its checks and workspace (ops.h).
+//
+// This file is compiled by nvcc for the GPU and, with tests/cuda_sim/cuda_sim.h included first,
+// by the host compiler for the tests' CPU emulation; hence the few LLACA_* spellings below.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "layout.h"
+#include "llaca/math.h"
+
+#if defined(__CUDACC__)
+#define LLACA_DEVICE __device__ __forceinline__
+#define LLACA_LDCG(ptr) __ldcg(ptr)
+#elif defined(LLACA_CUDA_SIM)
+#define LLACA_DEVICE inline
+#define LLACA_LDCG(ptr) (*(ptr))
+#else
+#error "kernels.cuh is compiled by nvcc, or for the CPU emulation with LLACA_CUDA_SIM defined"
+#endif
+
+namespace llaca {
+namespace cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Storage types <-> fp32. Conversions are c10's own (round to nearest even, NaN kept), so the
+// kernels store exactly what torch's element-wise ops would.
+
+template <typename T>
+struct Storage;
+
+template <>
+struct Storage<float> {
+  static constexpr int kPerWord = 1;
+  static LLACA_DEVICE float unpack(uint32_t word, int) { return __uint_as_float(word); }
+  static LLACA_DEVICE uint32_t pack(const float* x) { return __float_as_uint(x[0]); }
+};
+
+template <>
+struct Storage<c10::BFloat16> {
+  static constexpr int kPerWord = 2;
+  static LLACA_DEVICE float unpack(uint32_t word, int k) {
+    return static_cast<float>(
+        c10::BFloat16(static_cast<uint16_t>(word >> (16 * k)), c10::BFloat16::from_bits()));
+  }
+  static LLACA_DEVICE uint32_t pack(const float* x) {
+    return uint32_t(c10::BFloat16(x[0]).x) | (uint32_t(c10::BFloat16(x[1]).x) << 16);
+  }
+};
+
+template <>
+struct Storage<c10::Half> {
+  static constexpr int kPerWord = 2;
+  static LLACA_DEVICE float unpack(uint32_t word, int k) {
+    return static_cast<float>(
+        c10::Half(static_cast<uint16_t>(word >> (16 * k)), c10::Half::from_bits()));
+  }
+  static LLACA_DEVICE uint32_t pack(const float* x) {
+    return uint32_t(c10::Half(x[0]).x) | (uint32_t(c10::Half(x[1]).x) << 16);
+  }
+};
+
+// The value a parameter holds once stored: what LLaCA must see (rounding included).
+template <typename T>
+LLACA_DEVICE float round_trip(float x) {
+  return static_cast<float>(T(x));
+}
+
+// N consecutive elements starting at element e0 of `base`, `valid` of which exist (the rest read
+// as 0 and are never written). With `vec` (the array is 16-byte aligned, checked on the host; e0
+// is a multiple of N, so the address is too) a whole fragment moves as 128-bit accesses.
+template <typename T, int N>
+LLACA_DEVICE void load(float (&out)[N], const void* base, int64_t e0, int valid, bool vec) {
+  const T* ptr = static_cast<const T*>(base) + e0;
+  if (vec && valid == N) {
+    constexpr int kWords = N / Storage<T>::kPerWord;
+    static_assert(kWords % 4 == 0, "fragments are whole 16-byte vectors");
+#pragma unroll
+    for (int q = 0; q < kWords / 4; ++q) {
+      const uint4 w = reinterpret_cast<const uint4*>(ptr)[q];
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int k = 0; k < Storage<T>::kPerWord; ++k) {
+          out[(4 * q + i) * Storage<T>::kPerWord + k] = Storage<T>::unpack(words[i], k);
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = k < valid ? static_cast<float>(ptr[k]) : 0.0f;
+  }
+}
+
+template <typename T, int N>
+LLACA_DEVICE void store(void* base, const float (&in)[N], int64_t e0, int valid, bool vec) {
+  T* ptr = static_cast<T*>(base) + e0;
+  if (vec && valid == N) {
+    constexpr int kWords = N / Storage<T>::kPerWord;
+#pragma unroll
+    for (int q = 0; q < kWords / 4; ++q) {
+      uint32_t words[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) words[i] = Storage<T>::pack(&in[(4 * q + i) * Storage<T>::kPerWord]);
+      reinterpret_cast<uint4*>(ptr)[q] = make_uint4(words[0], words[1], words[2], words[3]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      if (k < valid) ptr[k] = T(in[k]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic block reductions: an xor-shuffle tree within each warp (every lane ends with the
+// same total, since each step adds the same two values in either order), then the per-warp totals
+// in warp order by the first warp. The result is valid in every thread of warp 0.
+
+template <typename T>
+LLACA_DEVICE T warp_sum(T x) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset, kWarp);
+  return x;
+}
+
+template <typename T>
+LLACA_DEVICE void block_sum3(T& a, T& b, T& c) {
+  __shared__ T per_warp[3][kWarps];
+  a = warp_sum(a);
+  b = warp_sum(b);
+  c = warp_sum(c);
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  if (lane == 0) {
+    per_warp[0][warp] = a;
+    per_warp[1][warp] = b;
+    per_warp[2][warp] = c;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    a = warp_sum(lane < kWarps ? per_warp[0][lane] : T(0));
+    b = warp_sum(lane < kWarps ? per_warp[1][lane] : T(0));
+    c = warp_sum(lane < kWarps ? per_warp[2][lane] : T(0));
+  }
+  __syncthreads();  // per_warp may be reused by the caller's next reduction
+}
+
+// The tensor that chunk `chunk` belongs to: the last t with begin[t] <= chunk (begin ascending,
+// begin[0] == 0). Every thread of the block searches the same small table (cached, uniform).
+LLACA_DEVICE int32_t find_tensor(const int64_t* begin, int32_t n, int64_t chunk) {
+  int32_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int32_t mid = (lo + hi + 1) / 2;
+    if (begin[mid] <= chunk) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+LLACA_DEVICE bool overflowed(const StepArgs& args) {
+  return args.found_inf != nullptr && *args.found_inf != 0.0f;
+}
+
+LLACA_DEVICE double learning_rate(const StepArgs& args) {
+  if (args.lr_ptr == nullptr) return args.lr;
+  return args.lr_is_double ? *static_cast<const double*>(args.lr_ptr)
+                           : static_cast<double>(*static_cast<const float*>(args.lr_ptr));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The step kernel: one block per chunk (see NOTE [CUDA work decomposition] in layout.h).
+
+template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA>
+__global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
+  constexpr int W = kVecElems<param_t>;
+  constexpr int kPerThread = kElemsPerThread;
+  __shared__ float alpha_shared;
+  __shared__ int last_shared;
+  if (overflowed(args)) return;
+
+  const int64_t chunk = blockIdx.x;
+  const int32_t t = find_tensor(args.chunk_begin, args.n_tensors, chunk);
+  const TensorMeta& meta = args.metas[t];
+  const int64_t numel = meta.numel;
+  const bool single = meta.num_chunks == 1;
+  const bool vec = meta.vectorized != 0;
+  const int64_t start = (chunk - args.chunk_begin[t]) * kChunk<param_t>;
+  // Read before the block (or the tensor's last block) overwrites them below.
+  const bool fresh = LLACA && *meta.alpha < 0.0f;
+  const float step = ADAMW ? *meta.step + 1.0f : 0.0f;
+  AdamWScalars s{};
+  if (ADAMW) {
+    s = adamw_scalars(learning_rate(args), args.beta1, args.beta2, args.weight_decay, args.eps,
+                      static_cast<double>(step));
+  }
+  const float grad_scale = args.grad_scale != nullptr ? *args.grad_scale : 1.0f;
+  const float sign = args.maximize ? -1.0f : 1.0f;
+
+  // A single-chunk tensor keeps its stepped parameter and its EMA here until alpha is known.
+  float kept_p[kPerThread];
+  float kept_e[kPerThread];
+  float sum_a = 0.0f, sum_b = 0.0f, sum_c = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kVecsPerThread<param_t>; ++j) {
+    const int64_t e0 = start + (int64_t(j) * kThreads + threadIdx.x) * W;
+    const int64_t left = numel - e0;
+    const int valid = left <= 0 ? 0 : (left >= W ? W : static_cast<int>(left));
+    float g[W], p[W];
+    load<param_t, W>(g, meta.grad, e0, valid, vec);
+    load<param_t, W>(p, meta.param, e0, valid, vec);
+#pragma unroll
+    for (int k = 0; k < W; ++k) g[k] = g[k] / grad_scale;  // as torch's unscale_: a division
+    if (ADAMW) {
+      float m[W], v[W], vmax[W];
+      load<param_t, W>(m, meta.exp_avg, e0, valid, vec);
+      load<param_t, W>(v, meta.exp_avg_sq, e0, valid, vec);
+      if (AMSGRAD) load<param_t, W>(vmax, meta.max_exp_avg_sq, e0, valid, vec);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        adamw_element<AMSGRAD>(p[k], sign * g[k], m[k], v[k], vmax[k], s);
+        p[k] = round_trip<param_t>(p[k]);  // LLaCA sees the parameter as stored
+      }
+      store<param_t, W>(meta.param, p, e0, valid, vec);
+      store<param_t, W>(meta.exp_avg, m, e0, valid, vec);
+      store<param_t, W>(meta.exp_avg_sq, v, e0, valid, vec);
+      if (AMSGRAD) store<param_t, W>(meta.max_exp_avg_sq, vmax, e0, valid, vec);
+    }
+    if (LLACA) {
+      if (fresh) {
+        store<ema_t, W>(meta.ema, p, e0, valid, vec);
+      } else {
+        float e[W], gp[W];
+        load<ema_t, W>(e, meta.ema, e0, valid, vec);
+        load<param_t, W>(gp, meta.prev_grad, e0, valid, vec);
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          // Elements past the end load as zeros on every side, so they add nothing.
+          sum_a += fabsf(p[k] - e[k]);
+          sum_b += fabsf(g[k]);
+          sum_c += fabsf(g[k] - gp[k]);
+          kept_p[j * W + k] = p[k];
+          kept_e[j * W + k] = e[k];
+        }
+      }
+      // The unscaled gradient is what the next step compares against.
+      store<param_t, W>(meta.prev_grad, g, e0, valid, vec);
+    }
+  }
+
+  // Every thread has read the step count and the alpha slot before anyone overwrites them: the
+  // reductions below synchronise the block, and a multi-chunk tensor's other blocks have arrived
+  // (after their reads) before its last block writes.
+  if (!LLACA) {
+    __syncthreads();
+    if (single) {
+      if (threadIdx.x == 0 && ADAMW) *meta.step = step;
+      return;
+    }
+  } else {
+    block_sum3(sum_a, sum_b, sum_c);
+    if (single) {
+      if (threadIdx.x == 0) {
+        if (ADAMW) *meta.step = step;
+        float alpha;
+        *meta.fell_back = tensor_alpha(fresh, sum_a, sum_b, sum_c, args.scale, args.base_weight, alpha);
+        *meta.alpha = alpha;
+        alpha_shared = alpha;
+      }
+      __syncthreads();
+      if (fresh) return;  // ema <- p was stored above
+      const float alpha = alpha_shared;
+#pragma unroll
+      for (int j = 0; j < kVecsPerThread<param_t>; ++j) {
+        const int64_t e0 = start + (int64_t(j) * kThreads + threadIdx.x) * W;
+        const int64_t left = numel - e0;
+        const int valid = left <= 0 ? 0 : (left >= W ? W : static_cast<int>(left));
+        float e[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          e[k] = kept_e[j * W + k] + alpha * (kept_p[j * W + k] - kept_e[j * W + k]);
+        }
+        store<ema_t, W>(meta.ema, e, e0, valid, vec);
+      }
+      return;
+    }
+    if (threadIdx.x == 0) {
+      float* slot = args.partials + 3 * chunk;
+      slot[0] = sum_a;
+      slot[1] = sum_b;
+      slot[2] = sum_c;
+    }
+  }
+
+  // A chunk of a multi-chunk tensor: the block that arrives last finishes the tensor.
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's partials (and reads) before its arrival
+    const uint32_t arrived = atomicAdd(args.arrivals + t, 1u) + 1u;
+    last_shared = arrived == static_cast<uint32_t>(meta.num_chunks);
+  }
+  __syncthreads();
+  if (!last_shared) return;
+  if (threadIdx.x == 0) {
+    if (ADAMW) *meta.step = step;
+    if (LLACA) args.fresh[t] = fresh;
+    args.arrivals[t] = 0;  // ready for the next call or graph replay
+  }
+  if (!LLACA) return;
+  __threadfence();
+  const int64_t first = args.chunk_begin[t];
+  double a = 0.0, b = 0.0, c = 0.0;
+  for (int64_t k = threadIdx.x; k < meta.num_chunks; k += kThreads) {
+    // __ldcg: from L2, where the other blocks' partials are; this SM's L1 may not have seen them.
+    const float* slot = args.partials + 3 * (first + k);
+    a += LLACA_LDCG(slot + 0);
+    b += LLACA_LDCG(slot + 1);
+    c += LLACA_LDCG(slot + 2);
+  }
+  block_sum3(a, b, c);
+  if (threadIdx.x == 0) {
+    float alpha;
+    *meta.fell_back = tensor_alpha(fresh, a, b, c, args.scale, args.base_weight, alpha);
+    *meta.alpha = alpha;
+  }
+}
+
+// The blend of the multi-chunk tensors: ema <- ema + alpha (p - ema), one block per chunk, in
+// reverse chunk order; skipped on a tensor's first LLaCA step (the step kernel set ema <- p).
+template <typename param_t, typename ema_t>
+__global__ void __launch_bounds__(kThreads) blend_chunks(StepArgs args) {
+  constexpr int W = kVecElems<param_t>;
+  if (overflowed(args)) return;
+  const int64_t chunk = args.split_chunk_begin[args.n_split] - 1 - static_cast<int64_t>(blockIdx.x);
+  const int32_t s = find_tensor(args.split_chunk_begin, args.n_split, chunk);
+  const int32_t t = args.split_tensors[s];
+  if (args.fresh[t]) return;
+  const TensorMeta& meta = args.metas[t];
+  const int64_t start = (chunk - args.split_chunk_begin[s]) * kChunk<param_t>;
+  const bool vec = meta.vectorized != 0;
+  const float alpha = *meta.alpha;
+#pragma unroll
+  for (int j = 0; j < kVecsPerThread<param_t>; ++j) {
+    const int64_t e0 = start + (int64_t(j) * kThreads + threadIdx.x) * W;
+    const int64_t left = meta.numel - e0;
+    if (left <= 0) break;
+    const int valid = left >= W ? W : static_cast<int>(left);
+    float p[W], e[W];
+    load<param_t, W>(p, meta.param, e0, valid, vec);
+    load<ema_t, W>(e, meta.ema, e0, valid, vec);
+#pragma unroll
+    for (int k = 0; k < W; ++k) e[k] = e[k] + alpha * (p[k] - e[k]);
+    store<ema_t, W>(meta.ema, e, e0, valid, vec);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launching. The flags of a call become template arguments here, once per call.
+
+// Launcher: an object with `void operator()(kernel, int64_t blocks, const StepArgs&)`.
+template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, typename Launcher>
+void launch_kernels(const CallShape& shape, const StepArgs& args, Launcher& launcher) {
+  launcher(&step_chunks<param_t, ema_t, ADAMW, AMSGRAD, LLACA>, shape.chunks, args);
+  if (LLACA && shape.split_chunks > 0) {
+    launcher(&blend_chunks<param_t, ema_t>, shape.split_chunks, args);
+  }
+}
+
+template <typename param_t, typename ema_t, typename Launcher>
+void launch_flags(const CallShape& shape, const StepArgs& args, Launcher& launcher) {
+  if (!shape.adamw) {
+    launch_kernels<param_t, ema_t, false, false, true>(shape, args, launcher);
+  } else if (shape.amsgrad) {
+    if (shape.llaca) launch_kernels<param_t, ema_t, true, true, true>(shape, args, launcher);
+    else launch_kernels<param_t, ema_t, true, true, false>(shape, args, launcher);
+  } else {
+    if (shape.llaca) launch_kernels<param_t, ema_t, true, false, true>(shape, args, launcher);
+    else launch_kernels<param_t, ema_t, true, false, false>(shape, args, launcher);
+  }
+}
+
+// Every kernel of one parameter dtype: each dtype's instantiations live in their own translation
+// unit (step_<dtype>.cu), so a build compiles them in parallel.
+template <typename param_t, typename Launcher>
+void launch_call(const CallShape& shape, const StepArgs& args, Launcher& launcher) {
+  if (shape.ema_fp32 || !shape.llaca) launch_flags<param_t, float, Launcher>(shape, args, launcher);
+  else launch_flags<param_t, param_t, Launcher>(shape, args, launcher);
+}
+
+}  // namespace cuda
+}  // namespace llaca

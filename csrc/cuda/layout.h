@@ -1,0 +1,106 @@
+// What the host hands the CUDA kernels: the per-tensor table, the call's scalars, and the shape of
+// a chunk. Plain data, shared by the kernels (kernels.cuh), the host side (workspace.h, ops.h) and
+// the CPU emulation the tests run the kernels through (tests/cuda_sim/).
+//
+// NOTE [CUDA work decomposition]
+// A call covers the tensors of one (device, dtype) bucket. Each tensor is cut into chunks of
+// kChunk<param_t> elements (at least one chunk, so an empty tensor still gets its step count and
+// alpha); the chunks of all tensors are numbered in tensor order and each is one thread block of
+// the step kernel, which finds its tensor by binary search in `chunk_begin`.
+//   * Step kernel (every chunk): AdamW, then the LLaCA sums a, b, c of the chunk, g_prev <- g, and
+//     ema <- p on a tensor's first LLaCA step. A tensor of one chunk is finished by its block:
+//     alpha from the block's sums, then the blend from the values still in registers, so p and
+//     ema cross the memory bus once (SPEC section 5's 11 accesses). A tensor of several chunks
+//     writes one partial per chunk; the block that arrives last (a per-tensor arrival counter)
+//     adds the partials in chunk order, whichever block that is, and writes alpha.
+//   * Blend kernel (chunks of multi-chunk tensors only, launched only when there are some):
+//     ema <- ema + alpha (p - ema), except on a tensor's first LLaCA step (ema was just set to p,
+//     and the reference does not blend then: an inf parameter would turn its EMA into NaN).
+//     Those tensors cost 13 accesses (the two-phase design); the
+//     blocks run in reverse chunk order, so they start on the data the step kernel wrote last,
+//     the part most likely still in L2.
+// Sums are fp32 within a block (a fixed shuffle tree) and fp64 across the chunks of a tensor in
+// chunk order: the same bits run after run. The arrival counters are reset by the last block, so
+// the workspace needs no clearing between steps or graph replays.
+#pragma once
+
+#include <cstdint>
+
+namespace llaca {
+namespace cuda {
+
+#if defined(LLACA_CUDA_SIM)
+// The emulation runs each thread block as fibers on one CPU thread: small blocks keep it fast and
+// make the tests' tensors span many chunks; a 4-lane "warp" still exercises the cross-warp step.
+constexpr int kThreads = 16;
+constexpr int kWarp = 4;
+#else
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+#endif
+constexpr int kWarps = kThreads / kWarp;
+static_assert(kWarps <= kWarp, "the block reductions finish the per-warp sums in one warp");
+constexpr int kVecBytes = 16;  // one 128-bit load or store
+// Elements per thread and chunk, whatever the dtype: 4 (fp32) or 2 (16-bit) independent 16-byte
+// accesses in flight per array and thread, and a register budget (a single-chunk tensor keeps p
+// and ema of all of them until its alpha is known) that leaves room for two blocks per SM.
+constexpr int kElemsPerThread = 16;
+
+template <typename param_t>
+constexpr int kVecElems = kVecBytes / static_cast<int>(sizeof(param_t));
+template <typename param_t>
+constexpr int kVecsPerThread = kElemsPerThread / kVecElems<param_t>;
+template <typename param_t>
+constexpr int64_t kChunk = int64_t(kThreads) * kElemsPerThread;
+
+// One row per tensor. Pointers a call does not use (moments of the standalone update, LLaCA state
+// of a group with LLaCA off) are null.
+struct TensorMeta {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  void* ema;
+  void* prev_grad;
+  float* step;
+  float* alpha;  // < 0 on entry: the tensor's first LLaCA step (llaca_optim/_ops.py)
+  bool* fell_back;
+  int64_t numel;
+  int32_t num_chunks;
+  int32_t vectorized;  // every array 16-byte aligned: 128-bit loads and stores
+};
+
+// Everything a kernel reads besides the tensors. Passed by value (kernel parameter space).
+struct StepArgs {
+  const TensorMeta* metas;
+  const int64_t* chunk_begin;        // [n_tensors + 1]: first chunk of each tensor, then the total
+  int32_t n_tensors;
+  int32_t n_split;                   // tensors of more than one chunk
+  const int32_t* split_tensors;      // [n_split]: their indices
+  const int64_t* split_chunk_begin;  // [n_split + 1]: their chunks, numbered among themselves
+  uint32_t* arrivals;                // [n_tensors]: blocks of the tensor done (0 between calls)
+  float* partials;                   // [3 * chunks]: a, b, c of each chunk of a split tensor
+  uint8_t* fresh;                    // [n_tensors]: first LLaCA step this call (for the blend)
+  // AdamW. lr_ptr, when set, overrides lr (a tensor learning rate read on the device).
+  double lr;
+  const void* lr_ptr;
+  int32_t lr_is_double;
+  int32_t maximize;
+  double beta1, beta2, weight_decay, eps;
+  // AMP: grads are divided by *grad_scale; a call with *found_inf != 0 changes nothing.
+  const float* grad_scale;
+  const float* found_inf;
+  // LLaCA.
+  double scale, base_weight;
+};
+
+// The size of a call's two launches and the flags that pick the kernels' template arguments.
+struct CallShape {
+  int64_t chunks = 0;        // blocks of the step kernel
+  int64_t split_chunks = 0;  // blocks of the blend kernel
+  bool adamw = false, amsgrad = false, llaca = false, ema_fp32 = true;
+};
+
+}  // namespace cuda
+}  // namespace llaca

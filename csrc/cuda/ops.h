@@ -1,0 +1,132 @@
+// The two ops on a GPU-like runtime: checks, the workspace of the call, the scalars, the launch.
+//
+// Written once over a Runtime (ops_cuda.cpp: the GPU; tests/cuda_sim/: the CPU emulation the
+// tests run these very kernels and this very host code through). A Runtime provides, besides
+// what WorkspaceCache needs (workspace.h):
+//   static constexpr c10::DeviceType kDeviceType; static constexpr const char* kName;
+//   struct Guard { explicit Guard(const c10::Device&); };
+//   static Stream current_stream(const c10::Device&); static bool capturing(Stream);
+//   static void launch(at::ScalarType param_dtype, const CallShape&, const StepArgs&, Stream);
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <mutex>
+#include <optional>
+
+#include "layout.h"
+#include "llaca/checks.h"
+#include "workspace.h"
+
+namespace llaca {
+namespace cuda {
+
+inline int64_t chunk_elems(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return kChunk<float>;
+    case at::kBFloat16: return kChunk<c10::BFloat16>;
+    case at::kHalf: return kChunk<c10::Half>;
+    default: TORCH_CHECK(false, "llaca_optim: no CUDA kernels for dtype ", dtype);
+  }
+}
+
+// An AMP tensor (GradScaler's scale or found-inf flag): one float32 element on the device.
+inline const float* amp_pointer(const std::optional<Tensor>& t, const char* what,
+                                const c10::Device& device) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device() == device && t->numel() == 1 && t->scalar_type() == at::kFloat,
+              "llaca_optim: ", what, " must be a one-element float32 tensor on ", device,
+              " (as torch.amp.GradScaler makes it), got ", t->scalar_type(), " with ",
+              t->numel(), " elements on ", t->device());
+  return t->data_ptr<float>();
+}
+
+template <typename Runtime>
+class Ops {
+ public:
+  static void adamw_llaca(TensorList params, TensorList grads, TensorList exp_avgs,
+                          TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
+                          TensorList state_steps, TensorList emas, TensorList prev_grads,
+                          TensorList alphas, TensorList fell_back, double lr, double beta1,
+                          double beta2, double weight_decay, double eps, bool amsgrad,
+                          bool maximize, bool llaca, double scale, double base_weight,
+                          const std::optional<Tensor>& lr_tensor,
+                          const std::optional<Tensor>& grad_scale,
+                          const std::optional<Tensor>& found_inf) {
+    const Lists lists{params, grads,      exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                      state_steps, emas, prev_grads, alphas, fell_back};
+    const at::ScalarType ema_dtype =
+        check_lists(lists, /*adamw=*/true, amsgrad, llaca, Runtime::kDeviceType, Runtime::kName);
+    if (params.empty()) return;
+    const c10::Device device = params[0].device();
+    StepArgs hyper{};
+    hyper.lr = lr;
+    if (lr_tensor.has_value() && lr_tensor->defined()) {
+      if (lr_tensor->device().is_cpu()) {
+        // A CPU learning-rate tensor is read here: no device synchronisation involved.
+        check_call_scalar(lr_tensor, "lr", lr_tensor->device());
+        hyper.lr = lr_tensor->item<double>();
+      } else {
+        check_call_scalar(lr_tensor, "lr", device);
+        hyper.lr_ptr = lr_tensor->data_ptr();
+        hyper.lr_is_double = lr_tensor->scalar_type() == at::kDouble;
+      }
+    }
+    hyper.maximize = maximize;
+    hyper.beta1 = beta1;
+    hyper.beta2 = beta2;
+    hyper.weight_decay = weight_decay;
+    hyper.eps = eps;
+    hyper.scale = scale;
+    hyper.base_weight = base_weight;
+    hyper.grad_scale = amp_pointer(grad_scale, "grad_scale", device);
+    hyper.found_inf = amp_pointer(found_inf, "found_inf", device);
+    run(lists, /*adamw=*/true, amsgrad, llaca, ema_dtype, hyper);
+  }
+
+  static void llaca_update(TensorList params, TensorList grads, TensorList emas,
+                           TensorList prev_grads, TensorList alphas, TensorList fell_back,
+                           double scale, double base_weight,
+                           const std::optional<Tensor>& grad_scale,
+                           const std::optional<Tensor>& found_inf) {
+    const Lists lists{params, grads, {}, {}, {}, {}, emas, prev_grads, alphas, fell_back};
+    const at::ScalarType ema_dtype = check_lists(lists, /*adamw=*/false, false, /*llaca=*/true,
+                                                 Runtime::kDeviceType, Runtime::kName);
+    if (params.empty()) return;
+    const c10::Device device = params[0].device();
+    StepArgs hyper{};
+    hyper.scale = scale;
+    hyper.base_weight = base_weight;
+    hyper.grad_scale = amp_pointer(grad_scale, "grad_scale", device);
+    hyper.found_inf = amp_pointer(found_inf, "found_inf", device);
+    run(lists, /*adamw=*/false, false, /*llaca=*/true, ema_dtype, hyper);
+  }
+
+ private:
+  static void run(const Lists& lists, bool adamw, bool amsgrad, bool llaca,
+                  at::ScalarType ema_dtype, const StepArgs& hyper) {
+    const c10::Device device = lists.params[0].device();
+    const at::ScalarType dtype = lists.params[0].scalar_type();
+    typename Runtime::Guard guard(device);
+    const auto stream = Runtime::current_stream(device);
+    // One cache per process, shared by every optimizer and device (the key holds the device).
+    static std::mutex mutex;
+    static WorkspaceCache<Runtime> cache(/*capacity=*/16);
+    std::lock_guard<std::mutex> lock(mutex);
+    auto& entry = cache.get(workspace_key(lists, adamw, amsgrad, llaca), chunk_elems(dtype),
+                            device, stream, Runtime::capturing(stream));
+    StepArgs args = hyper;
+    point_at_workspace(args, static_cast<uint8_t*>(entry.device.data_ptr()), entry.layout);
+    CallShape shape = entry.shape;
+    shape.adamw = adamw;
+    shape.amsgrad = amsgrad;
+    shape.llaca = llaca;
+    shape.ema_fp32 = ema_dtype == at::kFloat;
+    Runtime::launch(dtype, shape, args, stream);
+  }
+};
+
+}  // namespace cuda
+}  // namespace llaca

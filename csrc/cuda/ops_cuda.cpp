@@ -1,0 +1,91 @@
+// The CUDA runtime of the ops (ops.h) and their registration for the CUDA dispatch key, under the
+// schemas declared in llaca_optim/_ops.py. Host code only: the kernels are in step_<dtype>.cu.
+//
+// Includes stay to c10's CUDA stream, guard and exception headers (plus the CUDA runtime API):
+// ATen/cuda/CUDAContext.h would pull in cuBLAS and cuSPARSE headers that the CPU wheel of torch,
+// with which CI compiles this file, does not ship.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include "launch.h"
+#include "ops.h"
+
+namespace llaca {
+namespace cuda {
+namespace {
+
+struct CudaRuntime {
+  static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
+  static constexpr const char* kName = "cuda";
+  using Stream = cudaStream_t;
+  using Event = cudaEvent_t;
+  using Guard = c10::cuda::CUDAGuard;
+
+  static Stream current_stream(const c10::Device& device) {
+    return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  }
+
+  static bool capturing(Stream stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+    return status != cudaStreamCaptureStatusNone;
+  }
+
+  // Pinned, so the upload is a true asynchronous copy (and one a graph capture accepts).
+  static at::Tensor host_buffer(int64_t bytes) {
+    return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  }
+
+  static void upload(const at::Tensor& host, at::Tensor& device, int64_t bytes, Stream stream) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(device.data_ptr(), host.data_ptr(), static_cast<size_t>(bytes),
+                                   cudaMemcpyHostToDevice, stream));
+  }
+
+  static Event record(Stream stream) {
+    Event event = nullptr;
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(event, stream));
+    return event;
+  }
+
+  static bool done(Event& event) {
+    if (event == nullptr) return true;
+    const cudaError_t state = cudaEventQuery(event);
+    if (state == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // not an error: clear it
+      return false;
+    }
+    C10_CUDA_CHECK(state);
+    return true;
+  }
+
+  static void destroy(Event& event) {
+    if (event != nullptr) C10_CUDA_CHECK(cudaEventDestroy(event));
+    event = nullptr;
+  }
+
+  static void launch(at::ScalarType dtype, const CallShape& shape, const StepArgs& args,
+                     Stream stream) {
+    switch (dtype) {
+      case at::kFloat: return launch_fp32(shape, args, stream);
+      case at::kBFloat16: return launch_bf16(shape, args, stream);
+      case at::kHalf: return launch_fp16(shape, args, stream);
+      default: TORCH_CHECK(false, "llaca_optim: no CUDA kernels for dtype ", dtype);
+    }
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llaca_optim, CUDA, m) {
+  m.impl("adamw_llaca_", &Ops<CudaRuntime>::adamw_llaca);
+  m.impl("llaca_update_", &Ops<CudaRuntime>::llaca_update);
+}
+
+}  // namespace cuda
+}  // namespace llaca

@@ -1,0 +1,53 @@
+"""The CUDA backend on a machine without a GPU: its kernels and host code built for the CPU
+emulation in tests/cuda_sim/ (see cuda_sim.h for what that can and cannot show) and reached as a
+backend object, ``emulated_cuda_backend()``, that LLaCAAdamW and LLaCA accept like a name.
+
+On a GPU machine the tests use the real backend ("cuda") instead; see ``cuda_backend_for_tests``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from llaca_optim import _ops
+from llaca_optim.backends import NativeBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMESPACE = "llaca_optim_sim"
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    # The schemas first (the same strings as the real ops'), then the kernels registered for them.
+    library = torch.library.Library(NAMESPACE, "DEF")
+    library.define(_ops.ADAMW_LLACA_SCHEMA)
+    library.define(_ops.LLACA_UPDATE_SCHEMA)
+    _build.library = library  # keep the definitions alive
+    cpp_extension.load(
+        name="llaca_optim_cuda_sim",
+        sources=[str(ROOT / "tests" / "cuda_sim" / "ops_sim.cpp")],
+        extra_include_paths=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc" / "cuda"),
+                             str(ROOT / "tests" / "cuda_sim")],
+        # -ffp-contract=off: as the GPU build's --fmad=false (and the CPU kernels' flag).
+        extra_cflags=["-O2", "-ffp-contract=off"],
+        is_python_module=False,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_cuda_backend() -> NativeBackend:
+    _build()
+    return NativeBackend("cuda", "cpu", ops=getattr(torch.ops, NAMESPACE))
+
+
+def cuda_backend_for_tests():
+    """(backend, device) of the CUDA backend's tests: the real kernels on a GPU, else the emulation
+    on CPU tensors."""
+    if torch.cuda.is_available():
+        return "cuda", "cuda"
+    return emulated_cuda_backend(), "cpu"
