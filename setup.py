@@ -6,6 +6,8 @@ native build (also used when the kernels are built on first use). Switches:
 * ``LLACA_SKIP_NATIVE=1``: install the pure-Python package only (kernels are then built on first
   use if a compiler is present, else the reference backend is used).
 * ``LLACA_CPU_ARCH``: ``-march`` for the CPU kernels (default ``native``).
+* ``LLACA_SKIP_CUDA=1``: no CUDA kernels even where torch has CUDA and nvcc is present.
+* ``LLACA_CUDA_ARCH``: GPU architectures of the CUDA kernels, e.g. ``"8.0;9.0"``.
 """
 
 import importlib.util
@@ -42,16 +44,22 @@ class BuildPyWithSources(build_py):
 def native_extensions():
     if os.environ.get("LLACA_SKIP_NATIVE", "0") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     build = _load_build_description()
     root = build.source_root()
-    sources = [os.path.relpath(s, ROOT) for s in build.cpu_sources(root)]
-    extension = CppExtension(
+    with_cuda, why = build.build_cuda()
+    print(f"llaca_optim: CUDA kernels {'included' if with_cuda else 'skipped'} ({why})")
+    sources = build.cpu_sources(root) + (build.cuda_sources(root) if with_cuda else [])
+    kind = CUDAExtension if with_cuda else CppExtension
+    compile_args = {"cxx": build.cxx_flags()}
+    if with_cuda:
+        compile_args["nvcc"] = build.nvcc_flags()
+    extension = kind(
         name="llaca_optim._C",
-        sources=sources,
+        sources=[os.path.relpath(s, ROOT) for s in sources],
         include_dirs=build.include_dirs(root),
-        extra_compile_args={"cxx": build.cxx_flags()},
+        extra_compile_args=compile_args,
         extra_link_args=build.link_flags(),
     )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}

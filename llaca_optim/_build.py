@@ -10,6 +10,9 @@ Environment switches:
 * ``LLACA_CPU_ARCH``: the ``-march`` value for the CPU kernels (default ``native``, right for a
   build that runs where it is made; set e.g. ``x86-64-v3`` for a wheel that travels, or an empty
   string for the compiler's default).
+* ``LLACA_SKIP_CUDA=1``: build the CPU kernels only, even where torch has CUDA and nvcc is found.
+* ``LLACA_CUDA_ARCH``: the GPU architectures of the CUDA kernels, e.g. ``"8.0;9.0"`` (default:
+  torch's own choice, ``TORCH_CUDA_ARCH_LIST`` or the GPUs of the build machine).
 """
 
 from __future__ import annotations
@@ -35,8 +38,52 @@ def cpu_sources(root: Path) -> list[str]:
     return [str(p) for p in [root / "llaca_module.cpp", *sorted((root / "cpu").glob("*.cpp"))]]
 
 
+def cuda_sources(root: Path) -> list[str]:
+    """The CUDA backend: its host code (``ops_cuda.cpp``) and one ``.cu`` per parameter dtype."""
+    return [str(p) for p in [*sorted((root / "cuda").glob("*.cpp")), *sorted((root / "cuda").glob("*.cu"))]]
+
+
 def include_dirs(root: Path) -> list[str]:
     return [str(root / "include")]
+
+
+def nvcc_path() -> str | None:
+    """nvcc from CUDA_HOME / CUDA_PATH, /usr/local/cuda or PATH, as torch's build looks for it."""
+    import shutil
+
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def build_cuda() -> tuple[bool, str]:
+    """Whether to build the CUDA kernels, and why (not)."""
+    if os.environ.get("LLACA_SKIP_CUDA", "0") == "1":
+        return False, "LLACA_SKIP_CUDA=1"
+    import torch
+
+    if torch.version.cuda is None:
+        return False, f"this torch ({torch.__version__}) is a CPU-only build"
+    if nvcc_path() is None:
+        return False, "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
+    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda} and {nvcc_path()}"
+
+
+def nvcc_flags() -> list[str]:
+    # --fmad=false: no a*b+c contraction, so the GPU rounds as the CPU kernels (-ffp-contract=off)
+    # and torch's element-wise ops do; -prec-div / -prec-sqrt stay at their IEEE defaults.
+    flags = ["-O3", "-DNDEBUG", "--fmad=false", "-std=c++17", "-lineinfo"]
+    return flags + cuda_arch_flags()
+
+
+def cuda_arch_flags() -> list[str]:
+    archs = os.environ.get("LLACA_CUDA_ARCH", "").replace(",", ";").split(";")
+    archs = [a.strip().replace(".", "") for a in archs if a.strip()]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    if archs:  # PTX of the newest, so later GPUs can JIT it
+        flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return flags
 
 
 def cxx_flags() -> list[str]:

@@ -16,12 +16,13 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_gr
 
 
 def tensor_zoo(dtype: torch.dtype, large: bool = True) -> list[Callable[[], Tensor]]:
-    """Makers of fresh parameter tensors with the same values each call: empty, one element, an
-    odd size, several CPU sum blocks (one work item), one past the CPU kernel's whole-tensor limit
+    """Makers of fresh parameter tensors with the same values each call: empty, one element, two
+    small ones (one chunk of the emulated CUDA kernels: finished in registers), an odd size, several CPU sum blocks (one work item), one past the CPU kernel's whole-tensor limit
     (2^18 elements: split over threads, alpha and blend in later passes), a transposed (dense,
     non-contiguous) tensor and a strided view with gaps (which the fused kernels decline and the
     reference updates in place)."""
-    shapes = {"empty": (0, 3), "one": (1,), "odd": (4097,), "multi_chunk": (70001,),
+    shapes = {"empty": (0, 3), "one": (1,), "small": (7, 33), "chunk": (256,), "odd": (4097,),
+              "multi_chunk": (70001,),
               "split": (2**18 + 4099,), "matrix": (37, 65)}
     base = {name: torch.randn(shape) for name, shape in shapes.items()}
     strided_base = torch.randn(40, 64)
@@ -31,6 +32,8 @@ def tensor_zoo(dtype: torch.dtype, large: bool = True) -> list[Callable[[], Tens
     return [
         lambda: base["empty"].to(dtype, copy=True),
         lambda: base["one"].to(dtype, copy=True),
+        lambda: base["small"].to(dtype, copy=True),   # one chunk of the emulated CUDA kernels,
+        lambda: base["chunk"].to(dtype, copy=True),   # finished on chip, and exactly one chunk
         lambda: base["odd"].to(dtype, copy=True),
         lambda: base["multi_chunk"].to(dtype, copy=True),
         *([lambda: base["split"].to(dtype, copy=True)] if large else []),

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from _compare import assert_equal, describe_difference, max_abs_error
+from _cuda_sim import cuda_backend_for_tests
 from conftest import kernel_device
 from _trajectory import gradient_sequence, run_trajectory, tensor_zoo
 from llaca_optim import LLaCA, LLaCAAdamW
@@ -84,14 +85,20 @@ def assert_within_rule(kernel, ref32, ref64, dtype, steps=STEPS):
 
 
 def trajectories(make, dtype, steps=STEPS, nonfinite_at=None, kernel="cpu"):
-    """The kernel backend's trajectory and the fp32 and fp64 references', on the same data. The
-    Triton kernels run on the GPU when there is one, else through Triton's CPU interpreter (on a
-    zoo without the largest tensor, which the interpreter would need seconds for)."""
-    device = kernel_device() if kernel == "triton" else "cpu"
+    """The kernel backend's trajectory and the fp32 and fp64 references', on the same data.
+    ``kernel`` "triton" runs on the GPU when there is one, else through Triton's CPU interpreter
+    (on a zoo without the largest tensor, which the interpreter would need seconds for); "cuda"
+    runs the CUDA kernels on the GPU, else through their CPU emulation (tests/_cuda_sim.py)."""
+    if kernel == "triton":
+        backend, device = "triton", kernel_device()
+    elif kernel == "cuda":
+        backend, device = cuda_backend_for_tests()
+    else:
+        backend, device = kernel, "cpu"
     makers = tensor_zoo(dtype, large=kernel != "triton" or device != "cpu")
     grads = gradient_sequence(makers, steps, nonfinite_at)
     return [run_trajectory(lambda ps, b=b: make(ps, b), makers, grads, device=d)
-            for b, d in ((kernel, device), (REF32, "cpu"), (REF64, "cpu"))]
+            for b, d in ((backend, device), (REF32, "cpu"), (REF64, "cpu"))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

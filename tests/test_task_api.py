@@ -10,16 +10,21 @@ import torch
 from torch import nn
 
 from _compare import assert_equal
+from _cuda_sim import emulated_cuda_backend
 from _trajectory import collect
 from llaca_optim import LLaCA, LLaCAAdamW
 
-BACKENDS = ["cpu", "triton", "reference"]
+# "cuda": the CUDA backend's kernels and host code through their CPU emulation (these models are
+# CPU tensors on every machine; tests/test_cuda_gpu.py runs the real ones on a GPU).
+BACKENDS = ["cpu", "triton", "cuda", "reference"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     if request.param in ("cpu", "triton"):  # skips (or, in CI, fails) when it cannot run here
         request.getfixturevalue(f"{request.param}_backend")
+    if request.param == "cuda":
+        return emulated_cuda_backend()
     return request.param
 
 

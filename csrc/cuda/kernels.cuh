@@ -23,9 +23,13 @@
 #if defined(__CUDACC__)
 #define LLACA_DEVICE __device__ __forceinline__
 #define LLACA_LDCG(ptr) __ldcg(ptr)
+// The tensors' addresses come from the table in memory, so the compiler cannot tell they are
+// global memory and would emit generic loads (ld.v4 rather than ld.global.v4): say so.
+#define LLACA_ASSUME_GLOBAL(ptr) __builtin_assume(__isGlobal(ptr))
 #elif defined(LLACA_CUDA_SIM)
 #define LLACA_DEVICE inline
 #define LLACA_LDCG(ptr) (*(ptr))
+#define LLACA_ASSUME_GLOBAL(ptr) ((void)0)
 #else
 #error "kernels.cuh is compiled by nvcc, or for the CPU emulation with LLACA_CUDA_SIM defined"
 #endif
@@ -82,6 +86,7 @@ LLACA_DEVICE float round_trip(float x) {
 // is a multiple of N, so the address is too) a whole fragment moves as 128-bit accesses.
 template <typename T, int N>
 LLACA_DEVICE void load(float (&out)[N], const void* base, int64_t e0, int valid, bool vec) {
+  LLACA_ASSUME_GLOBAL(base);
   const T* ptr = static_cast<const T*>(base) + e0;
   if (vec && valid == N) {
     constexpr int kWords = N / Storage<T>::kPerWord;
@@ -106,6 +111,7 @@ LLACA_DEVICE void load(float (&out)[N], const void* base, int64_t e0, int valid,
 
 template <typename T, int N>
 LLACA_DEVICE void store(void* base, const float (&in)[N], int64_t e0, int valid, bool vec) {
+  LLACA_ASSUME_GLOBAL(base);
   T* ptr = static_cast<T*>(base) + e0;
   if (vec && valid == N) {
     constexpr int kWords = N / Storage<T>::kPerWord;
@@ -193,11 +199,16 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
 
   const int64_t chunk = blockIdx.x;
   const int32_t t = find_tensor(args.chunk_begin, args.n_tensors, chunk);
-  const TensorMeta& meta = args.metas[t];
+  const TensorMeta meta = args.metas[t];  // a copy: its pointers stay in registers
   const int64_t numel = meta.numel;
   const bool single = meta.num_chunks == 1;
   const bool vec = meta.vectorized != 0;
   const int64_t start = (chunk - args.chunk_begin[t]) * kChunk<param_t>;
+  if (ADAMW) LLACA_ASSUME_GLOBAL(meta.step);
+  if (LLACA) {
+    LLACA_ASSUME_GLOBAL(meta.alpha);
+    LLACA_ASSUME_GLOBAL(meta.fell_back);
+  }
   // Read before the block (or the tensor's last block) overwrites them below.
   const bool fresh = LLACA && *meta.alpha < 0.0f;
   const float step = ADAMW ? *meta.step + 1.0f : 0.0f;
@@ -346,9 +357,10 @@ __global__ void __launch_bounds__(kThreads) blend_chunks(StepArgs args) {
   const int32_t s = find_tensor(args.split_chunk_begin, args.n_split, chunk);
   const int32_t t = args.split_tensors[s];
   if (args.fresh[t]) return;
-  const TensorMeta& meta = args.metas[t];
+  const TensorMeta meta = args.metas[t];  // a copy: its pointers stay in registers
   const int64_t start = (chunk - args.split_chunk_begin[s]) * kChunk<param_t>;
   const bool vec = meta.vectorized != 0;
+  LLACA_ASSUME_GLOBAL(meta.alpha);
   const float alpha = *meta.alpha;
 #pragma unroll
   for (int j = 0; j < kVecsPerThread<param_t>; ++j) {

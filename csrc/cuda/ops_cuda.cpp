@@ -12,6 +12,9 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <unordered_map>
+
 #include "launch.h"
 #include "ops.h"
 
@@ -36,14 +39,40 @@ struct CudaRuntime {
     return status != cudaStreamCaptureStatusNone;
   }
 
-  // Pinned, so the upload is a true asynchronous copy (and one a graph capture accepts).
-  static at::Tensor host_buffer(int64_t bytes) {
-    return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  // Pinned, so the upload is a true asynchronous copy. Not while capturing: a pinned allocation
+  // may call cudaHostAlloc, which a capture forbids; that upload is synchronous anyway (below).
+  static at::Tensor host_buffer(int64_t bytes, bool capturing) {
+    return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(!capturing));
   }
 
-  static void upload(const at::Tensor& host, at::Tensor& device, int64_t bytes, Stream stream) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(device.data_ptr(), host.data_ptr(), static_cast<size_t>(bytes),
-                                   cudaMemcpyHostToDevice, stream));
+  static void upload(const at::Tensor& host, at::Tensor& device, int64_t bytes, Stream stream,
+                     bool capturing) {
+    if (!capturing) {
+      C10_CUDA_CHECK(cudaMemcpyAsync(device.data_ptr(), host.data_ptr(),
+                                     static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream));
+      return;
+    }
+    // NOTE [CUDA workspace]: during a capture the tables are copied once, outside the graph, on a
+    // stream that is not capturing; relaxed mode lets this thread do that mid-capture. The
+    // captured kernels run only at replay, long after this copy has completed.
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    static std::mutex lock;
+    static std::unordered_map<int, cudaStream_t> sides;  // one per device, made on first use
+    int index = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&index));  // the call's device (its guard is active)
+    cudaStream_t side = nullptr;
+    {
+      std::lock_guard<std::mutex> hold(lock);
+      cudaStream_t& slot = sides[index];
+      if (slot == nullptr) C10_CUDA_CHECK(cudaStreamCreateWithFlags(&slot, cudaStreamNonBlocking));
+      side = slot;
+    }
+    const cudaError_t copied = cudaMemcpyAsync(device.data_ptr(), host.data_ptr(),
+                                               static_cast<size_t>(bytes), cudaMemcpyHostToDevice, side);
+    const cudaError_t synced = copied == cudaSuccess ? cudaStreamSynchronize(side) : copied;
+    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    C10_CUDA_CHECK(synced);
   }
 
   static Event record(Stream stream) {

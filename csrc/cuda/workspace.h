@@ -9,11 +9,12 @@
 // next step: a training loop whose gradients keep their addresses (the caching allocator usually
 // hands the same blocks back; a captured graph always does) uploads nothing after its first step.
 // A new key builds its image in pinned host memory and copies it with one asynchronous copy on the
-// call's stream: no host synchronisation. The image is never written again (a hit never rebuilds),
-// so a copy captured in a CUDA graph reads the same bytes on every replay; entries used while a
-// graph was captured are kept for the life of the process. Other entries are dropped least
-// recently used first, their host image only once its copy has completed (an event, queried,
-// never waited on).
+// call's stream: no host synchronisation. During a CUDA graph capture (whose gradients are new
+// tensors, so new keys) the copy is made outside the graph instead, once, on a stream of its own:
+// the tables are constant, so the captured kernels find them in place at every replay, and the
+// capture needs neither a pinned allocation nor a copy node. Entries used while a graph was
+// captured are kept for the life of the process. Other entries are dropped least recently used
+// first, their pinned image only once its copy has completed (an event, queried, never waited on).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -138,8 +139,9 @@ inline void build_image(const std::vector<int64_t>& key, int64_t chunk_elems, ui
 
 // Runtime: the GPU (ops_cuda.cpp) or the tests' emulation (tests/cuda_sim/). It provides
 //   using Stream; using Event;
-//   static at::Tensor host_buffer(int64_t bytes);             pinned where it matters
-//   static void upload(const at::Tensor& host, at::Tensor& device, int64_t bytes, Stream);
+//   static at::Tensor host_buffer(int64_t bytes, bool capturing);   pinned where it matters
+//   static void upload(const at::Tensor& host, at::Tensor& device, int64_t bytes, Stream,
+//                      bool capturing);                             see NOTE [CUDA workspace]
 //   static Event record(Stream); static bool done(Event&); static void destroy(Event&);
 template <typename Runtime>
 class WorkspaceCache {
@@ -180,12 +182,12 @@ class WorkspaceCache {
     // The image is built straight into the host buffer, sized by a first pass over the key.
     const int64_t n = entry.key[0];
     WorkspaceLayout bound(n, n, 1);  // upper bound of the uploaded bytes: every tensor split
-    entry.host = Runtime::host_buffer(bound.upload_bytes);
+    entry.host = Runtime::host_buffer(bound.upload_bytes, capturing);
     build_image(entry.key, chunk_elems, static_cast<uint8_t*>(entry.host.data_ptr()), entry.layout,
                 entry.shape);
     entry.device = at::empty({entry.layout.total_bytes},
                              at::TensorOptions().dtype(at::kByte).device(device));
-    Runtime::upload(entry.host, entry.device, entry.layout.upload_bytes, stream);
+    Runtime::upload(entry.host, entry.device, entry.layout.upload_bytes, stream, capturing);
     if (!capturing) entry.uploaded = Runtime::record(stream);
     entry.graph = capturing;
     entries_.push_front(std::move(entry));

@@ -235,13 +235,27 @@ def backend_status() -> dict[str, tuple[bool, str]]:
     status: dict[str, tuple[bool, str]] = {"reference": (True, "pure PyTorch, always available")}
     loaded, why = _native.load()
     status["cpu"] = (loaded, why if loaded else f"the C++ extension is not available: {why}")
-    status["cuda"] = (
-        False,
-        "this version of llaca_optim has no CUDA kernels yet (they are being written); "
-        "use backend='reference' on CUDA tensors meanwhile",
-    )
+    status["cuda"] = _cuda_status(loaded, why)
     status["triton"] = _triton.status()
     return status
+
+
+def _cuda_status(loaded: bool, why: str) -> tuple[bool, str]:
+    if not loaded:
+        return False, f"the C++ extension is not available: {why}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("llaca_optim::adamw_llaca_", "CUDA"):
+        from .. import _build
+
+        with_cuda, reason = _build.build_cuda()
+        return False, (
+            "the extension was built without its CUDA kernels"
+            + ("" if with_cuda else f" ({reason})")
+            + "; on a machine with a CUDA build of torch and the CUDA toolkit, reinstall with "
+            "`pip install --no-build-isolation .` (LLACA_CUDA_ARCH picks the GPU architectures)"
+        )
+    if not torch.cuda.is_available():
+        return False, "the CUDA kernels are built, but no CUDA device is visible"
+    return True, "the extension's CUDA kernels (csrc/cuda/)"
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

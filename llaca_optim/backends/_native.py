@@ -22,11 +22,13 @@ def _build_on_first_use() -> None:
     from .. import _build
 
     root = _build.source_root()
+    with_cuda, _ = _build.build_cuda()
     cpp_extension.load(
-        name="llaca_optim_jit_C",
-        sources=_build.cpu_sources(root),
+        name="llaca_optim_jit_cuda_C" if with_cuda else "llaca_optim_jit_C",
+        sources=_build.cpu_sources(root) + (_build.cuda_sources(root) if with_cuda else []),
         extra_include_paths=_build.include_dirs(root),
         extra_cflags=_build.cxx_flags(),
+        extra_cuda_cflags=_build.nvcc_flags() if with_cuda else None,
         extra_ldflags=_build.link_flags(),
         verbose=os.environ.get("LLACA_VERBOSE_BUILD", "0") == "1",
     )

@@ -32,10 +32,10 @@ struct SimRuntime {
 
   static Stream current_stream(const c10::Device&) { return 0; }
   static bool capturing(Stream) { return false; }
-  static at::Tensor host_buffer(int64_t bytes) {
+  static at::Tensor host_buffer(int64_t bytes, bool) {
     return at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
   }
-  static void upload(const at::Tensor& host, at::Tensor& device, int64_t bytes, Stream) {
+  static void upload(const at::Tensor& host, at::Tensor& device, int64_t bytes, Stream, bool) {
     std::memcpy(device.data_ptr(), host.data_ptr(), static_cast<size_t>(bytes));
   }
   static Event record(Stream) { return 1; }

@@ -1,0 +1,107 @@
+"""The CUDA backend's sources compiled on a machine without a GPU, so CUDA code cannot rot unseen.
+
+Every ``.cu`` file is compiled by nvcc for Ampere (sm_80) and Hopper (sm_90) with the flags of the
+real build (llaca_optim/_build.py), and the host file by the C++ compiler, against the headers of
+the installed torch. The CPU wheel of torch ships c10's CUDA headers but not one generated file,
+``c10/cuda/impl/cuda_cmake_macros.h``; the test writes a stand-in (one line, the same macro a CUDA
+build of torch defines). The kernels are run, on the CPU, by tests/test_cuda_backend.py.
+
+What the GPU code must look like is checked here too, from ptxas's report and the PTX:
+no register spills or local memory, 128-bit global loads and stores in every kernel, and no
+generic-address-space accesses.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from llaca_optim import _build
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+ARCHS = ("80", "90")
+
+NVCC = _build.nvcc_path()
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed")
+
+
+@pytest.fixture(scope="module")
+def include_flags(tmp_path_factory) -> list[str]:
+    shim = tmp_path_factory.mktemp("shim")
+    macros = shim / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    macros.parent.mkdir(parents=True)
+    macros.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    dirs = [*_build.include_dirs(CSRC), str(shim), *cpp_extension.include_paths()]
+    toolkit = Path(NVCC).resolve().parent.parent / "include"
+    return [f"-I{d}" for d in [*dirs, toolkit]] + [
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+
+
+def _nvcc(source: str, include_flags: list[str], out: Path, *extra: str) -> subprocess.Popen:
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    command = [NVCC, *_build.nvcc_flags(), *gencode, *include_flags, "-Xptxas", "-v", "-c",
+               source, "-o", str(out), *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_every_cu_file_compiles_for_sm80_and_sm90_without_spills(include_flags, tmp_path):
+    sources = [s for s in _build.cuda_sources(CSRC) if s.endswith(".cu")]
+    assert {Path(s).name for s in sources} == {"step_fp32.cu", "step_bf16.cu", "step_fp16.cu"}
+    runs = {s: _nvcc(s, include_flags, tmp_path / (Path(s).stem + ".o")) for s in sources}
+    for source, run in runs.items():
+        log = run.communicate()[0]
+        assert run.returncode == 0, f"nvcc failed on {source}:\n{log[-6000:]}"
+        kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", log)
+        # 5 step kernels (2 EMA dtypes for fp32 collapse into one) + blend kernels, per arch
+        assert len(kernels) >= 2 * 6, f"{source}: fewer kernels than expected:\n{log[-3000:]}"
+        spills = re.findall(r"(\d+) bytes spill stores", log)
+        assert spills and all(int(n) == 0 for n in spills), f"{source} spills registers:\n{log[-3000:]}"
+
+
+def test_ptx_has_128_bit_accesses_and_no_local_memory(include_flags, tmp_path):
+    ptx = tmp_path / "bf16.ptx"
+    command = [NVCC, *_build.nvcc_flags(), "-arch=compute_90", *include_flags, "-ptx",
+               str(CSRC / "cuda" / "step_bf16.cu"), "-o", str(ptx)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = ptx.read_text()
+    entries = re.split(r"\.entry\s+", text)[1:]
+    assert entries, "no kernels in the PTX"
+    for body in entries:
+        name = body.split("(", 1)[0]
+        assert "ld.global.v4" in body or "ld.global.nc.v4" in body, f"{name}: no 128-bit loads"
+        assert "st.global.v4" in body, f"{name}: no 128-bit stores"
+        assert "ld.local" not in body and "st.local" not in body, f"{name}: uses local memory"
+        # Generic accesses (no state space) cost an address-space check each: every pointer the
+        # kernels dereference comes from the tensor table and is declared global.
+        generic = re.findall(r"\t(?:ld|st)\.(?:v[24]\.)?[bfsu]\d+\s", body)
+        assert not generic, f"{name}: generic loads/stores {generic[:4]}"
+
+
+def test_host_code_compiles(include_flags, tmp_path):
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    for source in (s for s in _build.cuda_sources(CSRC) if s.endswith(".cpp")):
+        run = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", *include_flags, source],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, f"{source}:\n{run.stderr[-6000:]}"
+
+
+def test_build_switches(monkeypatch):
+    monkeypatch.setenv("LLACA_SKIP_CUDA", "1")
+    assert _build.build_cuda() == (False, "LLACA_SKIP_CUDA=1")
+    monkeypatch.delenv("LLACA_SKIP_CUDA")
+    if torch.version.cuda is None:
+        assert _build.build_cuda()[0] is False and "CPU-only" in _build.build_cuda()[1]
+    monkeypatch.setenv("LLACA_CUDA_ARCH", "8.0;9.0")
+    assert _build.cuda_arch_flags() == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90"]

@@ -1,0 +1,104 @@
+"""What only a GPU can show about the CUDA backend (skipped elsewhere): "auto" picks it, a step
+captured in a CUDA graph replays like eager steps, and torch.amp.GradScaler's overflowing steps
+change nothing. Parity with the reference, determinism and the in-kernel AMP handling run on the
+GPU too, in tests/test_cuda_backend.py (on CUDA tensors when a GPU is present).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from _compare import assert_equal
+from _trajectory import collect
+from conftest import backend_or_skip
+from llaca_optim import LLaCA, LLaCAAdamW
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def cuda_backend() -> str:
+    return backend_or_skip("cuda")
+
+
+def _model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(512, 1031), nn.GELU(), nn.Linear(1031, 64)).cuda()
+
+
+def test_auto_picks_the_cuda_kernels(cuda_backend):
+    optimizer = LLaCAAdamW(_model(0).parameters(), backend="auto")
+    assert optimizer.backend == "cuda"
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+def test_captured_step_replays_like_eager_steps(cuda_backend, kind):
+    def make(model):
+        if kind == "fused":
+            return LLaCAAdamW(model.parameters(), lr=1e-3, backend="cuda")
+        return LLaCA(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), backend="cuda")
+
+    inputs = torch.randn(12, 16, 512, device="cuda")
+    eager_model, graph_model = _model(1), _model(1)
+    eager, graphed = make(eager_model), make(graph_model)
+
+    def step(model, optimizer, x):
+        optimizer.zero_grad(set_to_none=True)
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+    static_x = inputs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graphs asks
+        for x in inputs[:3]:
+            static_x.copy_(x)
+            step(graph_model, graphed, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    for x in inputs[:3]:
+        step(eager_model, eager, x)
+
+    graph = torch.cuda.CUDAGraph()
+    graphed.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        graph_model(static_x).pow(2).mean().backward()
+        graphed.step()
+    for x in inputs[3:]:
+        static_x.copy_(x)
+        graph.replay()
+        step(eager_model, eager, x)
+    torch.cuda.synchronize()
+    a = collect(graphed, list(graph_model.parameters()))
+    b = collect(eager, list(eager_model.parameters()))
+    for key in b:
+        for i, (x, y) in enumerate(zip(a[key], b[key])):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}[{i}]: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_scaler_overflow_changes_nothing_on_cuda(cuda_backend, dtype):
+    model = _model(2).to(dtype)
+    optimizer = LLaCAAdamW(model.parameters(), lr=1e-3, backend="cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+
+    def scaled_step(poison: bool):
+        optimizer.zero_grad()
+        x = torch.randn(8, 512, device="cuda", dtype=dtype)
+        scaler.scale(model(x).float().pow(2).mean()).backward()
+        if poison:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(3):
+        scaled_step(poison=False)
+    before = collect(optimizer, list(model.parameters()))
+    scaled_step(poison=True)
+    after = collect(optimizer, list(model.parameters()))
+    for key in before:
+        for x, y in zip(before[key], after[key]):
+            assert_equal(x, y, what=key)
+    scaled_step(poison=False)
+    assert int(optimizer.state[next(model.parameters())]["step"]) == 4
