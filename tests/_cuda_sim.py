@@ -46,8 +46,11 @@ def emulated_cuda_backend() -> NativeBackend:
 
 
 def cuda_backend_for_tests():
-    """(backend, device) of the CUDA backend's tests: the real kernels on a GPU, else the emulation
-    on CPU tensors."""
-    if torch.cuda.is_available():
+    """(backend, device) of the CUDA backend's tests: the real kernels on a GPU where they were
+    built, else the emulation on CPU tensors (tests/test_cuda_gpu.py fails or skips, by
+    LLACA_REQUIRE_NATIVE, where a GPU has no built kernels)."""
+    import llaca_optim
+
+    if torch.cuda.is_available() and llaca_optim.backend_status()["cuda"][0]:
         return "cuda", "cuda"
     return emulated_cuda_backend(), "cpu"
