@@ -1,5 +1,6 @@
 """The CUDA backend's kernels against the reference (SPEC section 3), and the properties a step on a
-GPU owes (SPEC section 4): determinism, AMP, the workspace that a graph replay relies on.
+GPU owes (SPEC section 4): determinism, AMP, the workspace that a graph replay relies on. The
+fused step's case set and non-finite gradients run in tests/test_parity.py, beside Triton's.
 
 Without a GPU (CI) the kernels and their host code run on CPU tensors through the emulation of
 tests/_cuda_sim.py, built from the same sources as the GPU build (csrc/cuda/); with one, on CUDA
@@ -15,34 +16,9 @@ from torch import nn
 from _compare import assert_equal
 from _cuda_sim import cuda_backend_for_tests, emulated_cuda_backend
 from _trajectory import collect
-from test_parity import DTYPES, TRITON_CASES, assert_within_rule, trajectories
+from test_parity import DTYPES, assert_within_rule, trajectories
 from llaca_optim import LLaCA, LLaCAAdamW
 from llaca_optim.backends import ReferenceBackend
-
-# Each case of SPEC section 3 at least once: every dtype with both presets and both alpha regimes,
-# weight decay, amsgrad and maximize switched on in turn (the Triton tests' set).
-CASES = TRITON_CASES
-
-
-@pytest.mark.parametrize("dtype,preset,regime,weight_decay_on,amsgrad,maximize", CASES,
-                         ids=lambda v: str(v).removeprefix("torch."))
-def test_fused_adamw_matches_reference(dtype, preset, regime, weight_decay_on, amsgrad, maximize):
-    scale = None if regime == "adaptive" else 1e12  # 1e12: every alpha > 1, so all fall back
-
-    def make(params, backend):
-        return LLaCAAdamW(params, lr=3e-3, weight_decay=0.05 if weight_decay_on else 0.0,
-                          amsgrad=amsgrad, maximize=maximize, preset=preset, scale=scale,
-                          backend=backend)
-
-    kernel, ref32, ref64 = trajectories(make, dtype, kernel="cuda")
-    assert_within_rule(kernel, ref32, ref64, dtype)
-    fell_back = torch.stack(ref64["alpha_fell_back"])
-    populated = torch.tensor([p.numel() > 0 for p in ref64["param"]])
-    if regime == "fallback":
-        assert fell_back.all()
-    else:
-        assert not fell_back[populated].all(), "no tensor took the adaptive alpha"
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ema_dtype", [None, "param"])
@@ -73,19 +49,19 @@ def test_standalone_update_behind_the_wrapper(dtype):
     assert_within_rule(kernel, ref32, ref64, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_nonfinite_gradients_fall_back(dtype):
-    kernel, _, ref64 = trajectories(lambda ps, b: LLaCAAdamW(ps, lr=1e-3, backend=b), dtype,
-                                    steps=4, nonfinite_at=2, kernel="cuda")
-    for key in ("alpha", "alpha_fell_back"):
-        for k, r in zip(kernel[key], ref64[key]):
-            assert torch.equal(k, r), f"{key}: {k} != {r}"
-
-
 def _model_and_data(device, dtype=torch.float32):
     model = nn.Sequential(nn.Linear(300, 257), nn.GELU(), nn.Linear(257, 5)).to(device, dtype)
     data = torch.randn(6, 8, 300, device=device, dtype=dtype)
     return model, data
+
+
+def _twins(device, seed):
+    """A model, an identical twin, and the data both train on."""
+    torch.manual_seed(seed)
+    model, data = _model_and_data(device)
+    twin, _ = _model_and_data(device)
+    twin.load_state_dict(model.state_dict())
+    return model, twin, data
 
 
 def _train(model, optimizer, data, zero_grad_in_place=False):
@@ -115,10 +91,7 @@ def test_steps_reusing_their_tables_match_the_reference():
     """Gradients zeroed in place keep their addresses, so every step after the first finds its
     tables in the workspace cache (the path a captured graph relies on): same results."""
     backend, device = cuda_backend_for_tests()
-    torch.manual_seed(99)
-    model, data = _model_and_data(device)
-    twin, _ = _model_and_data(device)
-    twin.load_state_dict(model.state_dict())
+    model, twin, data = _twins(device, 99)
     ours = LLaCAAdamW(model.parameters(), lr=1e-2, backend=backend)
     reference = LLaCAAdamW(twin.parameters(), lr=1e-2, backend=ReferenceBackend())
     _train(model, ours, data, zero_grad_in_place=True)
@@ -153,10 +126,7 @@ def test_found_inf_and_grad_scale_tensors():
     """AMP inside the kernels: a set found-inf flag changes nothing at all; a grad scale divides
     the gradients (a power of two, so exactly)."""
     backend, device = cuda_backend_for_tests()
-    torch.manual_seed(5)
-    model, data = _model_and_data(device)
-    twin, _ = _model_and_data(device)
-    twin.load_state_dict(model.state_dict())
+    model, twin, data = _twins(device, 5)
     ours = LLaCAAdamW(model.parameters(), lr=1e-2, backend=backend)
     plain = LLaCAAdamW(twin.parameters(), lr=1e-2, backend=backend)
     scale = torch.tensor(512.0, device=device)
@@ -186,10 +156,7 @@ def test_found_inf_and_grad_scale_tensors():
 
 def test_tensor_learning_rate_equals_float():
     backend, device = cuda_backend_for_tests()
-    torch.manual_seed(11)
-    model, data = _model_and_data(device)
-    twin, _ = _model_and_data(device)
-    twin.load_state_dict(model.state_dict())
+    model, twin, data = _twins(device, 11)
     as_float = LLaCAAdamW(model.parameters(), lr=3e-3, backend=backend)
     as_tensor = LLaCAAdamW(twin.parameters(), backend=backend,
                            lr=torch.tensor(3e-3, dtype=torch.float64, device=device))

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from _compare import assert_equal
 from _trajectory import collect
 from conftest import backend_or_skip
+from test_task_api import check_grad_scaler_overflow
 from llaca_optim import LLaCA, LLaCAAdamW
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -80,25 +80,5 @@ def test_captured_step_replays_like_eager_steps(cuda_backend, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_grad_scaler_overflow_changes_nothing_on_cuda(cuda_backend, dtype):
     model = _model(2).to(dtype)
-    optimizer = LLaCAAdamW(model.parameters(), lr=1e-3, backend="cuda")
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
-
-    def scaled_step(poison: bool):
-        optimizer.zero_grad()
-        x = torch.randn(8, 512, device="cuda", dtype=dtype)
-        scaler.scale(model(x).float().pow(2).mean()).backward()
-        if poison:
-            next(model.parameters()).grad.view(-1)[0] = float("inf")
-        scaler.step(optimizer)
-        scaler.update()
-
-    for _ in range(3):
-        scaled_step(poison=False)
-    before = collect(optimizer, list(model.parameters()))
-    scaled_step(poison=True)
-    after = collect(optimizer, list(model.parameters()))
-    for key in before:
-        for x, y in zip(before[key], after[key]):
-            assert_equal(x, y, what=key)
-    scaled_step(poison=False)
-    assert int(optimizer.state[next(model.parameters())]["step"]) == 4
+    check_grad_scaler_overflow(model, LLaCAAdamW(model.parameters(), lr=1e-3, backend="cuda"),
+                               dtype, device="cuda")

@@ -138,9 +138,10 @@ def test_ema_dtype_options(cpu_backend, dtype, ema_dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kernel", ["cpu", "triton"])
+@pytest.mark.parametrize("kernel", ["cpu", "triton", "cuda"])
 def test_nonfinite_gradients_fall_back_without_crashing(kernel, dtype, request):
-    request.getfixturevalue(f"{kernel}_backend")
+    if kernel != "cuda":  # cuda: the real kernels, or their emulation (always available)
+        request.getfixturevalue(f"{kernel}_backend")
 
     def make(params, backend):
         return LLaCAAdamW(params, lr=1e-3, backend=backend)
@@ -182,21 +183,24 @@ def test_llaca_does_not_change_the_adamw_trajectory(cpu_backend):
     assert "ema" not in off
 
 
-# The Triton kernels against the same rule. Under the interpreter every program runs in Python, so
-# instead of the full product above, each case of SPEC section 3 appears in a smaller set: every
-# dtype with both presets and both alpha regimes, and weight decay, amsgrad and maximize switched
-# on in turn across those twelve runs.
-TRITON_CASES = [
+# The Triton and CUDA kernels against the same rule. Under Triton's interpreter or the CUDA
+# emulation every block runs on one CPU thread, so instead of the full product above, each case of
+# SPEC section 3 appears in a smaller set: every dtype with both presets and both alpha regimes,
+# and weight decay, amsgrad and maximize switched on in turn across those twelve runs.
+GPU_CASES = [
     (dtype, preset, regime, i % 2 == 0, i % 3 == 0, i % 4 == 1)
     for i, (dtype, preset, regime) in enumerate(
         (d, p, r) for d in DTYPES for p in ("coin", "continual-next") for r in ("adaptive", "fallback"))
 ]
 
 
-@pytest.mark.parametrize("dtype,preset,regime,weight_decay_on,amsgrad,maximize", TRITON_CASES,
+@pytest.mark.parametrize("dtype,preset,regime,weight_decay_on,amsgrad,maximize", GPU_CASES,
                          ids=lambda v: str(v).removeprefix("torch."))
-def test_triton_fused_adamw_matches_reference(triton_backend, dtype, preset, regime,
-                                              weight_decay_on, amsgrad, maximize):
+@pytest.mark.parametrize("kernel", ["triton", "cuda"])
+def test_gpu_backends_fused_adamw_matches_reference(kernel, dtype, preset, regime,
+                                                    weight_decay_on, amsgrad, maximize, request):
+    if kernel == "triton":
+        request.getfixturevalue("triton_backend")
     scale = None if regime == "adaptive" else 1e12
 
     def make(params, backend):
@@ -204,8 +208,8 @@ def test_triton_fused_adamw_matches_reference(triton_backend, dtype, preset, reg
                           amsgrad=amsgrad, maximize=maximize, preset=preset, scale=scale,
                           backend=backend)
 
-    kernel, ref32, ref64 = trajectories(make, dtype, kernel="triton")
-    assert_within_rule(kernel, ref32, ref64, dtype)
+    run, ref32, ref64 = trajectories(make, dtype, kernel=kernel)
+    assert_within_rule(run, ref32, ref64, dtype)
     fell_back = torch.stack(ref64["alpha_fell_back"])
     populated = torch.tensor([p.numel() > 0 for p in ref64["param"]])
     if regime == "fallback":

@@ -148,15 +148,17 @@ def test_alphas_are_device_tensors_and_report_fallback(backend):
     assert bool(((adaptive > 0) & (adaptive < 1)).all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_grad_scaler_overflow_changes_nothing(backend, dtype):
-    model = make_model(dtype)
-    optimizer = make_optimizer("fused", model.parameters(), backend)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+def check_grad_scaler_overflow(model, optimizer, dtype, device="cpu"):
+    """Three good GradScaler steps, one whose gradients overflow (it must change nothing, and the
+    scale must drop), one more good one: the step count ends at 4. tests/test_cuda_gpu.py runs it
+    on a GPU too."""
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    in_features = next(model.parameters()).shape[1]
 
     def scaled_step(poison: bool):
         optimizer.zero_grad()
-        scaler.scale(model(torch.randn(4, 9, dtype=dtype)).float().pow(2).mean()).backward()
+        x = torch.randn(4, in_features, dtype=dtype, device=device)
+        scaler.scale(model(x).float().pow(2).mean()).backward()
         if poison:
             next(model.parameters()).grad.view(-1)[0] = float("inf")
         scaler.step(optimizer)
@@ -171,6 +173,12 @@ def test_grad_scaler_overflow_changes_nothing(backend, dtype):
     assert scaler.get_scale() < scale_before
     scaled_step(poison=False)
     assert int(optimizer.state[next(model.parameters())]["step"]) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_scaler_overflow_changes_nothing(backend, dtype):
+    model = make_model(dtype)
+    check_grad_scaler_overflow(model, make_optimizer("fused", model.parameters(), backend), dtype)
 
 
 def test_scaled_gradients_are_unscaled_inside_the_step(backend):

@@ -22,6 +22,7 @@ struct GpuLauncher {
   }
 };
 
+// The definition that each step_<dtype>.cu instantiates for its dtype.
 template <typename param_t>
 void launch_on_gpu(const CallShape& shape, const StepArgs& args, cudaStream_t stream) {
   GpuLauncher launcher{stream};

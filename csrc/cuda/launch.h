@@ -1,7 +1,9 @@
-// The GPU launches of each parameter dtype, one translation unit each (step_<dtype>.cu), so that
-// nvcc compiles the dtypes' kernel instantiations in parallel.
+// The GPU launches of each parameter dtype, one translation unit each (step_<dtype>.cu, which
+// instantiate this template), so that nvcc compiles the dtypes' kernels in parallel.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <cuda_runtime_api.h>
 
 #include "layout.h"
@@ -9,9 +11,12 @@
 namespace llaca {
 namespace cuda {
 
-void launch_fp32(const CallShape& shape, const StepArgs& args, cudaStream_t stream);
-void launch_bf16(const CallShape& shape, const StepArgs& args, cudaStream_t stream);
-void launch_fp16(const CallShape& shape, const StepArgs& args, cudaStream_t stream);
+template <typename param_t>
+void launch_on_gpu(const CallShape& shape, const StepArgs& args, cudaStream_t stream);
+
+extern template void launch_on_gpu<float>(const CallShape&, const StepArgs&, cudaStream_t);
+extern template void launch_on_gpu<c10::BFloat16>(const CallShape&, const StepArgs&, cudaStream_t);
+extern template void launch_on_gpu<c10::Half>(const CallShape&, const StepArgs&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace llaca

@@ -23,13 +23,25 @@
 namespace llaca {
 namespace cuda {
 
-inline int64_t chunk_elems(at::ScalarType dtype) {
+// Calls fn(Type<param_t>{}) for a parameter dtype the kernels take: the one switch from runtime
+// dtype to kernel template, shared by the runtimes' launches and the chunk size.
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+template <typename Fn>
+decltype(auto) with_param_type(at::ScalarType dtype, Fn&& fn) {
   switch (dtype) {
-    case at::kFloat: return kChunk<float>;
-    case at::kBFloat16: return kChunk<c10::BFloat16>;
-    case at::kHalf: return kChunk<c10::Half>;
+    case at::kFloat: return fn(Type<float>{});
+    case at::kBFloat16: return fn(Type<c10::BFloat16>{});
+    case at::kHalf: return fn(Type<c10::Half>{});
     default: TORCH_CHECK(false, "llaca_optim: no CUDA kernels for dtype ", dtype);
   }
+}
+
+inline int64_t chunk_elems(at::ScalarType dtype) {
+  return with_param_type(dtype, [](auto t) { return kChunk<typename decltype(t)::type>; });
 }
 
 // An AMP tensor (GradScaler's scale or found-inf flag): one float32 element on the device.

@@ -100,12 +100,9 @@ struct CudaRuntime {
 
   static void launch(at::ScalarType dtype, const CallShape& shape, const StepArgs& args,
                      Stream stream) {
-    switch (dtype) {
-      case at::kFloat: return launch_fp32(shape, args, stream);
-      case at::kBFloat16: return launch_bf16(shape, args, stream);
-      case at::kHalf: return launch_fp16(shape, args, stream);
-      default: TORCH_CHECK(false, "llaca_optim: no CUDA kernels for dtype ", dtype);
-    }
+    with_param_type(dtype, [&](auto t) {
+      launch_on_gpu<typename decltype(t)::type>(shape, args, stream);
+    });
   }
 };
 

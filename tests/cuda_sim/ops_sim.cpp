@@ -44,12 +44,9 @@ struct SimRuntime {
 
   static void launch(at::ScalarType dtype, const CallShape& shape, const StepArgs& args, Stream) {
     SimLauncher launcher;
-    switch (dtype) {
-      case at::kFloat: return launch_call<float>(shape, args, launcher);
-      case at::kBFloat16: return launch_call<c10::BFloat16>(shape, args, launcher);
-      case at::kHalf: return launch_call<c10::Half>(shape, args, launcher);
-      default: TORCH_CHECK(false, "llaca_optim: no kernels for dtype ", dtype);
-    }
+    with_param_type(dtype, [&](auto t) {
+      launch_call<typename decltype(t)::type>(shape, args, launcher);
+    });
   }
 };
 
