@@ -167,7 +167,9 @@ class WorkspaceCache {
   // The entry for `key`, most recently used first; built and uploaded on a miss.
   Entry& get(std::vector<int64_t>&& key, int64_t chunk_elems, const c10::Device& device,
              typename Runtime::Stream stream, bool capturing) {
-    reap_retired();
+    // Querying events is not allowed while a stream captures (torch's caching allocator defers
+    // its own queries then too): retired entries wait for the next ordinary step.
+    if (!capturing) reap_retired();
     const uint64_t hash = fnv1a(key);
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->hash == hash && it->key == key) {
