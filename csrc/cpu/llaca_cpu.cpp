@@ -17,7 +17,6 @@
 //     it touched last). These tensors pay the two-phase cost of 13 memory accesses per element.
 // Scratch (the work list and the partial-sum slots) is thread-local, grown once and reused.
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -321,15 +320,10 @@ at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
 template <bool ADAMW, bool AMSGRAD, bool LLACA>
 void dispatch_dtypes(at::ScalarType param_dtype, at::ScalarType ema_dtype,
                      std::vector<TensorJob>& jobs, const CallScalars& call) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "llaca_cpu_step", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "llaca_optim: the cpu kernels take float32, bfloat16 and float16 "
-                         "parameters; float64 goes to the reference backend");
-    } else if (!LLACA || ema_dtype == at::kFloat) {
-      run_step<scalar_t, float, ADAMW, AMSGRAD, LLACA>(jobs, call);
-    } else {
-      run_step<scalar_t, scalar_t, ADAMW, AMSGRAD, LLACA>(jobs, call);
-    }
+  with_param_type(param_dtype, [&](auto t) {
+    using param_t = typename decltype(t)::type;
+    if (!LLACA || ema_dtype == at::kFloat) run_step<param_t, float, ADAMW, AMSGRAD, LLACA>(jobs, call);
+    else run_step<param_t, param_t, ADAMW, AMSGRAD, LLACA>(jobs, call);
   });
 }
 

@@ -51,29 +51,22 @@ struct Storage<float> {
   static LLACA_DEVICE uint32_t pack(const float* x) { return __float_as_uint(x[0]); }
 };
 
-template <>
-struct Storage<c10::BFloat16> {
+// bf16 and fp16: two per 32-bit word, converted through the c10 type from and to its bits.
+template <typename T>
+struct Storage16 {
   static constexpr int kPerWord = 2;
   static LLACA_DEVICE float unpack(uint32_t word, int k) {
-    return static_cast<float>(
-        c10::BFloat16(static_cast<uint16_t>(word >> (16 * k)), c10::BFloat16::from_bits()));
+    return static_cast<float>(T(static_cast<uint16_t>(word >> (16 * k)), T::from_bits()));
   }
   static LLACA_DEVICE uint32_t pack(const float* x) {
-    return uint32_t(c10::BFloat16(x[0]).x) | (uint32_t(c10::BFloat16(x[1]).x) << 16);
+    return uint32_t(T(x[0]).x) | (uint32_t(T(x[1]).x) << 16);
   }
 };
 
 template <>
-struct Storage<c10::Half> {
-  static constexpr int kPerWord = 2;
-  static LLACA_DEVICE float unpack(uint32_t word, int k) {
-    return static_cast<float>(
-        c10::Half(static_cast<uint16_t>(word >> (16 * k)), c10::Half::from_bits()));
-  }
-  static LLACA_DEVICE uint32_t pack(const float* x) {
-    return uint32_t(c10::Half(x[0]).x) | (uint32_t(c10::Half(x[1]).x) << 16);
-  }
-};
+struct Storage<c10::BFloat16> : Storage16<c10::BFloat16> {};
+template <>
+struct Storage<c10::Half> : Storage16<c10::Half> {};
 
 // The value a parameter holds once stored: what LLaCA must see (rounding included).
 template <typename T>

@@ -23,36 +23,15 @@
 namespace llaca {
 namespace cuda {
 
-// Calls fn(Type<param_t>{}) for a parameter dtype the kernels take: the one switch from runtime
-// dtype to kernel template, shared by the runtimes' launches and the chunk size.
-template <typename T>
-struct Type {
-  using type = T;
-};
-
-template <typename Fn>
-decltype(auto) with_param_type(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(Type<float>{});
-    case at::kBFloat16: return fn(Type<c10::BFloat16>{});
-    case at::kHalf: return fn(Type<c10::Half>{});
-    default: TORCH_CHECK(false, "llaca_optim: no CUDA kernels for dtype ", dtype);
-  }
-}
-
 inline int64_t chunk_elems(at::ScalarType dtype) {
   return with_param_type(dtype, [](auto t) { return kChunk<typename decltype(t)::type>; });
 }
 
-// An AMP tensor (GradScaler's scale or found-inf flag): one float32 element on the device.
+// An AMP tensor (GradScaler's scale or found-inf flag), read by the kernels: float32 only.
 inline const float* amp_pointer(const std::optional<Tensor>& t, const char* what,
                                 const c10::Device& device) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  TORCH_CHECK(t->device() == device && t->numel() == 1 && t->scalar_type() == at::kFloat,
-              "llaca_optim: ", what, " must be a one-element float32 tensor on ", device,
-              " (as torch.amp.GradScaler makes it), got ", t->scalar_type(), " with ",
-              t->numel(), " elements on ", t->device());
-  return t->data_ptr<float>();
+  check_call_scalar(t, what, device, /*allow_double=*/false);
+  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
 }
 
 template <typename Runtime>
@@ -126,8 +105,10 @@ class Ops {
     // One cache per process, shared by every optimizer and device (the key holds the device).
     static std::mutex mutex;
     static WorkspaceCache<Runtime> cache(/*capacity=*/16);
+    static std::vector<int64_t> key;  // reused: guarded by the mutex
     std::lock_guard<std::mutex> lock(mutex);
-    auto& entry = cache.get(workspace_key(lists, adamw, amsgrad, llaca), chunk_elems(dtype),
+    workspace_key(lists, adamw, amsgrad, llaca, key);
+    auto& entry = cache.get(key, chunk_elems(dtype),
                             device, stream, Runtime::capturing(stream));
     StepArgs args = hyper;
     point_at_workspace(args, static_cast<uint8_t*>(entry.device.data_ptr()), entry.layout);

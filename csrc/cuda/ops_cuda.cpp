@@ -55,24 +55,30 @@ struct CudaRuntime {
     // NOTE [CUDA workspace]: during a capture the tables are copied once, outside the graph, on a
     // stream that is not capturing; relaxed mode lets this thread do that mid-capture. The
     // captured kernels run only at replay, long after this copy has completed.
+    RelaxedCaptureMode relaxed;  // restored on every way out, errors included
+    cudaStream_t side = side_stream();
+    C10_CUDA_CHECK(cudaMemcpyAsync(device.data_ptr(), host.data_ptr(), static_cast<size_t>(bytes),
+                                   cudaMemcpyHostToDevice, side));
+    C10_CUDA_CHECK(cudaStreamSynchronize(side));
+  }
+
+  // This thread's capture mode set to relaxed for the lifetime of the object.
+  struct RelaxedCaptureMode {
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    RelaxedCaptureMode() { C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode)); }
+    ~RelaxedCaptureMode() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
+  };
+
+  // A non-blocking stream of the current device for uploads made during a capture.
+  static cudaStream_t side_stream() {
     static std::mutex lock;
     static std::unordered_map<int, cudaStream_t> sides;  // one per device, made on first use
     int index = 0;
     C10_CUDA_CHECK(cudaGetDevice(&index));  // the call's device (its guard is active)
-    cudaStream_t side = nullptr;
-    {
-      std::lock_guard<std::mutex> hold(lock);
-      cudaStream_t& slot = sides[index];
-      if (slot == nullptr) C10_CUDA_CHECK(cudaStreamCreateWithFlags(&slot, cudaStreamNonBlocking));
-      side = slot;
-    }
-    const cudaError_t copied = cudaMemcpyAsync(device.data_ptr(), host.data_ptr(),
-                                               static_cast<size_t>(bytes), cudaMemcpyHostToDevice, side);
-    const cudaError_t synced = copied == cudaSuccess ? cudaStreamSynchronize(side) : copied;
-    C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
-    C10_CUDA_CHECK(synced);
+    std::lock_guard<std::mutex> hold(lock);
+    cudaStream_t& slot = sides[index];
+    if (slot == nullptr) C10_CUDA_CHECK(cudaStreamCreateWithFlags(&slot, cudaStreamNonBlocking));
+    return slot;
   }
 
   static Event record(Stream stream) {

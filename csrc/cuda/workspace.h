@@ -64,10 +64,11 @@ struct WorkspaceLayout {
 constexpr int kRoles = 10;
 
 // The identity of a call's tables: device, dtype, and per tensor its size and every address.
-inline std::vector<int64_t> workspace_key(const Lists& l, bool adamw, bool amsgrad, bool llaca) {
+// Written into `key`, which the caller reuses from step to step (no host allocation once warm).
+inline void workspace_key(const Lists& l, bool adamw, bool amsgrad, bool llaca,
+                          std::vector<int64_t>& key) {
   const int64_t n = static_cast<int64_t>(l.params.size());
-  std::vector<int64_t> key;
-  key.reserve(3 + n * (kRoles + 1));
+  key.clear();
   key.push_back(n);
   key.push_back(n ? l.params[0].get_device() : -1);
   key.push_back(n ? static_cast<int64_t>(l.params[0].scalar_type()) : -1);
@@ -87,7 +88,6 @@ inline std::vector<int64_t> workspace_key(const Lists& l, bool adamw, bool amsgr
     key.push_back(address(l.alphas, i, llaca));
     key.push_back(address(l.fell_back, i, llaca));
   }
-  return key;
 }
 
 // The host image of the uploaded part of the workspace, built from a key alone.
@@ -165,7 +165,7 @@ class WorkspaceCache {
   }
 
   // The entry for `key`, most recently used first; built and uploaded on a miss.
-  Entry& get(std::vector<int64_t>&& key, int64_t chunk_elems, const c10::Device& device,
+  Entry& get(const std::vector<int64_t>& key, int64_t chunk_elems, const c10::Device& device,
              typename Runtime::Stream stream, bool capturing) {
     // Querying events is not allowed while a stream captures (torch's caching allocator defers
     // its own queries then too): retired entries wait for the next ordinary step.
@@ -179,7 +179,7 @@ class WorkspaceCache {
       }
     }
     Entry entry;
-    entry.key = std::move(key);
+    entry.key = key;
     entry.hash = hash;
     // The image is built straight into the host buffer, sized by a first pass over the key.
     const int64_t n = entry.key[0];

@@ -6,7 +6,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
@@ -54,15 +56,35 @@ inline void check_scalar_slot(const Tensor& t, at::ScalarType dtype, const char*
               ", got ", t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
 }
 
-// An optional one-element call-wide tensor (lr, grad_scale, found_inf) on `device`.
+// An optional one-element call-wide tensor (lr, grad_scale, found_inf) on `device`: float32, or
+// float64 too where `allow_double`.
 inline void check_call_scalar(const std::optional<Tensor>& t, const char* what,
-                              const c10::Device& device) {
+                              const c10::Device& device, bool allow_double = true) {
   if (!t.has_value() || !t->defined()) return;
   TORCH_CHECK(t->device() == device && t->numel() == 1 &&
-                  (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
-              "llaca_optim: ", what, " must be a one-element float32 or float64 tensor on ",
-              device, " (the parameters' device), got ", t->scalar_type(), " with ", t->numel(),
+                  (t->scalar_type() == at::kFloat ||
+                   (allow_double && t->scalar_type() == at::kDouble)),
+              "llaca_optim: ", what, " must be a one-element ",
+              allow_double ? "float32 or float64" : "float32", " tensor on ", device,
+              " (the parameters' device), got ", t->scalar_type(), " with ", t->numel(),
               " elements on ", t->device());
+}
+
+// The parameter dtypes every fused kernel takes (check_lists admits exactly these): calls
+// fn(Type<param_t>{}) for the runtime dtype, the one switch from dtype to kernel template.
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+template <typename Fn>
+decltype(auto) with_param_type(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(Type<float>{});
+    case at::kBFloat16: return fn(Type<c10::BFloat16>{});
+    case at::kHalf: return fn(Type<c10::Half>{});
+    default: TORCH_CHECK(false, "llaca_optim: no fused kernels for dtype ", dtype);
+  }
 }
 
 // Checks every list of a call against params; returns the EMAs' dtype (float32 when there are
