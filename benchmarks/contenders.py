@@ -199,6 +199,11 @@ def contenders(device: torch.device, model_bytes: int, include_published: bool =
             out.append(Contender(f"LLaCAAdamW[{b}] graph", "ours", b, "llaca",
                                  lambda ps, b=b: GraphReplay(OptimizerStepper(
                                      llaca_optim.LLaCAAdamW(ps, backend=b)))))
+            # The two-phase design (blend in the step: 13 accesses for large tensors), to show
+            # what the deferred blend (the default: one pass) gains.
+            out.append(Contender(f"LLaCAAdamW[{b}] defer_blend=False", "ours", b, "llaca",
+                                 lambda ps, b=b: OptimizerStepper(
+                                     llaca_optim.LLaCAAdamW(ps, backend=b, defer_blend=False))))
     if device.type == "cuda":
         out.insert(1, Contender(f"{ADAMW_FUSED} graph", "baseline", "torch", "adamw",
                                 lambda ps: GraphReplay(OptimizerStepper(

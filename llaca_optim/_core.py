@@ -4,6 +4,7 @@ task API (SPEC section 2) and state-dict loading that keeps EMA precision and fa
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,12 +18,19 @@ from . import _validation as V
 from .backends import BACKEND_NAMES, Backend, Bucket, ReferenceBackend, resolve_backend
 
 # Per-parameter LLaCA state. "alpha" holds the last balance weight, or -1 before the first LLaCA
-# step of the tensor (the "fresh" mark the kernels read, see _ops.py).
-LLACA_STATE_KEYS = ("ema", "prev_grad", "alpha", "alpha_fell_back")
+# step of the tensor (the "fresh" mark the kernels read, see _ops.py). "ema_pending" exists only
+# for tensors of a backend that defers the blend: set on the device while the EMA lacks the blend
+# of the last step (see flush_ema); state dicts never hold it, since they are taken after a flush.
+LLACA_STATE_KEYS = ("ema", "prev_grad", "alpha", "alpha_fell_back", "ema_pending")
 # State entries shaped like their parameter: a state dict must match them to load.
 SHAPED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_grad")
 
 _REFERENCE = ReferenceBackend()
+
+
+def _capturing(t: Tensor) -> bool:
+    """Whether a CUDA graph capture is under way on ``t``'s device's current stream."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass
@@ -122,7 +130,8 @@ class LLaCAOptimizerBase(Optimizer):
         self._plans: dict[int, _GroupPlan] = {}
 
     def _group_options(self, group: dict[str, Any]) -> tuple[Any, ...]:
-        return (group.get("llaca"), group.get("amsgrad"), group.get("ema_dtype"))
+        return (group.get("llaca"), group.get("amsgrad"), group.get("ema_dtype"),
+                group.get("defer_blend"))
 
     def _reuse_plan(self, gi: int, group: dict[str, Any]) -> list[tuple[Backend, Bucket]] | None:
         plan = self._plans.get(gi)
@@ -170,6 +179,7 @@ class LLaCAOptimizerBase(Optimizer):
             if buckets is None:
                 to_build.append((len(plans), gi, group, self._validated_pairs(gi, group)))
             plans.append([group, buckets, scale, base_weight])
+        self._flush_before_replan: list[Tensor] = []
         for index, gi, group, pairs in to_build:
             built = self._build_buckets(group, pairs)
             self._plans[gi] = _GroupPlan(
@@ -179,6 +189,10 @@ class LLaCAOptimizerBase(Optimizer):
                 buckets=built,
             )
             plans[index][1] = [(backend, bucket) for backend, bucket, _ in built]
+        if self._flush_before_replan:
+            # Tensors with a blend pending whose new route blends within the step (another
+            # backend, or defer_blend turned off): apply it now, before that step runs.
+            self._flush([(p, self._llaca_state(p)) for p in self._flush_before_replan], drop=True)
         return [tuple(p) for p in plans]  # type: ignore[misc]
 
     def _init_llaca_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -204,6 +218,66 @@ class LLaCAOptimizerBase(Optimizer):
         backend = self._backend_for(p.device.type)
         return backend if backend.accepts(p, companions) else _REFERENCE
 
+    # ------------------------------------------------------------------ deferred blend
+
+    # NOTE [deferred blend, Python side] A backend with ``defers_blend`` (CUDA) may leave the EMA
+    # blend of a step pending until the tensor's next step, which then costs one pass over memory
+    # instead of two (csrc/cuda/layout.h has the kernel side). While a blend is pending the EMA
+    # in ``state`` lags one blend behind, so everything that reads EMAs flushes first; the
+    # flags are device tensors, so neither deferring nor flushing synchronises with the host.
+    # ``_blend_pending`` is the host's conservative view (a deferring step ran since the last
+    # flush), which keeps flush_ema free when nothing can be pending. A step captured in a CUDA
+    # graph defers at every replay, unseen by Python: once one was captured, every flush runs.
+
+    def _may_be_pending(self) -> bool:
+        return getattr(self, "_blend_pending", False) or getattr(self, "_deferral_captured", False)
+
+    def flush_ema(self) -> None:
+        """Applies any EMA blend the backend deferred (see ``defer_blend``), so that every EMA in
+        ``state`` is up to date. Cheap when nothing is pending; never synchronises with the host.
+        ``ema``, ``ema_weights``, ``end_task`` and ``state_dict`` call it themselves."""
+        if self._may_be_pending():
+            self._flush(list(self._llaca_params()), drop=False)
+            self._blend_pending = False
+
+    @torch.no_grad()
+    def _flush(self, entries: list[tuple[Tensor, dict[str, Any] | None]], drop: bool) -> None:
+        """Flushes the pending blends of ``entries`` through the backend that deferred them, one
+        call per (device, dtype, EMA dtype); ``drop`` also removes their flags from the state."""
+        buckets: dict[tuple[Any, ...], Bucket] = {}
+        for p, state in entries:
+            if state is None or "ema_pending" not in state:
+                continue
+            bucket = buckets.setdefault((p.device, p.dtype, state["ema"].dtype), Bucket())
+            bucket.params.append(p)
+            bucket.emas.append(state["ema"])
+            bucket.alphas.append(state["alpha"])
+            bucket.ema_pending.append(state.pop("ema_pending") if drop else state["ema_pending"])
+        for (device, _, _), bucket in buckets.items():
+            self._backend_for(device.type).flush_ema(bucket)
+
+    def _before_deferred_step(self, bucket: Bucket) -> None:
+        """Marks blends as pending, and warns (once) if a parameter whose blend is pending was
+        changed in place since its last step: the blend then uses the changed values. A step of
+        ours does not bump ``_version`` (the kernels write through the op), so any change is the
+        user's."""
+        if bucket.params and _capturing(bucket.params[0]):
+            self._deferral_captured = True
+        versions = [p._version for p in bucket.params]
+        if (getattr(self, "_blend_pending", False) and bucket.param_versions is not None
+                and versions != bucket.param_versions and not getattr(self, "_warned_inplace", False)):
+            self._warned_inplace = True
+            warnings.warn(
+                "llaca_optim: parameters were changed in place since the last optimizer step, "
+                "while that step's EMA blend was deferred to this one (defer_blend=True); the "
+                "blend used the changed values. Call optimizer.flush_ema() before changing "
+                "parameters between steps, or build the optimizer with defer_blend=False.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        bucket.param_versions = versions
+        self._blend_pending = True
+
     # ------------------------------------------------------------------ task API
 
     def _llaca_state(self, p: Tensor) -> dict[str, Any] | None:
@@ -223,6 +297,8 @@ class LLaCAOptimizerBase(Optimizer):
         state = self._llaca_state(param)
         if state is None or "ema" not in state:
             return None
+        if self._may_be_pending():  # this parameter's blend only: ema(p) is often called per p
+            self._flush([(param, state)], drop=False)
         if self._ema_swap is not None and any(p is param and backup is None for p, _, backup in self._ema_swap):
             return param
         return state["ema"]
@@ -252,6 +328,7 @@ class LLaCAOptimizerBase(Optimizer):
         parameter cannot hold the live weights, so those parameters are backed up in their own
         dtype for the duration of the block."""
         self._check_not_swapped("swap the EMA weights in again")
+        self.flush_ema()
         swapped: list[tuple[Tensor, Tensor, Tensor | None]] = []
         with torch.no_grad():
             for p, state in self._llaca_params():
@@ -285,6 +362,7 @@ class LLaCAOptimizerBase(Optimizer):
         published recipe does by starting a new run per task. ``keep_moments=True`` keeps the
         inner optimizer's moments and step counts and drops only the LLaCA state."""
         self._check_not_swapped("end the task")
+        self.flush_ema()
         with torch.no_grad():
             for p, state in self._llaca_params():
                 p.copy_(state["ema"])
@@ -295,6 +373,17 @@ class LLaCAOptimizerBase(Optimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state dicts
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, taken after :meth:`flush_ema` (so every EMA is up to date) and
+        without the deferred-blend flags."""
+        self.flush_ema()
+        saved = super().state_dict()
+        saved["state"] = {
+            pid: {k: v for k, v in entry.items() if k != "ema_pending"} if "ema_pending" in entry else entry
+            for pid, entry in saved["state"].items()
+        }
+        return saved
 
     def _check_layout(self, state_dict: dict[str, Any], owner: str) -> dict[int, Tensor]:
         """Raises unless ``state_dict`` was saved from the same parameter layout; returns the map
@@ -347,7 +436,7 @@ class LLaCAOptimizerBase(Optimizer):
                     dtype = V.ema_dtype_for(p, group_of[p]["ema_dtype"])
                 elif key in ("alpha", "step"):
                     dtype = torch.float32
-                elif key == "alpha_fell_back":
+                elif key in ("alpha_fell_back", "ema_pending"):
                     dtype = torch.bool
                 else:
                     continue

@@ -6,13 +6,23 @@ was built; each native backend registers its kernel for its dispatch key under t
 dispatcher routes a call by the tensors' device. Mutated arguments carry ``(x!)`` annotations so
 that torch.compile and functionalization know what the ops write.
 
-Both ops take per-tensor lists grouped by the caller into one (device, dtype) bucket:
+The ops take per-tensor lists grouped by the caller into one (device, dtype) bucket:
 
 * ``adamw_llaca_``: the fused step; AdamW on ``params``/moments/``state_steps`` and, when ``llaca``
   is true, the LLaCA update on ``emas``/``prev_grads`` with one alpha and one fallback flag per
   tensor written into ``alphas``/``fell_back`` (one-element tensors, so reading them needs no
   host synchronisation). With ``llaca`` false the four LLaCA lists may be empty.
 * ``llaca_update_``: the LLaCA update alone, after any other optimizer's step.
+* ``llaca_flush_``: applies the blends that a deferring ``adamw_llaca_`` left pending.
+
+``ema_pending`` holds one bool per tensor, or is empty. Empty: the step blends every EMA itself
+(every backend). Given (the CUDA kernels, NOTE [CUDA deferred blend] in csrc/cuda/layout.h; the
+Triton backend does the same outside these ops):
+a set flag on entry means the tensor's EMA still lacks the blend of its last step, whose alpha is
+in ``alphas``; the step applies it first, and may leave its own blend pending, setting the flag.
+Before anything reads such an EMA, ``llaca_flush_`` applies the pending blends and clears the
+flags. The kernels read and write the flags on the device: no host synchronisation, and a CUDA
+graph replay sees a flush made between replays.
 
 A negative value in ``alphas[i]`` on entry marks a tensor whose EMA and previous gradient are not
 yet set (its first LLaCA step): the kernels then fill them from the stepped parameter and the
@@ -31,7 +41,7 @@ ADAMW_LLACA_SCHEMA = (
     "adamw_llaca_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
     "Tensor(f!)[] emas, Tensor(g!)[] prev_grads, Tensor(h!)[] alphas, Tensor(i!)[] fell_back, "
-    "*, float lr, float beta1, float beta2, float weight_decay, float eps, "
+    "Tensor(j!)[] ema_pending, *, float lr, float beta1, float beta2, float weight_decay, float eps, "
     "bool amsgrad, bool maximize, bool llaca, float scale, float base_weight, "
     "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
 )
@@ -42,15 +52,22 @@ LLACA_UPDATE_SCHEMA = (
     "float base_weight, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
 )
 
+LLACA_FLUSH_SCHEMA = (
+    "llaca_flush_(Tensor[] params, Tensor(a!)[] emas, Tensor[] alphas, "
+    "Tensor(b!)[] ema_pending) -> ()"
+)
+
+SCHEMAS = (ADAMW_LLACA_SCHEMA, LLACA_UPDATE_SCHEMA, LLACA_FLUSH_SCHEMA)
+
 # Keeping the Library object alive keeps the definitions registered.
 _library = torch.library.Library(NAMESPACE, "DEF")
-_library.define(ADAMW_LLACA_SCHEMA)
-_library.define(LLACA_UPDATE_SCHEMA)
+for _schema in SCHEMAS:
+    _library.define(_schema)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::adamw_llaca_")
 def _adamw_llaca_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas,
-                      prev_grads, alphas, fell_back, *, lr, beta1, beta2, weight_decay, eps,
+                      prev_grads, alphas, fell_back, ema_pending, *, lr, beta1, beta2, weight_decay, eps,
                       amsgrad, maximize, llaca, scale, base_weight, lr_tensor=None,
                       grad_scale=None, found_inf=None) -> None:
     # In-place on its arguments, no outputs: shapes and dtypes never change.
@@ -60,6 +77,11 @@ def _adamw_llaca_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sta
 @torch.library.register_fake(f"{NAMESPACE}::llaca_update_")
 def _llaca_update_fake(params, grads, emas, prev_grads, alphas, fell_back, *, scale,
                        base_weight, grad_scale=None, found_inf=None) -> None:
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::llaca_flush_")
+def _llaca_flush_fake(params, emas, alphas, ema_pending) -> None:
     return None
 
 

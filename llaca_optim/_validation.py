@@ -69,6 +69,10 @@ def resolve_llaca_knobs(group: dict[str, Any], where: str) -> tuple[float, float
 
 
 def validate_adamw_group(group: dict[str, Any], where: str) -> None:
+    if not isinstance(group["defer_blend"], bool):
+        raise TypeError(
+            f"llaca_optim: defer_blend must be True or False, got {group['defer_blend']!r} ({where})"
+        )
     _finite_nonnegative("lr", group["lr"], where)
     _finite_nonnegative("eps", group["eps"], where)
     _finite_nonnegative("weight_decay", group["weight_decay"], where)

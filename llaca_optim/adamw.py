@@ -38,9 +38,17 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         llaca: ``False`` turns the EMA off for the group (plain AdamW).
         ema_dtype: ``None`` (float32 for 16-bit parameters, else the parameter's dtype),
             ``"param"`` (the parameter's dtype, as the published code), or a torch dtype.
+        defer_blend: let the backend defer each step's EMA blend to the next step (CUDA, for
+            tensors too large to finish on chip; Triton, for all), so that a step is one pass
+            over memory. The EMA in ``optimizer.state`` then lags one blend behind until
+            :meth:`flush_ema`, which every method here that reads EMAs (``ema``, ``ema_weights``,
+            ``end_task``, ``state_dict``) calls first; results are bit-identical either way. If
+            you change parameters in place between steps, call :meth:`flush_ema` first, or pass
+            ``False``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
 
-    All of ``preset``, ``scale``, ``base_weight``, ``llaca`` and ``ema_dtype`` are per param group.
+    All of ``preset``, ``scale``, ``base_weight``, ``llaca``, ``ema_dtype`` and ``defer_blend`` are
+    per param group.
     Works with ``torch.amp.GradScaler`` the way torch's fused AdamW does: the kernels unscale the
     gradients and skip the whole step (EMA included) when an overflow was found.
     """
@@ -63,6 +71,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         base_weight: float | None = None,
         llaca: bool = True,
         ema_dtype: Any = None,
+        defer_blend: bool = True,
         backend: str | Backend = "auto",
     ) -> None:
         defaults = dict(
@@ -70,6 +79,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             maximize=maximize, foreach=None, capturable=False, differentiable=False, fused=None,
             decoupled_weight_decay=True,
             preset=preset, scale=scale, base_weight=base_weight, llaca=llaca, ema_dtype=ema_dtype,
+            defer_blend=defer_blend,
         )
         # Validate the defaults before torch builds any group, so the error names the argument.
         V.validate_adamw_group(defaults, "constructor arguments")
@@ -83,7 +93,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         # Also what lets an AdamW state dict load into LLaCAAdamW: missing knobs take defaults.
         for group in self.param_groups:
             for key, value in {**V.LLACA_GROUP_DEFAULTS, "maximize": False, "amsgrad": False,
-                               "decoupled_weight_decay": True}.items():
+                               "decoupled_weight_decay": True, "defer_blend": True}.items():
                 group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -131,6 +141,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
                 grad_scale=grad_scale, found_inf=found_inf,
             )
             for backend, bucket in buckets:
+                if bucket.ema_pending:
+                    self._before_deferred_step(bucket)
                 backend.adamw_llaca(bucket, hyper)
         return loss
 
@@ -146,6 +158,11 @@ class LLaCAAdamW(LLaCAOptimizerBase):
                 tensors += [state["ema"], state["prev_grad"]]
             backend = self._pick(p, tensors)
             ema_dtype = state["ema"].dtype if group["llaca"] else None
+            defer = group["llaca"] and group["defer_blend"] and backend.defers_blend
+            if defer:
+                state.setdefault("ema_pending", torch.zeros((), dtype=torch.bool, device=p.device))
+            elif "ema_pending" in state:
+                self._flush_before_replan.append(p)  # its new route would not apply the blend
             key = (backend.name, p.device, p.dtype, ema_dtype)
             _, bucket, positions = buckets.setdefault(key, (backend, Bucket(), []))
             positions.append(position)
@@ -158,6 +175,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             bucket.state_steps.append(state["step"])
             if group["llaca"]:
                 self._add_llaca(bucket, state)
+            if defer:
+                bucket.ema_pending.append(state["ema_pending"])
         return list(buckets.values())
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
@@ -178,3 +197,5 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         super().load_state_dict(state_dict)
         self._restore_llaca_entries(state_dict, id_map, self.state)
         self._invalidate_plans()
+        # Our state dicts hold no pending blends, but one copied from `state` itself may.
+        self._blend_pending = any("ema_pending" in entry for entry in self.state.values())

@@ -25,8 +25,8 @@ def _build() -> None:
 
     # The schemas first (the same strings as the real ops'), then the kernels registered for them.
     library = torch.library.Library(NAMESPACE, "DEF")
-    library.define(_ops.ADAMW_LLACA_SCHEMA)
-    library.define(_ops.LLACA_UPDATE_SCHEMA)
+    for schema in _ops.SCHEMAS:
+        library.define(schema)
     _build.library = library  # keep the definitions alive
     cpp_extension.load(
         name="llaca_optim_cuda_sim",
@@ -42,7 +42,7 @@ def _build() -> None:
 @functools.lru_cache(maxsize=None)
 def emulated_cuda_backend() -> NativeBackend:
     _build()
-    return NativeBackend("cuda", "cpu", ops=getattr(torch.ops, NAMESPACE))
+    return NativeBackend("cuda", "cpu", ops=getattr(torch.ops, NAMESPACE), defers_blend=True)
 
 
 def cuda_backend_for_tests():

@@ -76,6 +76,10 @@ def run_trajectory(make_optimizer, makers, grad_sequence, *, after_step=None, de
 
 
 def collect(optimizer, params) -> dict[str, list[Tensor]]:
+    """Every parameter and state tensor, read from ``optimizer.state`` after the documented
+    ``flush_ema()`` (a deferring backend's EMAs lag one blend behind until then)."""
+    if hasattr(optimizer, "flush_ema"):
+        optimizer.flush_ema()
     out: dict[str, list[Tensor]] = {"param": [p.detach().cpu().clone() for p in params]}
     llaca_state = optimizer.state
     inner_state = getattr(optimizer, "optimizer", optimizer).state

@@ -173,12 +173,15 @@ def test_opcheck_emulated_ops():
     shapes = [(5,), (4, 3), (0,), (700,)]
     params = [torch.randn(s) for s in shapes]
     like = lambda: [torch.rand(s) for s in shapes]  # noqa: E731
+    pending = lambda: [torch.tensor(i % 2 == 1) for i in range(len(shapes))]  # noqa: E731
     args = (params, like(), like(), like(), like(), [torch.tensor(3.0) for _ in shapes],
             [p.clone() for p in params], like(), [torch.tensor(0.5) for _ in shapes],
-            [torch.tensor(False) for _ in shapes])
+            [torch.tensor(False) for _ in shapes], pending())
     kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=True,
                   maximize=False, llaca=True, scale=2.0, base_weight=0.01)
     torch.library.opcheck(torch.ops.llaca_optim_sim.adamw_llaca_.default, args, kwargs)
+    flush_args = (params, [p.clone() for p in params], [torch.tensor(0.5) for _ in shapes], pending())
+    torch.library.opcheck(torch.ops.llaca_optim_sim.llaca_flush_.default, flush_args, {})
 
 
 def test_bad_op_input_is_refused_before_anything_changes():

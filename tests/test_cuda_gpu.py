@@ -33,16 +33,19 @@ def test_auto_picks_the_cuda_kernels(cuda_backend):
     assert optimizer.backend == "cuda"
 
 
-@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+@pytest.mark.parametrize("kind", ["fused", "fused, EMA read between replays", "wrapper"])
 def test_captured_step_replays_like_eager_steps(cuda_backend, kind):
-    def make(model):
-        if kind == "fused":
-            return LLaCAAdamW(model.parameters(), lr=1e-3, backend="cuda")
+    """The eager twin of the fused optimizer blends within the step (defer_blend=False); reading
+    an EMA between replays flushes the deferred blends, which the next replay must see (the
+    flags live on the device)."""
+    def make(model, defer):
+        if kind.startswith("fused"):
+            return LLaCAAdamW(model.parameters(), lr=1e-3, backend="cuda", defer_blend=defer)
         return LLaCA(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), backend="cuda")
 
     inputs = torch.randn(12, 16, 512, device="cuda")
     eager_model, graph_model = _model(1), _model(1)
-    eager, graphed = make(eager_model), make(graph_model)
+    eager, graphed = make(eager_model, defer=False), make(graph_model, defer=True)
 
     def step(model, optimizer, x):
         optimizer.zero_grad(set_to_none=True)
@@ -65,10 +68,13 @@ def test_captured_step_replays_like_eager_steps(cuda_backend, kind):
     with torch.cuda.graph(graph):
         graph_model(static_x).pow(2).mean().backward()
         graphed.step()
-    for x in inputs[3:]:
+    for i, x in enumerate(inputs[3:]):
         static_x.copy_(x)
         graph.replay()
         step(eager_model, eager, x)
+        if kind == "fused, EMA read between replays" and i % 3 == 1:
+            first = next(graph_model.parameters())
+            torch.testing.assert_close(graphed.ema(first), eager.ema(next(eager_model.parameters())))
     torch.cuda.synchronize()
     a = collect(graphed, list(graph_model.parameters()))
     b = collect(eager, list(eager_model.parameters()))

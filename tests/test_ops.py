@@ -17,7 +17,7 @@ def adamw_args(n=3, dtype=torch.float32, amsgrad=True, fresh=False):
     args = (
         params, like(), like(), like(), like() if amsgrad else [],
         [torch.tensor(3.0) for _ in shapes], [p.float().clone() for p in params], like(),
-        alphas, [torch.tensor(False) for _ in shapes],
+        alphas, [torch.tensor(False) for _ in shapes], [],  # ema_pending: blend within the call
     )
     kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=amsgrad,
                   maximize=False, llaca=True, scale=2.0, base_weight=0.01)
@@ -46,6 +46,17 @@ def test_ops_refuse_mismatched_lists(cpu_backend):
     args = (args[0], args[1][:2], *args[2:])
     with pytest.raises(RuntimeError, match="grads has 2 tensors but params has 3"):
         torch.ops.llaca_optim.adamw_llaca_(*args, **kwargs)
+
+
+def test_cpu_kernels_refuse_deferred_blend_flags(cpu_backend):
+    """Only the CUDA kernels defer the blend (NOTE [CUDA deferred blend]); the CPU op says so
+    rather than ignoring the flags, and changes nothing."""
+    args, kwargs = adamw_args()
+    before = [t.clone() for t in args[0]]
+    args = (*args[:10], [torch.tensor(True) for _ in args[0]])
+    with pytest.raises(RuntimeError, match=r"cpu kernels blend the EMA within the step.*ema_pending=\[\]"):
+        torch.ops.llaca_optim.adamw_llaca_(*args, **kwargs)
+    assert all(torch.equal(p, b) for p, b in zip(args[0], before))
 
 
 def test_found_inf_skips_the_whole_op(cpu_backend):

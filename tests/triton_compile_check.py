@@ -62,16 +62,22 @@ def main() -> None:
             compile_for_hopper(K._step_blocks, {
                 "PDT": DTYPES[pdt], "EDT": DTYPES[edt], "ADAMW": adamw, "AMSGRAD": amsgrad,
                 "MAXIMIZE": flags, "LLACA": True, "HAS_LR_PTR": flags, "HAS_GRAD_SCALE": flags,
-                "HAS_FOUND_INF": flags, "ALIGNED": not flags, "BLOCK": 1024,
+                "HAS_FOUND_INF": flags, "ALIGNED": not flags,
+                # The deferred blend with and without amsgrad and the other flags.
+                "DEFER": adamw and flags == amsgrad, "BLOCK": 1024,
             })
     for pdt, edt in [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16")]:
         for aligned in (True, False):
             compile_for_hopper(K._blend_blocks, {"PDT": DTYPES[pdt], "EDT": DTYPES[edt],
                                                  "HAS_FOUND_INF": True, "ALIGNED": aligned,
                                                  "BLOCK": 1024})
-    for adamw, llaca in [(True, True), (True, False), (False, True)]:
-        compile_for_hopper(K._finish_tensors, {"ADAMW": adamw, "LLACA": llaca,
+            compile_for_hopper(K._flush_blocks, {"PDT": DTYPES[pdt], "EDT": DTYPES[edt],
+                                                 "ALIGNED": aligned, "BLOCK": 1024})
+    for adamw, llaca, defer in [(True, True, False), (True, True, True), (True, False, False),
+                                (False, True, False)]:
+        compile_for_hopper(K._finish_tensors, {"ADAMW": adamw, "LLACA": llaca, "DEFER": defer,
                                                "HAS_FOUND_INF": True, "RBLOCK": 128})
+    compile_for_hopper(K._clear_pending, {})
     print("OK")
 
 

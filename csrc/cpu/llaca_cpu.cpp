@@ -340,11 +340,14 @@ bool read_amp(const std::optional<Tensor>& grad_scale, const std::optional<Tenso
 void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                      TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList state_steps,
                      TensorList emas, TensorList prev_grads, TensorList alphas,
-                     TensorList fell_back, double lr, double beta1,
+                     TensorList fell_back, TensorList ema_pending, double lr, double beta1,
                      double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
                      bool llaca, double scale, double base_weight,
                      const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
                      const std::optional<Tensor>& found_inf) {
+  // The deferred blend is the CUDA kernels' (NOTE [CUDA deferred blend]); these blend in the step.
+  TORCH_CHECK(ema_pending.empty(), "llaca_optim: the cpu kernels blend the EMA within the step and "
+              "keep no blend pending; pass ema_pending=[] (got ", ema_pending.size(), " flags)");
   CallScalars call;
   call.maximize = maximize;
   call.scale = scale;

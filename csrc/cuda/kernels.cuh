@@ -1,6 +1,6 @@
 // The CUDA kernels of the llaca_optim ops: the fused AdamW + LLaCA step and the standalone LLaCA
-// update over all tensors of a bucket, in two launches whatever the number of tensors (NOTE [CUDA
-// work decomposition] in layout.h).
+// update over all tensors of a bucket, in one or two launches whatever the number of tensors
+// (NOTE [CUDA work decomposition] in layout.h), and the flush of deferred blends.
 //
 // Layers, as in torch's fused optimizers: element math (llaca/math.h, shared with the CPU
 // kernels), fragment loads and stores (this file), the kernels (this file), the launcher
@@ -169,6 +169,17 @@ LLACA_DEVICE int32_t find_tensor(const int64_t* begin, int32_t n, int64_t chunk)
   return lo;
 }
 
+// A deferred-blend flag (NOTE [CUDA deferred blend] in layout.h); the pointer may be null, so
+// the global-memory promise is made only where it is dereferenced.
+LLACA_DEVICE bool flag_set(const uint8_t* flag) {
+  LLACA_ASSUME_GLOBAL(flag);
+  return *flag != 0;
+}
+LLACA_DEVICE void set_flag(uint8_t* flag, bool value) {
+  LLACA_ASSUME_GLOBAL(flag);
+  *flag = value;
+}
+
 LLACA_DEVICE bool overflowed(const StepArgs& args) {
   return args.found_inf != nullptr && *args.found_inf != 0.0f;
 }
@@ -204,6 +215,9 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
   }
   // Read before the block (or the tensor's last block) overwrites them below.
   const bool fresh = LLACA && *meta.alpha < 0.0f;
+  // A blend deferred from the last step (NOTE [CUDA deferred blend] in layout.h) and its alpha.
+  const bool pending = LLACA && meta.pending != nullptr && flag_set(meta.pending);
+  const float pending_alpha = pending ? *meta.alpha : 0.0f;
   const float step = ADAMW ? *meta.step + 1.0f : 0.0f;
   AdamWScalars s{};
   if (ADAMW) {
@@ -222,11 +236,22 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
     const int64_t e0 = start + (int64_t(j) * kThreads + threadIdx.x) * W;
     const int64_t left = numel - e0;
     const int valid = left <= 0 ? 0 : (left >= W ? W : static_cast<int>(left));
-    float g[W], p[W];
+    float g[W], p[W], e[W];
     load<param_t, W>(g, meta.grad, e0, valid, vec);
     load<param_t, W>(p, meta.param, e0, valid, vec);
 #pragma unroll
     for (int k = 0; k < W; ++k) g[k] = g[k] / grad_scale;  // as torch's unscale_: a division
+    if (LLACA && !fresh) {
+      load<ema_t, W>(e, meta.ema, e0, valid, vec);
+      if (pending) {
+        // The last step's blend, from p_t before the AdamW update below replaces it; rounded as
+        // it would have been stored.
+#pragma unroll
+        for (int k = 0; k < W; ++k) e[k] = round_trip<ema_t>(e[k] + pending_alpha * (p[k] - e[k]));
+        // A tensor finished here stores its EMA once, after this step's blend.
+        if (!single) store<ema_t, W>(meta.ema, e, e0, valid, vec);
+      }
+    }
     if (ADAMW) {
       float m[W], v[W], vmax[W];
       load<param_t, W>(m, meta.exp_avg, e0, valid, vec);
@@ -246,8 +271,7 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
       if (fresh) {
         store<ema_t, W>(meta.ema, p, e0, valid, vec);
       } else {
-        float e[W], gp[W];
-        load<ema_t, W>(e, meta.ema, e0, valid, vec);
+        float gp[W];
         load<param_t, W>(gp, meta.prev_grad, e0, valid, vec);
 #pragma unroll
         for (int k = 0; k < W; ++k) {
@@ -278,6 +302,7 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
     if (single) {
       if (threadIdx.x == 0) {
         if (ADAMW) *meta.step = step;
+        if (meta.pending != nullptr) set_flag(meta.pending, false);  // blended below, or fresh
         float alpha;
         *meta.fell_back = tensor_alpha(fresh, sum_a, sum_b, sum_c, args.scale, args.base_weight, alpha);
         *meta.alpha = alpha;
@@ -319,6 +344,7 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
   if (threadIdx.x == 0) {
     if (ADAMW) *meta.step = step;
     if (LLACA) args.fresh[t] = fresh;
+    if (LLACA && meta.pending != nullptr) set_flag(meta.pending, !fresh);  // this blend waits
     args.arrivals[t] = 0;  // ready for the next call or graph replay
   }
   if (!LLACA) return;
@@ -370,6 +396,49 @@ __global__ void __launch_bounds__(kThreads) blend_chunks(StepArgs args) {
   }
 }
 
+// llaca_flush_: the pending blends (NOTE [CUDA deferred blend] in layout.h), one block per chunk
+// of every tensor; tensors without a pending blend return at once. The flag is cleared by the
+// tensor's last block to arrive, after every block has read it.
+template <typename param_t, typename ema_t>
+__global__ void __launch_bounds__(kThreads) flush_chunks(StepArgs args) {
+  constexpr int W = kVecElems<param_t>;
+  __shared__ int last_shared;
+  const int64_t chunk = blockIdx.x;
+  const int32_t t = find_tensor(args.chunk_begin, args.n_tensors, chunk);
+  const TensorMeta meta = args.metas[t];  // a copy: its pointers stay in registers
+  if (!flag_set(meta.pending)) return;  // the same answer in every block of the tensor
+  LLACA_ASSUME_GLOBAL(meta.alpha);
+  const float alpha = *meta.alpha;
+  const int64_t start = (chunk - args.chunk_begin[t]) * kChunk<param_t>;
+  const bool vec = meta.vectorized != 0;
+#pragma unroll
+  for (int j = 0; j < kVecsPerThread<param_t>; ++j) {
+    const int64_t e0 = start + (int64_t(j) * kThreads + threadIdx.x) * W;
+    const int64_t left = meta.numel - e0;
+    if (left <= 0) break;
+    const int valid = left >= W ? W : static_cast<int>(left);
+    float p[W], e[W];
+    load<param_t, W>(p, meta.param, e0, valid, vec);
+    load<ema_t, W>(e, meta.ema, e0, valid, vec);
+#pragma unroll
+    for (int k = 0; k < W; ++k) e[k] = e[k] + alpha * (p[k] - e[k]);
+    store<ema_t, W>(meta.ema, e, e0, valid, vec);
+  }
+  __syncthreads();  // every thread of this block has read the flag
+  if (threadIdx.x == 0) {
+    if (meta.num_chunks == 1) {
+      last_shared = 1;
+    } else {
+      __threadfence();
+      last_shared = atomicAdd(args.arrivals + t, 1u) + 1u == static_cast<uint32_t>(meta.num_chunks);
+    }
+    if (last_shared) {
+      set_flag(meta.pending, false);
+      args.arrivals[t] = 0;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launching. The flags of a call become template arguments here, once per call.
 
@@ -377,14 +446,16 @@ __global__ void __launch_bounds__(kThreads) blend_chunks(StepArgs args) {
 template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, typename Launcher>
 void launch_kernels(const CallShape& shape, const StepArgs& args, Launcher& launcher) {
   launcher(&step_chunks<param_t, ema_t, ADAMW, AMSGRAD, LLACA>, shape.chunks, args);
-  if (LLACA && shape.split_chunks > 0) {
+  if (LLACA && !shape.defer && shape.split_chunks > 0) {
     launcher(&blend_chunks<param_t, ema_t>, shape.split_chunks, args);
   }
 }
 
 template <typename param_t, typename ema_t, typename Launcher>
 void launch_flags(const CallShape& shape, const StepArgs& args, Launcher& launcher) {
-  if (!shape.adamw) {
+  if (shape.flush) {
+    launcher(&flush_chunks<param_t, ema_t>, shape.chunks, args);
+  } else if (!shape.adamw) {
     launch_kernels<param_t, ema_t, false, false, true>(shape, args, launcher);
   } else if (shape.amsgrad) {
     if (shape.llaca) launch_kernels<param_t, ema_t, true, true, true>(shape, args, launcher);

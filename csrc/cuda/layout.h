@@ -19,9 +19,25 @@
 //     Those tensors cost 13 accesses (the two-phase design); the
 //     blocks run in reverse chunk order, so they start on the data the step kernel wrote last,
 //     the part most likely still in L2.
+// With deferral (the fused step given `ema_pending` flags, NOTE [CUDA deferred blend] below) the
+// blend kernel is not launched at all: the step kernel is the only pass over memory.
 // Sums are fp32 within a block (a fixed shuffle tree) and fp64 across the chunks of a tensor in
 // chunk order: the same bits run after run. The arrival counters are reset by the last block, so
 // the workspace needs no clearing between steps or graph replays.
+//
+// NOTE [CUDA deferred blend]
+// SPEC section 5's single pass for tensors too large to keep on chip: the blend of step t waits for
+// step t + 1, which reads p_t and ema_{t-1} anyway. Per tensor, a one-byte device flag says that
+// its blend is pending, with the alpha of that step in its alpha slot. A step kernel block reads
+// the flag and alpha on entry and, if set, forms ema_t = ema_{t-1} + alpha_t (p_t - ema_{t-1})
+// (rounded to the EMA's dtype) before the AdamW update overwrites p_t, stores it, and reduces
+// |p_{t+1} - ema_t| against it; the block that finishes the tensor writes alpha_{t+1} and sets the
+// flag again (a multi-chunk tensor after any step but its first LLaCA step, which sets ema <- p and
+// has no blend). Single-chunk tensors blend on chip and clear the flag. The blend is the same
+// expression on the same stored values as the blend kernel's, so the EMA after a flush has the
+// same bits as without deferral. `llaca_flush_` applies and clears pending blends; the optimizer
+// runs it before anything reads an EMA. The flags live on the device, so a flush between CUDA
+// graph replays is seen by the next replay, and an AMP-skipped step leaves them as they were.
 #pragma once
 
 #include <cstdint>
@@ -66,6 +82,7 @@ struct TensorMeta {
   float* step;
   float* alpha;  // < 0 on entry: the tensor's first LLaCA step (llaca_optim/_ops.py)
   bool* fell_back;
+  uint8_t* pending;  // the deferred blend (NOTE [CUDA deferred blend]); null: blend within the call
   int64_t numel;
   int32_t num_chunks;
   int32_t vectorized;  // every array 16-byte aligned: 128-bit loads and stores
@@ -100,6 +117,8 @@ struct CallShape {
   int64_t chunks = 0;        // blocks of the step kernel
   int64_t split_chunks = 0;  // blocks of the blend kernel
   bool adamw = false, amsgrad = false, llaca = false, ema_fp32 = true;
+  bool defer = false;  // the step leaves multi-chunk blends pending: no blend launch
+  bool flush = false;  // the call is llaca_flush_: only the flush kernel runs
 };
 
 }  // namespace cuda

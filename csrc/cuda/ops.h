@@ -40,14 +40,16 @@ class Ops {
   static void adamw_llaca(TensorList params, TensorList grads, TensorList exp_avgs,
                           TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
                           TensorList state_steps, TensorList emas, TensorList prev_grads,
-                          TensorList alphas, TensorList fell_back, double lr, double beta1,
+                          TensorList alphas, TensorList fell_back, TensorList ema_pending,
+                          double lr, double beta1,
                           double beta2, double weight_decay, double eps, bool amsgrad,
                           bool maximize, bool llaca, double scale, double base_weight,
                           const std::optional<Tensor>& lr_tensor,
                           const std::optional<Tensor>& grad_scale,
                           const std::optional<Tensor>& found_inf) {
-    const Lists lists{params, grads,      exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                      state_steps, emas, prev_grads, alphas, fell_back};
+    const Lists lists{params,      grads, exp_avgs,   exp_avg_sqs, max_exp_avg_sqs,
+                      state_steps, emas,  prev_grads, alphas,      fell_back,
+                      ema_pending};
     const at::ScalarType ema_dtype =
         check_lists(lists, /*adamw=*/true, amsgrad, llaca, Runtime::kDeviceType, Runtime::kName);
     if (params.empty()) return;
@@ -74,7 +76,12 @@ class Ops {
     hyper.base_weight = base_weight;
     hyper.grad_scale = amp_pointer(grad_scale, "grad_scale", device);
     hyper.found_inf = amp_pointer(found_inf, "found_inf", device);
-    run(lists, /*adamw=*/true, amsgrad, llaca, ema_dtype, hyper);
+    CallShape flags;
+    flags.adamw = true;
+    flags.amsgrad = amsgrad;
+    flags.llaca = llaca;
+    flags.defer = llaca && !ema_pending.empty();
+    run(lists, flags, ema_dtype, hyper);
   }
 
   static void llaca_update(TensorList params, TensorList grads, TensorList emas,
@@ -92,12 +99,54 @@ class Ops {
     hyper.base_weight = base_weight;
     hyper.grad_scale = amp_pointer(grad_scale, "grad_scale", device);
     hyper.found_inf = amp_pointer(found_inf, "found_inf", device);
-    run(lists, /*adamw=*/false, false, /*llaca=*/true, ema_dtype, hyper);
+    CallShape flags;
+    flags.llaca = true;
+    run(lists, flags, ema_dtype, hyper);
+  }
+
+  // Applies and clears the pending blends of the fused step's deferral (NOTE [CUDA deferred
+  // blend] in layout.h): ema <- ema + alpha (p - ema) where ema_pending is set.
+  static void llaca_flush(TensorList params, TensorList emas, TensorList alphas,
+                          TensorList ema_pending) {
+    const Lists lists{params, {}, {}, {}, {}, {}, emas, {}, alphas, {}, ema_pending};
+    const at::ScalarType ema_dtype = check_flush_lists(lists);
+    if (params.empty()) return;
+    CallShape flags;
+    flags.llaca = true;
+    flags.flush = true;
+    run(lists, flags, ema_dtype, StepArgs{});
   }
 
  private:
-  static void run(const Lists& lists, bool adamw, bool amsgrad, bool llaca,
-                  at::ScalarType ema_dtype, const StepArgs& hyper) {
+  static at::ScalarType check_flush_lists(const Lists& l) {
+    const size_t n = l.params.size();
+    TORCH_CHECK(l.emas.size() == n && l.alphas.size() == n && l.ema_pending.size() == n,
+                "llaca_optim: llaca_flush_ takes one EMA, alpha and flag per parameter; got ", n,
+                " params, ", l.emas.size(), " emas, ", l.alphas.size(), " alphas and ",
+                l.ema_pending.size(), " flags");
+    for (size_t i = 0; i < n; ++i) {
+      const Tensor& p = l.params[i];
+      TORCH_CHECK(p.device() == l.params[0].device() && p.device().type() == Runtime::kDeviceType &&
+                      p.scalar_type() == l.params[0].scalar_type() &&
+                      p.is_non_overlapping_and_dense() &&
+                      (p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16 ||
+                       p.scalar_type() == at::kHalf),
+                  "llaca_optim: params[", i, "] must be a dense float32, bfloat16 or float16 "
+                  "tensor of params[0]'s device and dtype for the ", Runtime::kName, " kernels");
+      check_companion(p, l.emas[i], "emas", i, /*same_dtype=*/false);
+      TORCH_CHECK(l.emas[i].scalar_type() == l.emas[0].scalar_type() &&
+                      (l.emas[i].scalar_type() == at::kFloat ||
+                       l.emas[i].scalar_type() == p.scalar_type()),
+                  "llaca_optim: emas[", i, "] has dtype ", l.emas[i].scalar_type(),
+                  "; EMAs must all be float32 or all in the parameters' dtype");
+      check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i, p.device());
+      check_scalar_slot(l.ema_pending[i], at::kBool, "ema_pending", i, p.device());
+    }
+    return n ? l.emas[0].scalar_type() : at::kFloat;
+  }
+
+  static void run(const Lists& lists, CallShape flags, at::ScalarType ema_dtype,
+                  const StepArgs& hyper) {
     const c10::Device device = lists.params[0].device();
     const at::ScalarType dtype = lists.params[0].scalar_type();
     typename Runtime::Guard guard(device);
@@ -107,15 +156,14 @@ class Ops {
     static WorkspaceCache<Runtime> cache(/*capacity=*/16);
     static std::vector<int64_t> key;  // reused: guarded by the mutex
     std::lock_guard<std::mutex> lock(mutex);
-    workspace_key(lists, adamw, amsgrad, llaca, key);
+    workspace_key(lists, flags.adamw, flags.amsgrad, flags.llaca, key);
     auto& entry = cache.get(key, chunk_elems(dtype),
                             device, stream, Runtime::capturing(stream));
     StepArgs args = hyper;
     point_at_workspace(args, static_cast<uint8_t*>(entry.device.data_ptr()), entry.layout);
-    CallShape shape = entry.shape;
-    shape.adamw = adamw;
-    shape.amsgrad = amsgrad;
-    shape.llaca = llaca;
+    CallShape shape = flags;
+    shape.chunks = entry.shape.chunks;
+    shape.split_chunks = entry.shape.split_chunks;
     shape.ema_fp32 = ema_dtype == at::kFloat;
     Runtime::launch(dtype, shape, args, stream);
   }

@@ -117,6 +117,7 @@ struct CudaRuntime {
 TORCH_LIBRARY_IMPL(llaca_optim, CUDA, m) {
   m.impl("adamw_llaca_", &Ops<CudaRuntime>::adamw_llaca);
   m.impl("llaca_update_", &Ops<CudaRuntime>::llaca_update);
+  m.impl("llaca_flush_", &Ops<CudaRuntime>::llaca_flush);
 }
 
 }  // namespace cuda

@@ -61,7 +61,7 @@ struct WorkspaceLayout {
 };
 
 // The roles of a tensor's arrays, in TensorMeta order; the key holds one address per role.
-constexpr int kRoles = 10;
+constexpr int kRoles = 11;
 
 // The identity of a call's tables: device, dtype, and per tensor its size and every address.
 // Written into `key`, which the caller reuses from step to step (no host allocation once warm).
@@ -72,8 +72,9 @@ inline void workspace_key(const Lists& l, bool adamw, bool amsgrad, bool llaca,
   key.push_back(n);
   key.push_back(n ? l.params[0].get_device() : -1);
   key.push_back(n ? static_cast<int64_t>(l.params[0].scalar_type()) : -1);
+  // Lists a call leaves empty (grads of a flush, the flags of a step that blends) have no address.
   auto address = [](TensorList list, int64_t i, bool used) -> int64_t {
-    return used ? reinterpret_cast<int64_t>(list[i].data_ptr()) : 0;
+    return used && !list.empty() ? reinterpret_cast<int64_t>(list[i].data_ptr()) : 0;
   };
   for (int64_t i = 0; i < n; ++i) {
     key.push_back(l.params[i].numel());
@@ -87,6 +88,7 @@ inline void workspace_key(const Lists& l, bool adamw, bool amsgrad, bool llaca,
     key.push_back(address(l.state_steps, i, adamw));
     key.push_back(address(l.alphas, i, llaca));
     key.push_back(address(l.fell_back, i, llaca));
+    key.push_back(address(l.ema_pending, i, llaca));
   }
 }
 
@@ -115,6 +117,7 @@ inline void build_image(const std::vector<int64_t>& key, int64_t chunk_elems, ui
     m.step = reinterpret_cast<float*>(row[8]);
     m.alpha = reinterpret_cast<float*>(row[9]);
     m.fell_back = reinterpret_cast<bool*>(row[10]);
+    m.pending = reinterpret_cast<uint8_t*>(row[11]);
     m.numel = numel;
     m.num_chunks = static_cast<int32_t>(chunks);
     bool aligned = true;

@@ -60,6 +60,10 @@ class Bucket:
     prev_grads: list[Tensor] = field(default_factory=list)
     alphas: list[Tensor] = field(default_factory=list)
     fell_back: list[Tensor] = field(default_factory=list)
+    # Deferred-blend flags (backends with ``defers_blend`` only): empty, or one per tensor.
+    ema_pending: list[Tensor] = field(default_factory=list)
+    # The params' ``_version`` after the last deferring step (the optimizer's in-place check).
+    param_versions: list[int] | None = None
 
 
 @dataclass
@@ -104,6 +108,9 @@ class Backend:
     """The interface; :class:`ReferenceBackend` is the ground truth every other one matches."""
 
     name = "abstract"
+    # Whether adamw_llaca may leave a tensor's EMA blend pending until its next step or a flush
+    # (NOTE [CUDA deferred blend] in csrc/cuda/layout.h): a bucket with ``ema_pending`` flags.
+    defers_blend = False
 
     def accepts(self, param: Tensor, companions: list[Tensor]) -> bool:
         """Whether this backend's kernels can update ``param`` with these state tensors in place."""
@@ -114,6 +121,11 @@ class Backend:
 
     def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
         raise NotImplementedError
+
+    def flush_ema(self, bucket: Bucket) -> None:
+        """Applies and clears the blends pending in ``bucket`` (params, emas, alphas and
+        ema_pending); only backends that defer have any."""
+        raise NotImplementedError(f"the {self.name} backend never defers the EMA blend")
 
     def __repr__(self) -> str:
         return f"<llaca_optim backend {self.name!r}>"
@@ -177,14 +189,16 @@ class ReferenceBackend(Backend):
 class NativeBackend(Backend):
     """The C++/CUDA extension's kernels, reached through the torch.library ops (the dispatcher
     picks the kernel registered for the tensors' device). ``ops`` is the op namespace: the tests
-    pass the one of an emulated build (tests/_cuda_sim.py)."""
+    pass the one of an emulated build (tests/_cuda_sim.py). The CUDA kernels defer the blend of
+    tensors too large to finish on chip, which makes their step a single pass over memory."""
 
     _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-    def __init__(self, name: str, device_type: str, ops=None) -> None:
+    def __init__(self, name: str, device_type: str, ops=None, defers_blend: bool = False) -> None:
         self.name = name
         self.device_type = device_type
         self._ops = ops if ops is not None else torch.ops.llaca_optim
+        self.defers_blend = defers_blend
 
     def accepts(self, param: Tensor, companions: list[Tensor]) -> bool:
         return (
@@ -200,7 +214,7 @@ class NativeBackend(Backend):
         self._ops.adamw_llaca_(
             bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
             bucket.max_exp_avg_sqs, bucket.state_steps, bucket.emas, bucket.prev_grads,
-            bucket.alphas, bucket.fell_back,
+            bucket.alphas, bucket.fell_back, bucket.ema_pending,
             lr=0.0 if lr_tensor is not None else float(h.lr), beta1=h.beta1, beta2=h.beta2,
             weight_decay=h.weight_decay, eps=h.eps, amsgrad=h.amsgrad, maximize=h.maximize,
             llaca=h.llaca, scale=h.scale, base_weight=h.base_weight, lr_tensor=lr_tensor,
@@ -214,13 +228,19 @@ class NativeBackend(Backend):
             grad_scale=h.grad_scale, found_inf=h.found_inf,
         )
 
+    def flush_ema(self, bucket: Bucket) -> None:
+        if not self.defers_blend:
+            super().flush_ema(bucket)
+        self._ops.llaca_flush_(bucket.params, bucket.emas, bucket.alphas, bucket.ema_pending)
+
 
 class TritonBackend(NativeBackend):
-    """The Triton kernels (backends/_triton_kernels.py): three launches per bucket. Same
-    eligibility as the extension's kernels (dense, one layout for a tensor and its state)."""
+    """The Triton kernels (backends/_triton_kernels.py): two launches per bucket with the blend
+    deferred, three without. Same eligibility as the extension's kernels (dense, one layout for
+    a tensor and its state)."""
 
     def __init__(self, device_type: str) -> None:
-        super().__init__("triton", device_type)
+        super().__init__("triton", device_type, defers_blend=True)
         self._launcher = _triton.TritonLauncher(device_type)
 
     def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
@@ -228,6 +248,9 @@ class TritonBackend(NativeBackend):
 
     def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
         self._launcher.launch(bucket, h, adamw=False)
+
+    def flush_ema(self, bucket: Bucket) -> None:
+        self._launcher.flush(bucket)
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:
@@ -326,5 +349,5 @@ def _instance(name: str, device_type: str) -> Backend:
         elif name == "triton":
             _instances[key] = TritonBackend(device_type)
         else:
-            _instances[key] = NativeBackend(name, device_type)
+            _instances[key] = NativeBackend(name, device_type, defers_blend=name == "cuda")
     return _instances[key]

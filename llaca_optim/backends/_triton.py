@@ -124,9 +124,10 @@ class TritonLauncher:
         else:
             columns += [None, None, None]
         llaca = h.llaca and bool(bucket.emas)
+        defer = llaca and adamw and bool(bucket.ema_pending)
         columns += [bucket.emas if llaca else None, bucket.prev_grads if llaca else None,
                     bucket.state_steps if adamw else None, bucket.alphas if llaca else None,
-                    bucket.fell_back if llaca else None]
+                    bucket.fell_back if llaca else None, bucket.ema_pending if defer else None]
         table, aligned = self.addresses(columns, n, device)
         dummy = tables.partials  # any tensor on the device, for pointer arguments left unused
         lr_ptr = h.lr if isinstance(h.lr, Tensor) else None
@@ -146,14 +147,38 @@ class TritonLauncher:
                 h.grad_scale if h.grad_scale is not None else dummy,
                 PDT=pdt, EDT=edt, ADAMW=adamw, AMSGRAD=adamw and h.amsgrad, MAXIMIZE=h.maximize,
                 LLACA=llaca, HAS_LR_PTR=lr_ptr is not None,
-                HAS_GRAD_SCALE=h.grad_scale is not None, ALIGNED=aligned, BLOCK=BLOCK, **common,
+                HAS_GRAD_SCALE=h.grad_scale is not None, ALIGNED=aligned, DEFER=defer, BLOCK=BLOCK,
+                **common,
             )
         K._finish_tensors[(n,)](
             table, tables.first_block, tables.block_count, tables.partials, tables.fresh, n,
-            float(h.scale), float(h.base_weight), ADAMW=adamw, LLACA=llaca, RBLOCK=RBLOCK, **common,
+            float(h.scale), float(h.base_weight), ADAMW=adamw, LLACA=llaca, DEFER=defer,
+            RBLOCK=RBLOCK, **common,
         )
-        if llaca and tables.n_blocks:
+        if llaca and not defer and tables.n_blocks:
             K._blend_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, tables.fresh, n,
                 PDT=pdt, EDT=edt, ALIGNED=aligned, BLOCK=BLOCK, **common,
             )
+
+    def flush(self, bucket) -> None:
+        """Applies and clears the blends pending in ``bucket`` (params, emas, alphas, ema_pending)."""
+        from . import _triton_kernels as K
+        import triton.language as tl
+
+        params = bucket.params
+        if not params:
+            return
+        n = len(params)
+        tables = self.tables(params)
+        dtypes = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+        table, aligned = self.addresses(
+            [params, None, None, None, None, bucket.emas, None, None, bucket.alphas, None,
+             bucket.ema_pending], n, params[0].device)
+        if tables.n_blocks:
+            K._flush_blocks[(tables.n_blocks,)](
+                table, tables.numels, tables.block_tensor, tables.block_start, n,
+                PDT=dtypes[params[0].dtype], EDT=dtypes[bucket.emas[0].dtype], ALIGNED=aligned,
+                BLOCK=BLOCK, enable_fp_fusion=False,
+            )
+        K._clear_pending[(n,)](table, n)

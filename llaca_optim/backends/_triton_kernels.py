@@ -9,6 +9,13 @@ Three launches per call, whatever the number of tensors (SPEC section 4):
    added in a fixed order (fp64), alpha, the fallback flag and the "fresh" mark for pass 3.
 3. ``_blend_blocks``, one program per block again: ema <- ema + alpha (p - ema).
 
+With DEFER (the bucket has ``ema_pending`` flags: the deferred blend of NOTE [CUDA deferred blend]
+in csrc/cuda/layout.h, the same design) pass 3 is not launched: pass 1 first applies the blend the
+last step left pending (its alpha is still in the slot, since pass 2 of this step runs after),
+from p before its AdamW update, stores the EMA and sums against it; pass 2 marks the new blend
+pending. The step is then one pass over memory. ``_flush_blocks`` and ``_clear_pending`` apply
+and clear pending blends.
+
 Tensors are reached through a table of raw addresses in device memory (one row per role, one
 column per tensor), cast to typed pointers in the kernel; which tensor and offset a block covers
 comes from two more tables. Block offsets are int64 (tensors over 2^31 elements). Every
@@ -25,8 +32,8 @@ import triton
 import triton.language as tl
 
 # Rows of the address table (constexpr: kernels may only read globals of that kind).
-P, G, M, V, VMAX, EMA, GPREV, STEP, ALPHA, FELL_BACK = (tl.constexpr(i) for i in range(10))
-ROLES = 10
+P, G, M, V, VMAX, EMA, GPREV, STEP, ALPHA, FELL_BACK, PENDING = (tl.constexpr(i) for i in range(11))
+ROLES = 11
 
 
 @triton.jit
@@ -97,7 +104,7 @@ def _step_blocks(
     PDT: tl.constexpr, EDT: tl.constexpr, ADAMW: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, LLACA: tl.constexpr, HAS_LR_PTR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    DEFER: tl.constexpr, BLOCK: tl.constexpr,
 ):
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
@@ -107,12 +114,12 @@ def _step_blocks(
         _step_block(table, partials, n_tensors, b, t, offs, mask, lr_hi, lr_lo, beta1, beta2,
                     one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, wd_hi, wd_lo, eps,
                     lr_ptr, grad_scale_ptr, PDT, EDT, ADAMW, AMSGRAD, MAXIMIZE, LLACA, HAS_LR_PTR,
-                    HAS_GRAD_SCALE, ALIGNED, False)
+                    HAS_GRAD_SCALE, ALIGNED, DEFER, False)
     else:
         _step_block(table, partials, n_tensors, b, t, offs, mask, lr_hi, lr_lo, beta1, beta2,
                     one_minus_beta1, one_minus_beta2, log_beta1, log_beta2, wd_hi, wd_lo, eps,
                     lr_ptr, grad_scale_ptr, PDT, EDT, ADAMW, AMSGRAD, MAXIMIZE, LLACA, HAS_LR_PTR,
-                    HAS_GRAD_SCALE, ALIGNED, True)
+                    HAS_GRAD_SCALE, ALIGNED, DEFER, True)
 
 
 @triton.jit
@@ -122,7 +129,8 @@ def _step_block(
     lr_ptr, grad_scale_ptr,
     PDT: tl.constexpr, EDT: tl.constexpr, ADAMW: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, LLACA: tl.constexpr, HAS_LR_PTR: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr, DEFER: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """Pass 1 on one block (see the module docstring); MASKED only for a tensor's last block."""
     p_ptr = _array(table, P, t, n_tensors, PDT, ALIGNED)
@@ -131,6 +139,7 @@ def _step_block(
     if HAS_GRAD_SCALE:
         g = g / tl.load(grad_scale_ptr).to(tl.float32)
     p = _ld(p_ptr + offs, mask, MASKED).to(tl.float32)
+    p_before = p  # p_t, which a pending blend of the last step needs
 
     if ADAMW:
         step_ptr = _addr(table, STEP, t, n_tensors).to(tl.pointer_type(tl.float32))
@@ -187,6 +196,13 @@ def _step_block(
             sum_c = 0.0
         else:
             e = _ld(ema_ptr + offs, mask, MASKED).to(tl.float32)
+            if DEFER:
+                pending_ptr = _addr(table, PENDING, t, n_tensors).to(tl.pointer_type(tl.int8))
+                pending = tl.load(pending_ptr) != 0
+                blended = _narrow(e + tl.load(alpha_ptr) * (p_before - e), EDT)
+                e = tl.where(pending, blended.to(tl.float32), e)
+                if pending:
+                    _st(ema_ptr + offs, blended, mask, MASKED)
             gp = _ld(gprev_ptr + offs, mask, MASKED).to(tl.float32)
             sum_a = tl.sum(tl.where(mask, tl.abs(p - e), 0.0), axis=0)
             sum_b = tl.sum(tl.where(mask, tl.abs(g), 0.0), axis=0)
@@ -201,7 +217,8 @@ def _step_block(
 def _finish_tensors(
     table, tensor_first_block, tensor_blocks, partials, fresh_marks, n_tensors,
     scale, base_weight, found_inf_ptr,
-    ADAMW: tl.constexpr, LLACA: tl.constexpr, HAS_FOUND_INF: tl.constexpr, RBLOCK: tl.constexpr,
+    ADAMW: tl.constexpr, LLACA: tl.constexpr, HAS_FOUND_INF: tl.constexpr, DEFER: tl.constexpr,
+    RBLOCK: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     if HAS_FOUND_INF:
@@ -238,6 +255,9 @@ def _finish_tensors(
         alpha = tl.where(adaptive, candidate, tl.cast(base_weight, tl.float64))
         tl.store(alpha_ptr, alpha.to(tl.float32))
         tl.store(flag_ptr, (adaptive == 0).to(tl.int8))
+        if DEFER:  # this step's blend waits for the next step or a flush (none on a first step)
+            pending_ptr = _addr(table, PENDING, t, n_tensors).to(tl.pointer_type(tl.int8))
+            tl.store(pending_ptr, (fresh == 0).to(tl.int8))
 
 
 @triton.jit
@@ -267,3 +287,24 @@ def _blend_block(table, t, offs, mask, n_tensors, PDT: tl.constexpr, EDT: tl.con
     p = _ld(p_ptr + offs, mask, MASKED).to(tl.float32)
     e = _ld(ema_ptr + offs, mask, MASKED).to(tl.float32)
     _st(ema_ptr + offs, _narrow((e + alpha * (p - e)), EDT), mask, MASKED)
+
+
+@triton.jit
+def _flush_blocks(
+    table, numels, block_tensor, block_start, n_tensors,
+    PDT: tl.constexpr, EDT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The pending blends, one program per block; ``_clear_pending`` runs after it."""
+    b, t, offs, mask, full = _block(numels, block_tensor, block_start, BLOCK)
+    if tl.load(_addr(table, PENDING, t, n_tensors).to(tl.pointer_type(tl.int8))) == 0:
+        return
+    if full:
+        _blend_block(table, t, offs, mask, n_tensors, PDT, EDT, ALIGNED, False)
+    else:
+        _blend_block(table, t, offs, mask, n_tensors, PDT, EDT, ALIGNED, True)
+
+
+@triton.jit
+def _clear_pending(table, n_tensors):
+    t = tl.program_id(0).to(tl.int64)
+    tl.store(_addr(table, PENDING, t, n_tensors).to(tl.pointer_type(tl.int8)), tl.zeros((), tl.int8))

@@ -55,6 +55,7 @@ struct SimRuntime {
 TORCH_LIBRARY_IMPL(llaca_optim_sim, CPU, m) {
   m.impl("adamw_llaca_", &Ops<SimRuntime>::adamw_llaca);
   m.impl("llaca_update_", &Ops<SimRuntime>::llaca_update);
+  m.impl("llaca_flush_", &Ops<SimRuntime>::llaca_flush);
 }
 
 }  // namespace cuda

@@ -18,9 +18,11 @@ using at::Tensor;
 using at::TensorList;
 
 // The per-tensor lists of one call, as the op schemas in llaca_optim/_ops.py name them.
+// `ema_pending` (the deferred blend's flags, CUDA only: NOTE [CUDA deferred blend]) is empty
+// when the call blends within itself.
 struct Lists {
   TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas, prev_grads,
-      alphas, fell_back;
+      alphas, fell_back, ema_pending;
 };
 
 // Two tensors walked with one flat index must lay their elements out identically; strides of
@@ -108,6 +110,10 @@ inline at::ScalarType check_lists(const Lists& l, bool adamw, bool amsgrad, bool
     same_length(l.prev_grads, "prev_grads");
     same_length(l.alphas, "alphas");
     same_length(l.fell_back, "fell_back");
+    if (!l.ema_pending.empty()) same_length(l.ema_pending, "ema_pending");
+  } else {
+    TORCH_CHECK(l.ema_pending.empty(), "llaca_optim: ema_pending has ", l.ema_pending.size(),
+                " tensors in a call with llaca=False; pass an empty list");
   }
   const at::ScalarType ema_dtype = n > 0 && llaca ? l.emas[0].scalar_type() : at::kFloat;
   for (int64_t i = 0; i < n; ++i) {
@@ -144,6 +150,9 @@ inline at::ScalarType check_lists(const Lists& l, bool adamw, bool amsgrad, bool
       check_companion(p, l.prev_grads[i], "prev_grads", i);
       check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i, p.device());
       check_scalar_slot(l.fell_back[i], at::kBool, "fell_back", i, p.device());
+      if (!l.ema_pending.empty()) {
+        check_scalar_slot(l.ema_pending[i], at::kBool, "ema_pending", i, p.device());
+      }
     }
   }
   return ema_dtype;
