@@ -79,6 +79,13 @@ def _step(params, optimizer, grads, with_grad=None):
     optimizer.step()
 
 
+def _train(runs, grads):
+    """The same steps for every (params, optimizer) of ``runs``."""
+    for step_grads in grads:
+        for params, optimizer in runs:
+            _step(params, optimizer, step_grads)
+
+
 @pytest.mark.parametrize("dtype,ema_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                              (torch.bfloat16, "param"), (torch.float16, None)],
                          ids=["fp32", "bf16-fp32ema", "bf16-bf16ema", "fp16-fp32ema"])
@@ -121,10 +128,7 @@ def test_the_blend_is_really_deferred_and_flush_applies_it(deferring_backend):
     never pending; flush_ema applies the blend and clears the flags."""
     backend, device = deferring_backend
     runs = _pair(deferring_backend, torch.float32, seed=5)
-    grads = _gradients(torch.float32, device, 3, seed=5)
-    for step_grads in grads:
-        for params, optimizer in runs:
-            _step(params, optimizer, step_grads)
+    _train(runs, _gradients(torch.float32, device, 3, seed=5))
     (params, deferring), (twin_params, blending) = runs
     # Which tensors the kernels finish on chip (never pending): CUDA's single-chunk ones.
     on_chip = 0 if backend == "triton" else 4096 if device == "cuda" else 256
@@ -150,10 +154,7 @@ def test_the_blend_is_really_deferred_and_flush_applies_it(deferring_backend):
 def test_every_ema_reader_sees_the_blended_ema(deferring_backend, reader):
     _, device = deferring_backend
     runs = _pair(deferring_backend, torch.bfloat16, seed=11)
-    grads = _gradients(torch.bfloat16, device, 4, seed=11)
-    for step_grads in grads:
-        for params, optimizer in runs:
-            _step(params, optimizer, step_grads)
+    _train(runs, _gradients(torch.bfloat16, device, 4, seed=11))
     seen = []
     for params, optimizer in runs:
         if reader == "ema":
@@ -172,9 +173,7 @@ def test_every_ema_reader_sees_the_blended_ema(deferring_backend, reader):
     for i, (x, y) in enumerate(zip(*seen)):
         assert_equal(x, y, what=f"{reader}: tensor {i}")
     # Training on after the read (the flags were cleared by the flush) stays identical.
-    for step_grads in _gradients(torch.bfloat16, device, 3, seed=12):
-        for params, optimizer in runs:
-            _step(params, optimizer, step_grads)
+    _train(runs, _gradients(torch.bfloat16, device, 3, seed=12))
     _assert_same_state(*runs)
 
 
@@ -182,17 +181,13 @@ def test_state_dict_taken_while_pending_resumes_identically(deferring_backend):
     backend, device = deferring_backend
     runs = _pair(deferring_backend, torch.float32, seed=21)
     grads = _gradients(torch.float32, device, 8, seed=21)
-    for step_grads in grads[:4]:
-        for params, optimizer in runs:
-            _step(params, optimizer, step_grads)
+    _train(runs, grads[:4])
     (params, deferring), _ = runs
     saved = deferring.state_dict()
     resumed = LLaCAAdamW(params, lr=3e-2, weight_decay=0.05, backend=backend)
     resumed.load_state_dict(saved)
     runs[0] = (params, resumed)
-    for step_grads in grads[4:]:
-        for params, optimizer in runs:
-            _step(params, optimizer, step_grads)
+    _train(runs, grads[4:])
     _assert_same_state(*runs)
 
 
@@ -268,8 +263,7 @@ def test_a_captured_step_keeps_every_flush_active(deferring_backend, monkeypatch
     _, device = deferring_backend
     runs = _pair(deferring_backend, torch.float32, seed=51)
     grads = _gradients(torch.float32, device, 5, seed=51)
-    for params, optimizer in runs:
-        _step(params, optimizer, grads[0])
+    _train(runs, grads[:1])
     (params, deferring), (twin_params, blending) = runs
     monkeypatch.setattr(core, "_capturing", lambda t: True)
     _step(params, deferring, grads[1])

@@ -366,18 +366,12 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
   }
 }
 
-// The blend of the multi-chunk tensors: ema <- ema + alpha (p - ema), one block per chunk, in
-// reverse chunk order; skipped on a tensor's first LLaCA step (the step kernel set ema <- p).
+// ema <- ema + alpha (p - ema) over one chunk of a tensor, from its alpha slot: the second phase
+// of the two-phase design and the flush of a deferred blend (the same expression as the step
+// kernel's on-chip and deferred blends, so every path stores the same bits).
 template <typename param_t, typename ema_t>
-__global__ void __launch_bounds__(kThreads) blend_chunks(StepArgs args) {
+LLACA_DEVICE void blend_chunk(const TensorMeta& meta, int64_t start) {
   constexpr int W = kVecElems<param_t>;
-  if (overflowed(args)) return;
-  const int64_t chunk = args.split_chunk_begin[args.n_split] - 1 - static_cast<int64_t>(blockIdx.x);
-  const int32_t s = find_tensor(args.split_chunk_begin, args.n_split, chunk);
-  const int32_t t = args.split_tensors[s];
-  if (args.fresh[t]) return;
-  const TensorMeta meta = args.metas[t];  // a copy: its pointers stay in registers
-  const int64_t start = (chunk - args.split_chunk_begin[s]) * kChunk<param_t>;
   const bool vec = meta.vectorized != 0;
   LLACA_ASSUME_GLOBAL(meta.alpha);
   const float alpha = *meta.alpha;
@@ -396,34 +390,30 @@ __global__ void __launch_bounds__(kThreads) blend_chunks(StepArgs args) {
   }
 }
 
+// The blend of the multi-chunk tensors: ema <- ema + alpha (p - ema), one block per chunk, in
+// reverse chunk order; skipped on a tensor's first LLaCA step (the step kernel set ema <- p).
+template <typename param_t, typename ema_t>
+__global__ void __launch_bounds__(kThreads) blend_chunks(StepArgs args) {
+  if (overflowed(args)) return;
+  const int64_t chunk = args.split_chunk_begin[args.n_split] - 1 - static_cast<int64_t>(blockIdx.x);
+  const int32_t s = find_tensor(args.split_chunk_begin, args.n_split, chunk);
+  const int32_t t = args.split_tensors[s];
+  if (args.fresh[t]) return;
+  const TensorMeta meta = args.metas[t];  // a copy: its pointers stay in registers
+  blend_chunk<param_t, ema_t>(meta, (chunk - args.split_chunk_begin[s]) * kChunk<param_t>);
+}
+
 // llaca_flush_: the pending blends (NOTE [CUDA deferred blend] in layout.h), one block per chunk
 // of every tensor; tensors without a pending blend return at once. The flag is cleared by the
 // tensor's last block to arrive, after every block has read it.
 template <typename param_t, typename ema_t>
 __global__ void __launch_bounds__(kThreads) flush_chunks(StepArgs args) {
-  constexpr int W = kVecElems<param_t>;
   __shared__ int last_shared;
   const int64_t chunk = blockIdx.x;
   const int32_t t = find_tensor(args.chunk_begin, args.n_tensors, chunk);
   const TensorMeta meta = args.metas[t];  // a copy: its pointers stay in registers
   if (!flag_set(meta.pending)) return;  // the same answer in every block of the tensor
-  LLACA_ASSUME_GLOBAL(meta.alpha);
-  const float alpha = *meta.alpha;
-  const int64_t start = (chunk - args.chunk_begin[t]) * kChunk<param_t>;
-  const bool vec = meta.vectorized != 0;
-#pragma unroll
-  for (int j = 0; j < kVecsPerThread<param_t>; ++j) {
-    const int64_t e0 = start + (int64_t(j) * kThreads + threadIdx.x) * W;
-    const int64_t left = meta.numel - e0;
-    if (left <= 0) break;
-    const int valid = left >= W ? W : static_cast<int>(left);
-    float p[W], e[W];
-    load<param_t, W>(p, meta.param, e0, valid, vec);
-    load<ema_t, W>(e, meta.ema, e0, valid, vec);
-#pragma unroll
-    for (int k = 0; k < W; ++k) e[k] = e[k] + alpha * (p[k] - e[k]);
-    store<ema_t, W>(meta.ema, e, e0, valid, vec);
-  }
+  blend_chunk<param_t, ema_t>(meta, (chunk - args.chunk_begin[t]) * kChunk<param_t>);
   __syncthreads();  // every thread of this block has read the flag
   if (threadIdx.x == 0) {
     if (meta.num_chunks == 1) {

@@ -272,15 +272,22 @@ def _blend_blocks(
     b, t, offs, mask, full = _block(numels, block_tensor, block_start, BLOCK)
     if tl.load(fresh_marks + t) != 0:  # first LLaCA step: ema was set to p in pass 1
         return
-    if full:
-        _blend_block(table, t, offs, mask, n_tensors, PDT, EDT, ALIGNED, False)
-    else:
-        _blend_block(table, t, offs, mask, n_tensors, PDT, EDT, ALIGNED, True)
+    _blend_block(table, t, offs, mask, full, n_tensors, PDT, EDT, ALIGNED)
 
 
 @triton.jit
-def _blend_block(table, t, offs, mask, n_tensors, PDT: tl.constexpr, EDT: tl.constexpr,
-                 ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+def _blend_block(table, t, offs, mask, full, n_tensors, PDT: tl.constexpr, EDT: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    """ema <- ema + alpha (p - ema) on one block: pass 3, and the flush of a deferred blend."""
+    if full:
+        _blend_elements(table, t, offs, mask, n_tensors, PDT, EDT, ALIGNED, False)
+    else:
+        _blend_elements(table, t, offs, mask, n_tensors, PDT, EDT, ALIGNED, True)
+
+
+@triton.jit
+def _blend_elements(table, t, offs, mask, n_tensors, PDT: tl.constexpr, EDT: tl.constexpr,
+                    ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     p_ptr = _array(table, P, t, n_tensors, PDT, ALIGNED)
     ema_ptr = _array(table, EMA, t, n_tensors, EDT, ALIGNED)
     alpha = tl.load(_addr(table, ALPHA, t, n_tensors).to(tl.pointer_type(tl.float32)))
@@ -298,10 +305,7 @@ def _flush_blocks(
     b, t, offs, mask, full = _block(numels, block_tensor, block_start, BLOCK)
     if tl.load(_addr(table, PENDING, t, n_tensors).to(tl.pointer_type(tl.int8))) == 0:
         return
-    if full:
-        _blend_block(table, t, offs, mask, n_tensors, PDT, EDT, ALIGNED, False)
-    else:
-        _blend_block(table, t, offs, mask, n_tensors, PDT, EDT, ALIGNED, True)
+    _blend_block(table, t, offs, mask, full, n_tensors, PDT, EDT, ALIGNED)
 
 
 @triton.jit
