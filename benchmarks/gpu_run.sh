@@ -22,12 +22,14 @@ python3 -m pip install --no-deps --no-build-isolation --no-index -v -e . > "$out
 python3 -c "import llaca_optim; print(llaca_optim.backend_status())" >> "$out/device.txt" 2>&1
 # The CUDA backend first (the parity, determinism, AMP and graph tests on the GPU), then
 # everything; -x would stop the rest at the first failure, so the logs are separate.
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py tests/test_cuda_gpu.py 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py tests/test_cuda_gpu.py \
+  tests/test_deferred_blend.py 2>&1 \
   | tail -n 150 > "$out/tests_cuda.log"
 # Out-of-bounds accesses and races show nothing in the results; compute-sanitizer finds them
 # (a few small cases: it slows kernels down a hundredfold).
 timeout 300 compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_cuda_backend.py -k "same_bits or reusing or nonfinite" 2>&1 | tail -n 60 > "$out/memcheck.log"
+  tests/test_cuda_backend.py tests/test_deferred_blend.py \
+  -k "(same_bits or reusing or nonfinite or really_deferred) and not triton" 2>&1 | tail -n 60 > "$out/memcheck.log"
 python3 -m pytest -q -p no:cacheprovider 2>&1 | tail -n 200 > "$out/tests.log"
 python3 -m benchmarks --no-progress --out "$out/bench" 2>&1 | grep -v USDT | tail -n 200 > "$out/bench.log"
 ls -R "$out"
