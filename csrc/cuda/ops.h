@@ -54,7 +54,7 @@ class Ops {
         check_lists(lists, /*adamw=*/true, amsgrad, llaca, Runtime::kDeviceType, Runtime::kName);
     if (params.empty()) return;
     const c10::Device device = params[0].device();
-    StepArgs hyper{};
+    StepArgs hyper = llaca_scalars(device, scale, base_weight, grad_scale, found_inf);
     hyper.lr = lr;
     if (lr_tensor.has_value() && lr_tensor->defined()) {
       if (lr_tensor->device().is_cpu()) {
@@ -72,10 +72,6 @@ class Ops {
     hyper.beta2 = beta2;
     hyper.weight_decay = weight_decay;
     hyper.eps = eps;
-    hyper.scale = scale;
-    hyper.base_weight = base_weight;
-    hyper.grad_scale = amp_pointer(grad_scale, "grad_scale", device);
-    hyper.found_inf = amp_pointer(found_inf, "found_inf", device);
     CallShape flags;
     flags.adamw = true;
     flags.amsgrad = amsgrad;
@@ -93,12 +89,8 @@ class Ops {
     const at::ScalarType ema_dtype = check_lists(lists, /*adamw=*/false, false, /*llaca=*/true,
                                                  Runtime::kDeviceType, Runtime::kName);
     if (params.empty()) return;
-    const c10::Device device = params[0].device();
-    StepArgs hyper{};
-    hyper.scale = scale;
-    hyper.base_weight = base_weight;
-    hyper.grad_scale = amp_pointer(grad_scale, "grad_scale", device);
-    hyper.found_inf = amp_pointer(found_inf, "found_inf", device);
+    const StepArgs hyper =
+        llaca_scalars(params[0].device(), scale, base_weight, grad_scale, found_inf);
     CallShape flags;
     flags.llaca = true;
     run(lists, flags, ema_dtype, hyper);
@@ -124,25 +116,26 @@ class Ops {
                 "llaca_optim: llaca_flush_ takes one EMA, alpha and flag per parameter; got ", n,
                 " params, ", l.emas.size(), " emas, ", l.alphas.size(), " alphas and ",
                 l.ema_pending.size(), " flags");
-    for (size_t i = 0; i < n; ++i) {
-      const Tensor& p = l.params[i];
-      TORCH_CHECK(p.device() == l.params[0].device() && p.device().type() == Runtime::kDeviceType &&
-                      p.scalar_type() == l.params[0].scalar_type() &&
-                      p.is_non_overlapping_and_dense() &&
-                      (p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16 ||
-                       p.scalar_type() == at::kHalf),
-                  "llaca_optim: params[", i, "] must be a dense float32, bfloat16 or float16 "
-                  "tensor of params[0]'s device and dtype for the ", Runtime::kName, " kernels");
-      check_companion(p, l.emas[i], "emas", i, /*same_dtype=*/false);
-      TORCH_CHECK(l.emas[i].scalar_type() == l.emas[0].scalar_type() &&
-                      (l.emas[i].scalar_type() == at::kFloat ||
-                       l.emas[i].scalar_type() == p.scalar_type()),
-                  "llaca_optim: emas[", i, "] has dtype ", l.emas[i].scalar_type(),
-                  "; EMAs must all be float32 or all in the parameters' dtype");
-      check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i, p.device());
-      check_scalar_slot(l.ema_pending[i], at::kBool, "ema_pending", i, p.device());
+    const at::ScalarType ema_dtype = n ? l.emas[0].scalar_type() : at::kFloat;
+    for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) {
+      check_param(l.params, i, Runtime::kDeviceType, Runtime::kName);
+      check_ema(l, i, ema_dtype);
+      check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i, l.params[i].device());
+      check_scalar_slot(l.ema_pending[i], at::kBool, "ema_pending", i, l.params[i].device());
     }
-    return n ? l.emas[0].scalar_type() : at::kFloat;
+    return ema_dtype;
+  }
+
+  // The LLaCA scalars of a call, and its AMP tensors as device pointers.
+  static StepArgs llaca_scalars(const c10::Device& device, double scale, double base_weight,
+                                const std::optional<Tensor>& grad_scale,
+                                const std::optional<Tensor>& found_inf) {
+    StepArgs hyper{};
+    hyper.scale = scale;
+    hyper.base_weight = base_weight;
+    hyper.grad_scale = amp_pointer(grad_scale, "grad_scale", device);
+    hyper.found_inf = amp_pointer(found_inf, "found_inf", device);
+    return hyper;
   }
 
   static void run(const Lists& lists, CallShape flags, at::ScalarType ema_dtype,

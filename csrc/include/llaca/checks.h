@@ -89,6 +89,39 @@ decltype(auto) with_param_type(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// params[i] of a call: on the kernels' device (params[0]'s), dense, of a fused dtype, params[0]'s.
+inline void check_param(TensorList params, int64_t i, c10::DeviceType device_type,
+                        const char* kernels) {
+  const Tensor& p = params[i];
+  TORCH_CHECK(p.device().type() == device_type && p.device() == params[0].device(),
+              "llaca_optim: params[", i, "] is on ", p.device(), "; the ", kernels,
+              " kernels take ", c10::DeviceTypeName(device_type, /*lower_case=*/true),
+              " tensors, all on one device (params[0] is on ", params[0].device(), ")");
+  TORCH_CHECK(p.layout() == at::kStrided && p.is_non_overlapping_and_dense(),
+              "llaca_optim: params[", i,
+              "] is not dense (a view with gaps or overlaps); the fused kernels update memory "
+              "in place: use the reference backend for such tensors");
+  TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16 ||
+                  p.scalar_type() == at::kHalf,
+              "llaca_optim: params[", i, "] has dtype ", p.scalar_type(), "; the ", kernels,
+              " kernels take float32, bfloat16 and float16 (float64 goes to the reference "
+              "backend)");
+  TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "llaca_optim: params[", i,
+              "] has dtype ", p.scalar_type(), " but params[0] has ", params[0].scalar_type(),
+              "; one call takes one dtype");
+}
+
+// emas[i]: shaped and laid out as its parameter, of the call's one EMA dtype (float32 or the
+// parameters' dtype).
+inline void check_ema(const Lists& l, int64_t i, at::ScalarType ema_dtype) {
+  const Tensor& p = l.params[i];
+  check_companion(p, l.emas[i], "emas", i, /*same_dtype=*/false);
+  TORCH_CHECK(l.emas[i].scalar_type() == ema_dtype &&
+                  (ema_dtype == at::kFloat || ema_dtype == p.scalar_type()),
+              "llaca_optim: emas[", i, "] has dtype ", l.emas[i].scalar_type(),
+              "; EMAs must all be float32 or all in the parameters' dtype");
+}
+
 // Checks every list of a call against params; returns the EMAs' dtype (float32 when there are
 // none). `device_type` is the kernels' device type; all tensors must be on params[0]'s device.
 inline at::ScalarType check_lists(const Lists& l, bool adamw, bool amsgrad, bool llaca,
@@ -118,22 +151,7 @@ inline at::ScalarType check_lists(const Lists& l, bool adamw, bool amsgrad, bool
   const at::ScalarType ema_dtype = n > 0 && llaca ? l.emas[0].scalar_type() : at::kFloat;
   for (int64_t i = 0; i < n; ++i) {
     const Tensor& p = l.params[i];
-    TORCH_CHECK(p.device().type() == device_type && p.device() == l.params[0].device(),
-                "llaca_optim: params[", i, "] is on ", p.device(), "; the ", kernels,
-                " kernels take ", c10::DeviceTypeName(device_type, /*lower_case=*/true),
-                " tensors, all on one device (params[0] is on ", l.params[0].device(), ")");
-    TORCH_CHECK(p.layout() == at::kStrided && p.is_non_overlapping_and_dense(),
-                "llaca_optim: params[", i,
-                "] is not dense (a view with gaps or overlaps); the fused kernels update memory "
-                "in place: use the reference backend for such tensors");
-    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16 ||
-                    p.scalar_type() == at::kHalf,
-                "llaca_optim: params[", i, "] has dtype ", p.scalar_type(), "; the ", kernels,
-                " kernels take float32, bfloat16 and float16 (float64 goes to the reference "
-                "backend)");
-    TORCH_CHECK(p.scalar_type() == l.params[0].scalar_type(), "llaca_optim: params[", i,
-                "] has dtype ", p.scalar_type(), " but params[0] has ", l.params[0].scalar_type(),
-                "; one call takes one dtype");
+    check_param(l.params, i, device_type, kernels);
     check_companion(p, l.grads[i], "grads", i);
     if (adamw) {
       check_companion(p, l.exp_avgs[i], "exp_avgs", i);
@@ -142,11 +160,7 @@ inline at::ScalarType check_lists(const Lists& l, bool adamw, bool amsgrad, bool
       if (amsgrad) check_companion(p, l.max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
     }
     if (llaca) {
-      check_companion(p, l.emas[i], "emas", i, /*same_dtype=*/false);
-      TORCH_CHECK(l.emas[i].scalar_type() == ema_dtype &&
-                      (ema_dtype == at::kFloat || ema_dtype == p.scalar_type()),
-                  "llaca_optim: emas[", i, "] has dtype ", l.emas[i].scalar_type(),
-                  "; EMAs must all be float32 or all in the parameters' dtype");
+      check_ema(l, i, ema_dtype);
       check_companion(p, l.prev_grads[i], "prev_grads", i);
       check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i, p.device());
       check_scalar_slot(l.fell_back[i], at::kBool, "fell_back", i, p.device());
