@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _sharded
 from . import _validation as V
 from .backends import BACKEND_NAMES, Backend, Bucket, ReferenceBackend, resolve_backend
 
@@ -26,6 +27,10 @@ LLACA_STATE_KEYS = ("ema", "prev_grad", "alpha", "alpha_fell_back", "ema_pending
 SHAPED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_grad")
 
 _REFERENCE = ReferenceBackend()
+
+
+def _as_is(t: Tensor) -> Tensor:
+    return t
 
 
 def _capturing(t: Tensor) -> bool:
@@ -148,7 +153,13 @@ class LLaCAOptimizerBase(Optimizer):
                     or g.device != device or g.layout != strided):
                 return None
         for _, bucket, positions in plan.buckets:
-            bucket.grads = [present[i] for i in positions]
+            if bucket.sources is None:
+                bucket.grads = [present[i] for i in positions]
+                continue
+            # FSDP may swap a parameter's local tensor (lazy init, reloads): plan again then.
+            if any(_sharded.local(p) is not q for p, q in zip(bucket.sources, bucket.params)):
+                return None
+            bucket.grads = [_sharded.local(present[i]) for i in positions]
         return [(backend, bucket) for backend, bucket, _ in plan.buckets]
 
     def _validated_pairs(self, gi: int, group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
@@ -206,9 +217,9 @@ class LLaCAOptimizerBase(Optimizer):
         state["alpha_fell_back"] = torch.zeros((), dtype=torch.bool, device=p.device)
 
     @staticmethod
-    def _add_llaca(bucket: Bucket, state: dict[str, Any]) -> None:
-        bucket.emas.append(state["ema"])
-        bucket.prev_grads.append(state["prev_grad"])
+    def _add_llaca(bucket: Bucket, state: dict[str, Any], view: Any) -> None:
+        bucket.emas.append(view(state["ema"]))
+        bucket.prev_grads.append(view(state["prev_grad"]))
         bucket.alphas.append(state["alpha"])
         bucket.fell_back.append(state["alpha_fell_back"])
 
@@ -217,6 +228,30 @@ class LLaCAOptimizerBase(Optimizer):
         layouts with gaps): never a contiguous copy updated in place of the real tensor."""
         backend = self._backend_for(p.device.type)
         return backend if backend.accepts(p, companions) else _REFERENCE
+
+    def _route(self, p: Tensor, companions: list[Tensor]) -> tuple[Backend, Any]:
+        """The backend of ``p`` and, for a DTensor whose local shards it takes, the shards'
+        layout (a ShardLayout: the bucket then holds local shards, NOTE [sharded parameters]).
+        Other DTensors go to the reference backend whole."""
+        if not _sharded.is_sharded(p):
+            return self._pick(p, companions), None
+        layout = _sharded.layout_of(p, companions)
+        if layout is not None:
+            backend = self._pick(_sharded.local(p), [_sharded.local(t) for t in companions])
+            if backend.runs_on_shards:
+                return backend, layout
+        return _REFERENCE, None
+
+    @staticmethod
+    def _finish_buckets(built: list[tuple[Backend, Bucket, list[int]]], llaca: bool
+                        ) -> list[tuple[Backend, Bucket, list[int]]]:
+        """Gives the sharded buckets of a group with LLaCA on their cross-shard reduction."""
+        for _, bucket, _ in built:
+            if bucket.sources is not None and llaca:
+                layout = _sharded.layout_of(bucket.sources[0], [])
+                bucket.shard = _sharded.ShardReduce(layout, len(bucket.params),
+                                                    bucket.params[0].device)
+        return built
 
     # ------------------------------------------------------------------ deferred blend
 
@@ -249,8 +284,8 @@ class LLaCAOptimizerBase(Optimizer):
             if state is None or "ema_pending" not in state:
                 continue
             bucket = buckets.setdefault((p.device, p.dtype, state["ema"].dtype), Bucket())
-            bucket.params.append(p)
-            bucket.emas.append(state["ema"])
+            bucket.params.append(_sharded.local(p))
+            bucket.emas.append(_sharded.local(state["ema"]))
             bucket.alphas.append(state["alpha"])
             bucket.ema_pending.append(state.pop("ema_pending") if drop else state["ema_pending"])
         for (device, _, _), bucket in buckets.items():

@@ -29,6 +29,14 @@ yet set (its first LLaCA step): the kernels then fill them from the stepped para
 gradient. Keeping that mark on the device, rather than as a host-side flag, means a step skipped
 for an AMP overflow leaves it in place without any host synchronisation. With
 ``found_inf`` non-zero nothing is changed (AMP overflow); ``grad_scale`` divides the gradients.
+
+``shard_sums`` (float64, one row ``(a, b, c)`` per tensor) is the sharded-training mode (NOTE
+[sharded parameters] in llaca_optim/_sharded.py): the tensors are local shards of larger ones, so
+their sums are not the whole tensor's. Given it, a kernel writes each tensor's local sums
+``a = sum|p - ema|, b = sum|g|, c = sum|g - g_prev|`` into its row and stops there: it writes no
+alpha, fallback flag or pending flag and does not blend this step's EMA (a blend pending on entry
+is still applied first). The caller all-reduces the rows across the shards, turns them into
+alphas and pending flags (``_sharded.finish_alphas``) and blends through ``llaca_flush_``.
 """
 
 from __future__ import annotations
@@ -43,13 +51,15 @@ ADAMW_LLACA_SCHEMA = (
     "Tensor(f!)[] emas, Tensor(g!)[] prev_grads, Tensor(h!)[] alphas, Tensor(i!)[] fell_back, "
     "Tensor(j!)[] ema_pending, *, float lr, float beta1, float beta2, float weight_decay, float eps, "
     "bool amsgrad, bool maximize, bool llaca, float scale, float base_weight, "
-    "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+    "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+    "Tensor(k!)? shard_sums=None) -> ()"
 )
 
 LLACA_UPDATE_SCHEMA = (
     "llaca_update_(Tensor[] params, Tensor[] grads, Tensor(a!)[] emas, Tensor(b!)[] prev_grads, "
     "Tensor(c!)[] alphas, Tensor(d!)[] fell_back, *, float scale, "
-    "float base_weight, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+    "float base_weight, Tensor? grad_scale=None, Tensor? found_inf=None, "
+    "Tensor(e!)? shard_sums=None) -> ()"
 )
 
 LLACA_FLUSH_SCHEMA = (
@@ -69,14 +79,14 @@ for _schema in SCHEMAS:
 def _adamw_llaca_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas,
                       prev_grads, alphas, fell_back, ema_pending, *, lr, beta1, beta2, weight_decay, eps,
                       amsgrad, maximize, llaca, scale, base_weight, lr_tensor=None,
-                      grad_scale=None, found_inf=None) -> None:
+                      grad_scale=None, found_inf=None, shard_sums=None) -> None:
     # In-place on its arguments, no outputs: shapes and dtypes never change.
     return None
 
 
 @torch.library.register_fake(f"{NAMESPACE}::llaca_update_")
 def _llaca_update_fake(params, grads, emas, prev_grads, alphas, fell_back, *, scale,
-                       base_weight, grad_scale=None, found_inf=None) -> None:
+                       base_weight, grad_scale=None, found_inf=None, shard_sums=None) -> None:
     return None
 
 

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _sharded
 from . import _validation as V
-from ._core import LLACA_STATE_KEYS, LLaCAOptimizerBase
+from ._core import LLACA_STATE_KEYS, LLaCAOptimizerBase, _as_is
 from .backends import Backend, Bucket, StepHyper
 
 __all__ = ["LLaCAAdamW"]
@@ -50,7 +51,10 @@ class LLaCAAdamW(LLaCAOptimizerBase):
     All of ``preset``, ``scale``, ``base_weight``, ``llaca``, ``ema_dtype`` and ``defer_blend`` are
     per param group.
     Works with ``torch.amp.GradScaler`` the way torch's fused AdamW does: the kernels unscale the
-    gradients and skip the whole step (EMA included) when an overflow was found.
+    gradients and skip the whole step (EMA included) when an overflow was found. Works with
+    DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism): the kernels run on the local
+    shards and one all-reduce per bucket makes the alphas those of the whole tensors (NOTE
+    [sharded parameters] in ``_sharded.py``).
     """
 
     # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
@@ -144,6 +148,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
                 if bucket.ema_pending:
                     self._before_deferred_step(bucket)
                 backend.adamw_llaca(bucket, hyper)
+                if bucket.shard is not None:
+                    _sharded.finish_step(backend, bucket, scale, base_weight, found_inf)
         return loss
 
     def _build_buckets(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
@@ -156,28 +162,32 @@ class LLaCAAdamW(LLaCAOptimizerBase):
                 tensors.append(state["max_exp_avg_sq"])
             if group["llaca"]:
                 tensors += [state["ema"], state["prev_grad"]]
-            backend = self._pick(p, tensors)
+            backend, layout = self._route(p, tensors)
+            view = _sharded.local if layout is not None else _as_is
             ema_dtype = state["ema"].dtype if group["llaca"] else None
             defer = group["llaca"] and group["defer_blend"] and backend.defers_blend
             if defer:
                 state.setdefault("ema_pending", torch.zeros((), dtype=torch.bool, device=p.device))
             elif "ema_pending" in state:
                 self._flush_before_replan.append(p)  # its new route would not apply the blend
-            key = (backend.name, p.device, p.dtype, ema_dtype)
-            _, bucket, positions = buckets.setdefault(key, (backend, Bucket(), []))
+            key = (backend.name, p.device, p.dtype, ema_dtype, layout)
+            _, bucket, positions = buckets.setdefault(
+                key, (backend, Bucket(sources=[] if layout is not None else None), []))
             positions.append(position)
-            bucket.params.append(p)
-            bucket.grads.append(g)
-            bucket.exp_avgs.append(state["exp_avg"])
-            bucket.exp_avg_sqs.append(state["exp_avg_sq"])
+            if layout is not None:
+                bucket.sources.append(p)
+            bucket.params.append(view(p))
+            bucket.grads.append(view(g))
+            bucket.exp_avgs.append(view(state["exp_avg"]))
+            bucket.exp_avg_sqs.append(view(state["exp_avg_sq"]))
             if group["amsgrad"]:
-                bucket.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+                bucket.max_exp_avg_sqs.append(view(state["max_exp_avg_sq"]))
             bucket.state_steps.append(state["step"])
             if group["llaca"]:
-                self._add_llaca(bucket, state)
+                self._add_llaca(bucket, state, view)
             if defer:
                 bucket.ema_pending.append(state["ema_pending"])
-        return list(buckets.values())
+        return self._finish_buckets(list(buckets.values()), group["llaca"])
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         if not keep_moments:

@@ -61,6 +61,15 @@ def balance_weight(a: float, b: float, c: float, scale: float, base_weight: floa
     return base_weight, True
 
 
+def _l1(x: Tensor) -> float:
+    """sum |x| over the whole tensor, in float64. The sum of a DTensor (a sharded parameter) is a
+    partial sum per rank until reduced, and ``float()`` would read this rank's part alone."""
+    total = x.abs().sum(dtype=torch.float64)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    return float(total)
+
+
 def adamw_step_(
     param: Tensor,
     grad: Tensor,
@@ -140,9 +149,9 @@ def llaca_update_(
     else:
         e = ema.to(compute_dtype)
         # The sums run in float64 whatever compute_dtype is: this is the oracle.
-        a = float((p - e).abs().sum(dtype=torch.float64))
-        b = float(g.abs().sum(dtype=torch.float64))
-        c = float((g - prev_grad.to(compute_dtype)).abs().sum(dtype=torch.float64))
+        a = _l1(p - e)
+        b = _l1(g)
+        c = _l1(g - prev_grad.to(compute_dtype))
         alpha, fell_back = balance_weight(a, b, c, scale, base_weight)
         ema.copy_(e + alpha * (p - e))
     prev_grad.copy_(g)

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _sharded
 from . import _validation as V
-from ._core import LLaCAOptimizerBase
+from ._core import LLaCAOptimizerBase, _as_is
 from .backends import Backend, Bucket, StepHyper
 
 __all__ = ["LLaCA"]
@@ -27,7 +28,8 @@ class LLaCA(LLaCAOptimizerBase):
     optimizer's state dict under ``"inner"`` and the LLaCA state under ``"llaca"``.
 
     With ``torch.amp.GradScaler`` the scaler unscales the gradients and skips ``step()`` on
-    overflow, so a skipped step changes nothing here either.
+    overflow, so a skipped step changes nothing here either. DTensor parameters (FSDP2) are
+    handled as in :class:`LLaCAAdamW`.
     """
 
     def __init__(
@@ -98,6 +100,8 @@ class LLaCA(LLaCAOptimizerBase):
                 hyper = StepHyper(scale=scale, base_weight=base_weight)
                 for backend, bucket in buckets:
                     backend.llaca_update(bucket, hyper)
+                    if bucket.shard is not None:
+                        _sharded.finish_step(backend, bucket, scale, base_weight, None)
         return loss
 
     def _build_buckets(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
@@ -108,14 +112,18 @@ class LLaCA(LLaCAOptimizerBase):
         for position, (p, g) in enumerate(pairs):
             state = self.state[p]
             self._init_llaca_state(p, state, group)
-            backend = self._pick(p, [g, state["ema"], state["prev_grad"]])
-            key = (backend.name, p.device, p.dtype, state["ema"].dtype)
-            _, bucket, positions = buckets.setdefault(key, (backend, Bucket(), []))
+            backend, layout = self._route(p, [g, state["ema"], state["prev_grad"]])
+            view = _sharded.local if layout is not None else _as_is
+            key = (backend.name, p.device, p.dtype, state["ema"].dtype, layout)
+            _, bucket, positions = buckets.setdefault(
+                key, (backend, Bucket(sources=[] if layout is not None else None), []))
             positions.append(position)
-            bucket.params.append(p)
-            bucket.grads.append(g)
-            self._add_llaca(bucket, state)
-        return list(buckets.values())
+            if layout is not None:
+                bucket.sources.append(p)
+            bucket.params.append(view(p))
+            bucket.grads.append(view(g))
+            self._add_llaca(bucket, state, view)
+        return self._finish_buckets(list(buckets.values()), llaca=True)
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         self.state.clear()

@@ -231,9 +231,16 @@ def test_changing_parameters_in_place_between_steps_warns(deferring_backend):
         _step(params, optimizer, grads[3])
 
 
-def test_flush_op_refuses_bad_input_before_changing_anything():
-    backend, device = cuda_backend_for_tests()
-    ops = backend._ops if not isinstance(backend, str) else torch.ops.llaca_optim
+@pytest.mark.parametrize("kernels", ["cuda", "cpu"])
+def test_flush_op_refuses_bad_input_before_changing_anything(kernels):
+    """llaca_flush_ of the CUDA kernels (deferred blends) and of the CPU kernels (the blends of
+    sharded steps, NOTE [sharded parameters])."""
+    if kernels == "cuda":
+        backend, device = cuda_backend_for_tests()
+        ops = backend._ops if not isinstance(backend, str) else torch.ops.llaca_optim
+    else:
+        backend_or_skip("cpu")
+        ops, device = torch.ops.llaca_optim, "cpu"
     params = [torch.randn(300, device=device), torch.randn(10, device=device)]
     emas = [torch.randn(300, device=device), torch.randn(10, device=device)]
     saved = [e.clone() for e in emas]

@@ -59,6 +59,54 @@ def test_cpu_kernels_refuse_deferred_blend_flags(cpu_backend):
     assert all(torch.equal(p, b) for p, b in zip(args[0], before))
 
 
+@pytest.mark.parametrize("fresh", [False, True])
+def test_opcheck_sharded_mode(cpu_backend, fresh):
+    args, kwargs = adamw_args(fresh=fresh)
+    kwargs["shard_sums"] = torch.zeros(len(args[0]), 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.llaca_optim.adamw_llaca_.default, args, kwargs)
+
+
+def test_sharded_mode_writes_the_local_sums_and_nothing_else(cpu_backend):
+    """shard_sums (NOTE [sharded parameters]): the AdamW step runs, each row gets the tensor's
+    L1 sums against the stepped parameter, and alpha, the fallback flag and the EMA are left for
+    the caller (who reduces the sums across shards first)."""
+    args, kwargs = adamw_args(amsgrad=False)
+    params, grads, emas, prev = args[0], args[1], args[6], args[7]
+    ema_before = [e.clone() for e in emas]
+    prev_before = [g.clone() for g in prev]
+    alphas_before = [a.clone() for a in args[8]]
+    sums = torch.full((len(params), 3), float("nan"), dtype=torch.float64)
+    torch.ops.llaca_optim.adamw_llaca_(*args, **kwargs, shard_sums=sums)
+    for i, p in enumerate(params):
+        expected = torch.stack([
+            (p.double() - ema_before[i].double()).abs().sum(),
+            grads[i].double().abs().sum(),
+            (grads[i].double() - prev_before[i].double()).abs().sum(),
+        ])
+        torch.testing.assert_close(sums[i], expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(emas[i], ema_before[i]) and torch.equal(args[8][i], alphas_before[i])
+        assert torch.equal(prev[i], grads[i])
+
+
+def test_sharded_mode_refuses_bad_sums_before_changing_anything(cpu_backend):
+    args, kwargs = adamw_args()
+    before = [[t.clone() for t in group] for group in args]
+    n = len(args[0])
+    for sums, message in [
+        (torch.zeros(n, 3), r"shard_sums must be a contiguous float64 tensor of shape \[3, 3\]"),
+        (torch.zeros(n + 1, 3, dtype=torch.float64), r"of shape \[3, 3\].*got Double of shape \[4, 3\]"),
+        (torch.zeros(3, n, dtype=torch.float64).t(), "contiguous"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.llaca_optim.adamw_llaca_(*args, **kwargs, shard_sums=sums)
+    with pytest.raises(RuntimeError, match="shard_sums was given to a call with llaca=False"):
+        torch.ops.llaca_optim.adamw_llaca_(*args, **{**kwargs, "llaca": False},
+                                          shard_sums=torch.zeros(n, 3, dtype=torch.float64))
+    for group, saved in zip(args, before):
+        for t, s in zip(group, saved):
+            assert torch.equal(t, s)
+
+
 def test_found_inf_skips_the_whole_op(cpu_backend):
     args, kwargs = adamw_args()
     before = [[t.clone() for t in group] for group in args]

@@ -25,7 +25,7 @@ POINTERS = {
     "table": "*i64", "numels": "*i64", "block_tensor": "*i32", "block_start": "*i64",
     "partials": "*fp32", "fresh_marks": "*i8", "tensor_first_block": "*i64",
     "tensor_blocks": "*i64", "lr_ptr": "*fp64", "grad_scale_ptr": "*fp32",
-    "found_inf_ptr": "*fp32",
+    "found_inf_ptr": "*fp32", "shard_sums": "*fp64",
 }
 INTS = {"n_tensors": "i32"}
 
@@ -73,10 +73,12 @@ def main() -> None:
                                                  "BLOCK": 1024})
             compile_for_hopper(K._flush_blocks, {"PDT": DTYPES[pdt], "EDT": DTYPES[edt],
                                                  "ALIGNED": aligned, "BLOCK": 1024})
-    for adamw, llaca, defer in [(True, True, False), (True, True, True), (True, False, False),
-                                (False, True, False)]:
+    for adamw, llaca, defer, sharded in [(True, True, False, False), (True, True, True, False),
+                                         (True, False, False, False), (False, True, False, False),
+                                         (True, True, True, True), (False, True, False, True)]:
         compile_for_hopper(K._finish_tensors, {"ADAMW": adamw, "LLACA": llaca, "DEFER": defer,
-                                               "HAS_FOUND_INF": True, "RBLOCK": 128})
+                                               "SHARDED": sharded, "HAS_FOUND_INF": True,
+                                               "RBLOCK": 128})
     compile_for_hopper(K._clear_pending, {})
     print("OK")
 

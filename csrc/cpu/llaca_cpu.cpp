@@ -16,6 +16,9 @@
 //     the blend (pass 3, parallel, each thread walking its share backwards so it starts on the data
 //     it touched last). These tensors pay the two-phase cost of 13 memory accesses per element.
 // Scratch (the work list and the partial-sum slots) is thread-local, grown once and reused.
+// In the sharded mode (`shard_sums` given, llaca_optim/_ops.py) every tensor stops after its sums:
+// they are written to its row, and no alpha is computed and nothing blended; llaca_flush_ blends
+// once the caller has reduced the sums across the shards and set the alphas and pending flags.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -54,6 +57,7 @@ struct TensorJob {
   void* prev_grad = nullptr;
   float* alpha = nullptr;
   bool* fell_back = nullptr;
+  double* shard_sums = nullptr;  // sharded mode: this tensor's row of (a, b, c)
   bool fresh = false;
   bool whole = false;  // one work item: finished (alpha and blend) by the thread that stepped it
   AdamWScalars adamw{};
@@ -78,6 +82,7 @@ struct CallScalars {
   float grad_scale = 1.0f;
   double scale = 0.0;
   double base_weight = 0.0;
+  bool sharded = false;  // shard_sums given: sums out, no alpha, no blend
 };
 
 // Phase 1 on the elements [begin, end) of one tensor (at most one sum block). Returns the three
@@ -156,9 +161,18 @@ void chunk_blend(const TensorJob& job, int64_t begin, int64_t end) {
   }
 }
 
-// Writes a tensor's alpha and fallback flag from its three whole-tensor sums.
-void finish_alpha(const TensorJob& job, double a, double b, double c, const CallScalars& call) {
+// Writes a tensor's alpha and fallback flag from its three whole-tensor sums, or in the sharded
+// mode the sums themselves (its alpha waits for the other shards' sums). Returns whether the
+// EMA may be blended now.
+bool finish_alpha(const TensorJob& job, double a, double b, double c, const CallScalars& call) {
+  if (job.shard_sums != nullptr) {
+    job.shard_sums[0] = a;
+    job.shard_sums[1] = b;
+    job.shard_sums[2] = c;
+    return false;
+  }
   *job.fell_back = tensor_alpha(job.fresh, a, b, c, call.scale, call.base_weight, *job.alpha);
+  return true;
 }
 
 // A tensor small enough to be one work item: the AdamW step and the sums block by block, then its
@@ -176,8 +190,7 @@ void whole_tensor_step(const TensorJob& job, const CallScalars& call) {
     c += partial[2];
   }
   if (!LLACA) return;
-  finish_alpha(job, a, b, c, call);
-  if (FRESH) return;
+  if (!finish_alpha(job, a, b, c, call) || FRESH) return;
   const int64_t blocks = (job.numel + kSumBlock - 1) / kSumBlock;
   for (int64_t k = blocks - 1; k >= 0; --k) {
     chunk_blend<param_t, ema_t>(job, k * kSumBlock, std::min(job.numel, (k + 1) * kSumBlock));
@@ -281,7 +294,7 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
     }
     finish_alpha(job, a, b, c, call);
   }
-  if (!any_split) return;
+  if (!any_split || call.sharded) return;
   parallel_over_items(items, item_ends, /*backwards=*/true, [&](int64_t k) {
     const Item& item = items[k];
     const TensorJob& job = jobs[item.job];
@@ -291,8 +304,11 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
 
 // Checks the lists (llaca/checks.h) and fills the jobs from them; returns the EMA dtype.
 at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
-                          std::vector<TensorJob>& jobs) {
+                          const std::optional<Tensor>& shard_sums, std::vector<TensorJob>& jobs,
+                          CallScalars& call) {
   const at::ScalarType ema_dtype = check_lists(l, adamw, amsgrad, llaca, c10::DeviceType::CPU, "cpu");
+  double* sum_rows = shard_sum_rows(shard_sums, l, llaca);
+  call.sharded = sum_rows != nullptr;
   const int64_t n = static_cast<int64_t>(l.params.size());
   jobs.resize(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -312,6 +328,7 @@ at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
       job.fell_back = l.fell_back[i].data_ptr<bool>();
       // A negative alpha slot marks a tensor with no EMA step yet (see llaca_optim/_ops.py).
       job.fresh = *job.alpha < 0.0f;
+      if (sum_rows != nullptr) job.shard_sums = sum_rows + 3 * i;
     }
   }
   return ema_dtype;
@@ -344,8 +361,10 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                      double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
                      bool llaca, double scale, double base_weight,
                      const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
-                     const std::optional<Tensor>& found_inf) {
-  // The deferred blend is the CUDA kernels' (NOTE [CUDA deferred blend]); these blend in the step.
+                     const std::optional<Tensor>& found_inf,
+                     const std::optional<Tensor>& shard_sums) {
+  // The deferred blend is the GPU kernels' (NOTE [CUDA deferred blend]); these blend in the step,
+  // or in the sharded mode leave it to llaca_flush_.
   TORCH_CHECK(ema_pending.empty(), "llaca_optim: the cpu kernels blend the EMA within the step and "
               "keep no blend pending; pass ema_pending=[] (got ", ema_pending.size(), " flags)");
   CallScalars call;
@@ -355,7 +374,7 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   std::vector<TensorJob> jobs;
   Lists lists{params, grads,  exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
               emas,   prev_grads, alphas,   fell_back};
-  const at::ScalarType ema_dtype = build_jobs(lists, /*adamw=*/true, amsgrad, llaca, jobs);
+  const at::ScalarType ema_dtype = build_jobs(lists, /*adamw=*/true, amsgrad, llaca, shard_sums, jobs, call);
   check_call_scalar(lr_tensor, "lr", c10::Device(c10::DeviceType::CPU));
   if (read_amp(grad_scale, found_inf, call)) return;
   if (lr_tensor.has_value() && lr_tensor->defined()) lr = lr_tensor->item<double>();
@@ -376,17 +395,68 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
 }
 
 void llaca_update_cpu(TensorList params, TensorList grads, TensorList emas, TensorList prev_grads,
-                      TensorList alphas, TensorList fell_back, double scale, double base_weight, const std::optional<Tensor>& grad_scale,
-                      const std::optional<Tensor>& found_inf) {
+                      TensorList alphas, TensorList fell_back, double scale, double base_weight,
+                      const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+                      const std::optional<Tensor>& shard_sums) {
   CallScalars call;
   call.scale = scale;
   call.base_weight = base_weight;
   std::vector<TensorJob> jobs;
   Lists lists{params, grads, {}, {}, {}, {}, emas, prev_grads, alphas, fell_back};
-  const at::ScalarType ema_dtype = build_jobs(lists, /*adamw=*/false, false, /*llaca=*/true, jobs);
+  const at::ScalarType ema_dtype =
+      build_jobs(lists, /*adamw=*/false, false, /*llaca=*/true, shard_sums, jobs, call);
   if (read_amp(grad_scale, found_inf, call)) return;
   if (params.empty()) return;
   dispatch_dtypes<false, false, true>(params[0].scalar_type(), ema_dtype, jobs, call);
+}
+
+// llaca_flush_ on the CPU: the blends that the sharded mode leaves for after the cross-shard
+// reduction (the cpu kernels never defer one by themselves). Tensors whose flag is set are blended
+// with the alpha in their slot, block by block over the threads, and their flags cleared.
+template <typename param_t, typename ema_t>
+void run_flush(std::vector<TensorJob>& jobs) {
+  static thread_local Workspace workspace;  // see run_step
+  std::vector<Item>& items = workspace.items;
+  std::vector<int64_t>& item_ends = workspace.item_ends;
+  items.clear();
+  item_ends.clear();
+  int64_t elements = 0;
+  for (int64_t j = 0; j < static_cast<int64_t>(jobs.size()); ++j) {
+    for (int64_t begin = 0; begin < jobs[j].numel; begin += kSumBlock) {
+      const int64_t end = std::min(jobs[j].numel, begin + kSumBlock);
+      items.push_back({j, begin, end});
+      elements += end - begin;
+      item_ends.push_back(elements);
+    }
+  }
+  parallel_over_items(items, item_ends, /*backwards=*/false, [&](int64_t k) {
+    chunk_blend<param_t, ema_t>(jobs[items[k].job], items[k].begin, items[k].end);
+  });
+}
+
+void llaca_flush_cpu(TensorList params, TensorList emas, TensorList alphas, TensorList ema_pending) {
+  const Lists lists{params, {}, {}, {}, {}, {}, emas, {}, alphas, {}, ema_pending};
+  const at::ScalarType ema_dtype = check_flush_lists(lists, c10::DeviceType::CPU, "cpu");
+  std::vector<TensorJob> jobs;
+  std::vector<bool*> flags;
+  for (int64_t i = 0; i < static_cast<int64_t>(params.size()); ++i) {
+    bool* flag = ema_pending[i].data_ptr<bool>();
+    if (!*flag) continue;
+    TensorJob job;
+    job.numel = params[i].numel();
+    job.param = params[i].data_ptr();
+    job.ema = emas[i].data_ptr();
+    job.alpha = alphas[i].data_ptr<float>();
+    jobs.push_back(job);
+    flags.push_back(flag);
+  }
+  if (jobs.empty()) return;
+  with_param_type(params[0].scalar_type(), [&](auto t) {
+    using param_t = typename decltype(t)::type;
+    if (ema_dtype == at::kFloat) run_flush<param_t, float>(jobs);
+    else run_flush<param_t, param_t>(jobs);
+  });
+  for (bool* flag : flags) *flag = false;
 }
 
 }  // namespace
@@ -394,6 +464,7 @@ void llaca_update_cpu(TensorList params, TensorList grads, TensorList emas, Tens
 TORCH_LIBRARY_IMPL(llaca_optim, CPU, m) {
   m.impl("adamw_llaca_", &adamw_llaca_cpu);
   m.impl("llaca_update_", &llaca_update_cpu);
+  m.impl("llaca_flush_", &llaca_flush_cpu);
 }
 
 }  // namespace cpu

@@ -180,6 +180,14 @@ LLACA_DEVICE void set_flag(uint8_t* flag, bool value) {
   *flag = value;
 }
 
+// One tensor's row of the sharded mode's sums (NOTE [CUDA sharded mode] in layout.h).
+LLACA_DEVICE void write_sums(double* row, double a, double b, double c) {
+  LLACA_ASSUME_GLOBAL(row);
+  row[0] = a;
+  row[1] = b;
+  row[2] = c;
+}
+
 LLACA_DEVICE bool overflowed(const StepArgs& args) {
   return args.found_inf != nullptr && *args.found_inf != 0.0f;
 }
@@ -218,6 +226,8 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
   // A blend deferred from the last step (NOTE [CUDA deferred blend] in layout.h) and its alpha.
   const bool pending = LLACA && meta.pending != nullptr && flag_set(meta.pending);
   const float pending_alpha = pending ? *meta.alpha : 0.0f;
+  // NOTE [CUDA sharded mode] in layout.h: sums out instead of alpha, no blend of this step.
+  const bool sharded = LLACA && args.shard_sums != nullptr;
   const float step = ADAMW ? *meta.step + 1.0f : 0.0f;
   AdamWScalars s{};
   if (ADAMW) {
@@ -249,7 +259,7 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
 #pragma unroll
         for (int k = 0; k < W; ++k) e[k] = round_trip<ema_t>(e[k] + pending_alpha * (p[k] - e[k]));
         // A tensor finished here stores its EMA once, after this step's blend.
-        if (!single) store<ema_t, W>(meta.ema, e, e0, valid, vec);
+        if (!single || sharded) store<ema_t, W>(meta.ema, e, e0, valid, vec);
       }
     }
     if (ADAMW) {
@@ -302,6 +312,10 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
     if (single) {
       if (threadIdx.x == 0) {
         if (ADAMW) *meta.step = step;
+        if (sharded) write_sums(args.shard_sums + 3 * t, sum_a, sum_b, sum_c);
+      }
+      if (sharded) return;  // uniform across the block: its alpha needs the other shards' sums
+      if (threadIdx.x == 0) {
         if (meta.pending != nullptr) set_flag(meta.pending, false);  // blended below, or fresh
         float alpha;
         *meta.fell_back = tensor_alpha(fresh, sum_a, sum_b, sum_c, args.scale, args.base_weight, alpha);
@@ -344,7 +358,8 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
   if (threadIdx.x == 0) {
     if (ADAMW) *meta.step = step;
     if (LLACA) args.fresh[t] = fresh;
-    if (LLACA && meta.pending != nullptr) set_flag(meta.pending, !fresh);  // this blend waits
+    // This blend waits (in the sharded mode the caller sets the flag, once alpha is known).
+    if (LLACA && meta.pending != nullptr && !sharded) set_flag(meta.pending, !fresh);
     args.arrivals[t] = 0;  // ready for the next call or graph replay
   }
   if (!LLACA) return;
@@ -359,7 +374,8 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
     c += LLACA_LDCG(slot + 2);
   }
   block_sum3(a, b, c);
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && sharded) write_sums(args.shard_sums + 3 * t, a, b, c);
+  if (threadIdx.x == 0 && !sharded) {
     float alpha;
     *meta.fell_back = tensor_alpha(fresh, a, b, c, args.scale, args.base_weight, alpha);
     *meta.alpha = alpha;
@@ -436,7 +452,7 @@ __global__ void __launch_bounds__(kThreads) flush_chunks(StepArgs args) {
 template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, typename Launcher>
 void launch_kernels(const CallShape& shape, const StepArgs& args, Launcher& launcher) {
   launcher(&step_chunks<param_t, ema_t, ADAMW, AMSGRAD, LLACA>, shape.chunks, args);
-  if (LLACA && !shape.defer && shape.split_chunks > 0) {
+  if (LLACA && !shape.defer && !shape.sharded && shape.split_chunks > 0) {
     launcher(&blend_chunks<param_t, ema_t>, shape.split_chunks, args);
   }
 }

@@ -38,6 +38,15 @@
 // same bits as without deferral. `llaca_flush_` applies and clears pending blends; the optimizer
 // runs it before anything reads an EMA. The flags live on the device, so a flush between CUDA
 // graph replays is seen by the next replay, and an AMP-skipped step leaves them as they were.
+//
+// NOTE [CUDA sharded mode]
+// With `shard_sums` (llaca_optim/_ops.py) the tensors are shards of larger ones, so a tensor's
+// alpha needs sums from other GPUs. The block that would compute alpha (a single-chunk tensor's
+// block, a multi-chunk tensor's last block) writes the tensor's sums to its row instead, and
+// touches neither alpha, fallback flag nor pending flag; no block blends this step's EMA and the
+// blend kernel is not launched. A blend pending on entry is applied as always (and stored, even
+// by a single-chunk tensor). The caller reduces the rows, sets alphas and pending flags, and the
+// next step or llaca_flush_ blends.
 #pragma once
 
 #include <cstdint>
@@ -110,6 +119,8 @@ struct StepArgs {
   const float* found_inf;
   // LLaCA.
   double scale, base_weight;
+  // Sharded mode (NOTE [CUDA sharded mode]): [3 * n_tensors] local sums out; null otherwise.
+  double* shard_sums;
 };
 
 // The size of a call's two launches and the flags that pick the kernels' template arguments.
@@ -119,6 +130,7 @@ struct CallShape {
   bool adamw = false, amsgrad = false, llaca = false, ema_fp32 = true;
   bool defer = false;  // the step leaves multi-chunk blends pending: no blend launch
   bool flush = false;  // the call is llaca_flush_: only the flush kernel runs
+  bool sharded = false;  // sums out, no alpha and no blend (NOTE [CUDA sharded mode])
 };
 
 }  // namespace cuda

@@ -46,12 +46,14 @@ class Ops {
                           bool maximize, bool llaca, double scale, double base_weight,
                           const std::optional<Tensor>& lr_tensor,
                           const std::optional<Tensor>& grad_scale,
-                          const std::optional<Tensor>& found_inf) {
+                          const std::optional<Tensor>& found_inf,
+                          const std::optional<Tensor>& shard_sums) {
     const Lists lists{params,      grads, exp_avgs,   exp_avg_sqs, max_exp_avg_sqs,
                       state_steps, emas,  prev_grads, alphas,      fell_back,
                       ema_pending};
     const at::ScalarType ema_dtype =
         check_lists(lists, /*adamw=*/true, amsgrad, llaca, Runtime::kDeviceType, Runtime::kName);
+    double* sum_rows = shard_sum_rows(shard_sums, lists, llaca);
     if (params.empty()) return;
     const c10::Device device = params[0].device();
     StepArgs hyper = llaca_scalars(device, scale, base_weight, grad_scale, found_inf);
@@ -72,6 +74,7 @@ class Ops {
     hyper.beta2 = beta2;
     hyper.weight_decay = weight_decay;
     hyper.eps = eps;
+    hyper.shard_sums = sum_rows;
     CallShape flags;
     flags.adamw = true;
     flags.amsgrad = amsgrad;
@@ -84,13 +87,15 @@ class Ops {
                            TensorList prev_grads, TensorList alphas, TensorList fell_back,
                            double scale, double base_weight,
                            const std::optional<Tensor>& grad_scale,
-                           const std::optional<Tensor>& found_inf) {
+                           const std::optional<Tensor>& found_inf,
+                           const std::optional<Tensor>& shard_sums) {
     const Lists lists{params, grads, {}, {}, {}, {}, emas, prev_grads, alphas, fell_back};
     const at::ScalarType ema_dtype = check_lists(lists, /*adamw=*/false, false, /*llaca=*/true,
                                                  Runtime::kDeviceType, Runtime::kName);
+    double* sum_rows = shard_sum_rows(shard_sums, lists, /*llaca=*/true);
     if (params.empty()) return;
-    const StepArgs hyper =
-        llaca_scalars(params[0].device(), scale, base_weight, grad_scale, found_inf);
+    StepArgs hyper = llaca_scalars(params[0].device(), scale, base_weight, grad_scale, found_inf);
+    hyper.shard_sums = sum_rows;
     CallShape flags;
     flags.llaca = true;
     run(lists, flags, ema_dtype, hyper);
@@ -101,7 +106,8 @@ class Ops {
   static void llaca_flush(TensorList params, TensorList emas, TensorList alphas,
                           TensorList ema_pending) {
     const Lists lists{params, {}, {}, {}, {}, {}, emas, {}, alphas, {}, ema_pending};
-    const at::ScalarType ema_dtype = check_flush_lists(lists);
+    const at::ScalarType ema_dtype =
+        check_flush_lists(lists, Runtime::kDeviceType, Runtime::kName);
     if (params.empty()) return;
     CallShape flags;
     flags.llaca = true;
@@ -110,22 +116,6 @@ class Ops {
   }
 
  private:
-  static at::ScalarType check_flush_lists(const Lists& l) {
-    const size_t n = l.params.size();
-    TORCH_CHECK(l.emas.size() == n && l.alphas.size() == n && l.ema_pending.size() == n,
-                "llaca_optim: llaca_flush_ takes one EMA, alpha and flag per parameter; got ", n,
-                " params, ", l.emas.size(), " emas, ", l.alphas.size(), " alphas and ",
-                l.ema_pending.size(), " flags");
-    const at::ScalarType ema_dtype = n ? l.emas[0].scalar_type() : at::kFloat;
-    for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) {
-      check_param(l.params, i, Runtime::kDeviceType, Runtime::kName);
-      check_ema(l, i, ema_dtype);
-      check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i, l.params[i].device());
-      check_scalar_slot(l.ema_pending[i], at::kBool, "ema_pending", i, l.params[i].device());
-    }
-    return ema_dtype;
-  }
-
   // The LLaCA scalars of a call, and its AMP tensors as device pointers.
   static StepArgs llaca_scalars(const c10::Device& device, double scale, double base_weight,
                                 const std::optional<Tensor>& grad_scale,
@@ -158,6 +148,7 @@ class Ops {
     shape.chunks = entry.shape.chunks;
     shape.split_chunks = entry.shape.split_chunks;
     shape.ema_fp32 = ema_dtype == at::kFloat;
+    shape.sharded = args.shard_sums != nullptr;
     Runtime::launch(dtype, shape, args, stream);
   }
 };

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,6 +65,11 @@ class Bucket:
     ema_pending: list[Tensor] = field(default_factory=list)
     # The params' ``_version`` after the last deferring step (the optimizer's in-place check).
     param_versions: list[int] | None = None
+    # Sharded parameters (NOTE [sharded parameters] in llaca_optim/_sharded.py): the DTensors
+    # whose local shards the lists hold, and, with LLaCA on, the cross-shard reduction of the
+    # sums (a ShardReduce). None for plain tensors.
+    sources: list[Tensor] | None = None
+    shard: Any = None
 
 
 @dataclass
@@ -111,6 +117,10 @@ class Backend:
     # Whether adamw_llaca may leave a tensor's EMA blend pending until its next step or a flush
     # (NOTE [CUDA deferred blend] in csrc/cuda/layout.h): a bucket with ``ema_pending`` flags.
     defers_blend = False
+    # Whether its kernels can run on the local shards of DTensors with a cross-shard reduction of
+    # their sums (NOTE [sharded parameters] in llaca_optim/_sharded.py); if not, the optimizer
+    # hands DTensors to the reference backend whole.
+    runs_on_shards = False
 
     def accepts(self, param: Tensor, companions: list[Tensor]) -> bool:
         """Whether this backend's kernels can update ``param`` with these state tensors in place."""
@@ -124,7 +134,8 @@ class Backend:
 
     def flush_ema(self, bucket: Bucket) -> None:
         """Applies and clears the blends pending in ``bucket`` (params, emas, alphas and
-        ema_pending); only backends that defer have any."""
+        ema_pending): blends a deferring step left, or those of a sharded step (NOTE [sharded
+        parameters])."""
         raise NotImplementedError(f"the {self.name} backend never defers the EMA blend")
 
     def __repr__(self) -> str:
@@ -193,6 +204,7 @@ class NativeBackend(Backend):
     tensors too large to finish on chip, which makes their step a single pass over memory."""
 
     _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+    runs_on_shards = True
 
     def __init__(self, name: str, device_type: str, ops=None, defers_blend: bool = False) -> None:
         self.name = name
@@ -218,20 +230,23 @@ class NativeBackend(Backend):
             lr=0.0 if lr_tensor is not None else float(h.lr), beta1=h.beta1, beta2=h.beta2,
             weight_decay=h.weight_decay, eps=h.eps, amsgrad=h.amsgrad, maximize=h.maximize,
             llaca=h.llaca, scale=h.scale, base_weight=h.base_weight, lr_tensor=lr_tensor,
-            grad_scale=h.grad_scale, found_inf=h.found_inf,
+            grad_scale=h.grad_scale, found_inf=h.found_inf, shard_sums=_shard_sums(bucket),
         )
 
     def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
         self._ops.llaca_update_(
             bucket.params, bucket.grads, bucket.emas, bucket.prev_grads, bucket.alphas,
             bucket.fell_back, scale=h.scale, base_weight=h.base_weight,
-            grad_scale=h.grad_scale, found_inf=h.found_inf,
+            grad_scale=h.grad_scale, found_inf=h.found_inf, shard_sums=_shard_sums(bucket),
         )
 
     def flush_ema(self, bucket: Bucket) -> None:
-        if not self.defers_blend:
-            super().flush_ema(bucket)
         self._ops.llaca_flush_(bucket.params, bucket.emas, bucket.alphas, bucket.ema_pending)
+
+
+def _shard_sums(bucket: Bucket) -> Tensor | None:
+    """The sums tensor of a sharded bucket's kernels (NOTE [sharded parameters])."""
+    return bucket.shard.sums if bucket.shard is not None else None
 
 
 class TritonBackend(NativeBackend):

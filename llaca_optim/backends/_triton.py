@@ -150,12 +150,14 @@ class TritonLauncher:
                 HAS_GRAD_SCALE=h.grad_scale is not None, ALIGNED=aligned, DEFER=defer, BLOCK=BLOCK,
                 **common,
             )
+        sharded = llaca and bucket.shard is not None
         K._finish_tensors[(n,)](
             table, tables.first_block, tables.block_count, tables.partials, tables.fresh, n,
-            float(h.scale), float(h.base_weight), ADAMW=adamw, LLACA=llaca, DEFER=defer,
-            RBLOCK=RBLOCK, **common,
+            *_split(float(h.scale)), float(h.base_weight),
+            shard_sums=bucket.shard.sums if sharded else dummy,
+            ADAMW=adamw, LLACA=llaca, DEFER=defer, SHARDED=sharded, RBLOCK=RBLOCK, **common,
         )
-        if llaca and not defer and tables.n_blocks:
+        if llaca and not defer and not sharded and tables.n_blocks:
             K._blend_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, tables.fresh, n,
                 PDT=pdt, EDT=edt, ALIGNED=aligned, BLOCK=BLOCK, **common,

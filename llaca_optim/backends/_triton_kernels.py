@@ -16,6 +16,10 @@ from p before its AdamW update, stores the EMA and sums against it; pass 2 marks
 pending. The step is then one pass over memory. ``_flush_blocks`` and ``_clear_pending`` apply
 and clear pending blends.
 
+With SHARDED (sharded parameters, NOTE [sharded parameters] in llaca_optim/_sharded.py) pass 2
+writes each tensor's sums to its row of ``shard_sums`` instead of alpha, and pass 3 is not
+launched: alpha and the blend come after the sums of all shards are added.
+
 Tensors are reached through a table of raw addresses in device memory (one row per role, one
 column per tensor), cast to typed pointers in the kernel; which tensor and offset a block covers
 comes from two more tables. Block offsets are int64 (tensors over 2^31 elements). Every
@@ -216,9 +220,9 @@ def _step_block(
 @triton.jit
 def _finish_tensors(
     table, tensor_first_block, tensor_blocks, partials, fresh_marks, n_tensors,
-    scale, base_weight, found_inf_ptr,
+    scale_hi, scale_lo, base_weight, found_inf_ptr, shard_sums,
     ADAMW: tl.constexpr, LLACA: tl.constexpr, HAS_FOUND_INF: tl.constexpr, DEFER: tl.constexpr,
-    RBLOCK: tl.constexpr,
+    SHARDED: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     if HAS_FOUND_INF:
@@ -249,7 +253,15 @@ def _finish_tensors(
         a = tl.sum(acc_a, axis=0)
         b = tl.sum(acc_b, axis=0)
         c = tl.sum(acc_c, axis=0)
-        candidate = tl.cast(scale, tl.float64) * (1.0 + b) / (a * c)
+        if SHARDED:  # the sums of a shard: alpha waits for the other shards' (_sharded.py)
+            tl.store(shard_sums + 3 * t + 0, a)
+            tl.store(shard_sums + 3 * t + 1, b)
+            tl.store(shard_sums + 3 * t + 2, c)
+            return
+        # scale arrives as an fp32 pair (hi + lo == the Python float), so alpha is formed from
+        # the very double the other backends use.
+        scale = tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
+        candidate = scale * (1.0 + b) / (a * c)
         # NaN compares false, so 0/0 and non-finite gradients fall back too (SPEC section 2).
         adaptive = (candidate > 0.0) & (candidate < 1.0) & (fresh == 0)
         alpha = tl.where(adaptive, candidate, tl.cast(base_weight, tl.float64))

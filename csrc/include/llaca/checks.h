@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace llaca {
 
@@ -18,8 +19,8 @@ using at::Tensor;
 using at::TensorList;
 
 // The per-tensor lists of one call, as the op schemas in llaca_optim/_ops.py name them.
-// `ema_pending` (the deferred blend's flags, CUDA only: NOTE [CUDA deferred blend]) is empty
-// when the call blends within itself.
+// `ema_pending` (the deferred blend's flags: NOTE [CUDA deferred blend]) is empty when the call
+// blends within itself.
 struct Lists {
   TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas, prev_grads,
       alphas, fell_back, ema_pending;
@@ -168,6 +169,43 @@ inline at::ScalarType check_lists(const Lists& l, bool adamw, bool amsgrad, bool
         check_scalar_slot(l.ema_pending[i], at::kBool, "ema_pending", i, p.device());
       }
     }
+  }
+  return ema_dtype;
+}
+
+// The sharded-training mode's output (llaca_optim/_ops.py, `shard_sums`): a contiguous float64
+// [n, 3] tensor on the parameters' device that receives each tensor's local sums a, b, c. Returns
+// its rows, or null when the call computes alphas itself.
+inline double* shard_sum_rows(const std::optional<Tensor>& sums, const Lists& l, bool llaca) {
+  if (!sums.has_value() || !sums->defined()) return nullptr;
+  const int64_t n = static_cast<int64_t>(l.params.size());
+  TORCH_CHECK(llaca, "llaca_optim: shard_sums was given to a call with llaca=False, which has no "
+              "sums to write; pass shard_sums=None");
+  TORCH_CHECK(sums->scalar_type() == at::kDouble && sums->dim() == 2 && sums->size(0) == n &&
+                  sums->size(1) == 3 && sums->is_contiguous(),
+              "llaca_optim: shard_sums must be a contiguous float64 tensor of shape [", n,
+              ", 3] (one row per parameter), got ", sums->scalar_type(), " of shape ",
+              sums->sizes());
+  TORCH_CHECK(n == 0 || sums->device() == l.params[0].device(), "llaca_optim: shard_sums is on ",
+              sums->device(), " but the parameters are on ", l.params[0].device());
+  return sums->data_ptr<double>();
+}
+
+// The lists of llaca_flush_ (params, emas, alphas, ema_pending; the others empty); returns the
+// EMAs' dtype.
+inline at::ScalarType check_flush_lists(const Lists& l, c10::DeviceType device_type,
+                                        const char* kernels) {
+  const size_t n = l.params.size();
+  TORCH_CHECK(l.emas.size() == n && l.alphas.size() == n && l.ema_pending.size() == n,
+              "llaca_optim: llaca_flush_ takes one EMA, alpha and flag per parameter; got ", n,
+              " params, ", l.emas.size(), " emas, ", l.alphas.size(), " alphas and ",
+              l.ema_pending.size(), " flags");
+  const at::ScalarType ema_dtype = n ? l.emas[0].scalar_type() : at::kFloat;
+  for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) {
+    check_param(l.params, i, device_type, kernels);
+    check_ema(l, i, ema_dtype);
+    check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i, l.params[i].device());
+    check_scalar_slot(l.ema_pending[i], at::kBool, "ema_pending", i, l.params[i].device());
   }
   return ema_dtype;
 }

@@ -1,0 +1,134 @@
+"""Sharded parameters: DTensors, as FSDP2's ``fully_shard`` and tensor parallelism make them.
+
+NOTE [sharded parameters]
+LLaCA's alpha is per *whole* tensor: it needs ``a = sum|p - ema|``, ``b = sum|g|`` and
+``c = sum|g - g_prev|`` over every element, while each rank holds only its shard. The published
+code has no answer to that (it is incompatible with ZeRO-1 and above). Here a bucket of sharded
+parameters runs the fused kernels on the local shards in their sharded mode (``shard_sums`` in
+llaca_optim/_ops.py), then:
+
+1. the kernels do the AdamW step and write each tensor's *local* sums to one float64 row of the
+   bucket's ``sums`` tensor; they compute no alpha and blend nothing;
+2. one all-reduce of that ``[n, 3]`` tensor per sharded mesh dimension turns them into
+   whole-tensor sums (a replicated mesh dimension holds copies, so it is not summed over);
+3. :func:`finish_alphas` computes every alpha and fallback flag from them with tensor ops, in the
+   same float64 arithmetic as the kernels (llaca/math.h), and marks the blends pending;
+4. the blend runs at the tensor's next step, which reads p and the EMA anyway (backends that
+   defer the blend), or at once through ``llaca_flush_``.
+
+Nothing in this synchronises with the host: the all-reduce is queued on the stream like any
+collective, so a step stays capturable. The sums are float64, so only the order in which shards'
+float32 block sums are added differs from an unsharded run: with one shard the result is bit
+for bit the unsharded one (tested), with several it matches the reference to rounding.
+
+The optimizer state of a DTensor parameter is made of DTensors with the parameter's placements
+(``exp_avg``, ``exp_avg_sq``, ``ema``, ``prev_grad``), as ``torch.optim.AdamW`` keeps it, so
+``torch.distributed.checkpoint`` saves and reshards it; the per-tensor slots (``step``,
+``alpha``, ``alpha_fell_back``) are plain tensors, identical on every rank. The reference backend
+takes DTensors whole (DTensor's own reductions, one host sync per tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # torch built without distributed support has no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_sharded(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The shard of ``t`` this rank holds (``t`` itself for a plain tensor): a view of the same
+    memory, so the kernels update the DTensor in place."""
+    return t._local_tensor if is_sharded(t) else t  # to_local() without the autograd plumbing
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where a DTensor's elements live: its mesh, its placements, and the mesh dimensions over
+    which its shards must be summed. Parameters with equal layouts share one reduction."""
+
+    mesh: Any
+    placements: tuple[Any, ...]
+    sum_dims: tuple[int, ...]
+
+
+def layout_of(p: Tensor, companions: list[Tensor]) -> ShardLayout | None:
+    """The layout of a DTensor parameter whose gradient and state are laid out alike, so the
+    fused kernels can run on the shards; None when they are not (the reference backend then
+    takes the DTensors whole) or for a plain tensor."""
+    if not is_sharded(p):
+        return None
+    for t in companions:
+        if not is_sharded(t) or t.device_mesh != p.device_mesh or t.placements != p.placements:
+            return None
+    if any(placement.is_partial() for placement in p.placements):
+        return None
+    sum_dims = tuple(d for d, placement in enumerate(p.placements) if placement.is_shard())
+    return ShardLayout(p.device_mesh, tuple(p.placements), sum_dims)
+
+
+class ShardReduce:
+    """The cross-shard part of one bucket's step: its sums tensor (allocated once, reused every
+    step) and the all-reduce over the mesh dimensions its tensors are sharded along."""
+
+    def __init__(self, layout: ShardLayout, n_tensors: int, device: torch.device) -> None:
+        self.layout = layout
+        self.sums = torch.zeros((n_tensors, 3), dtype=torch.float64, device=device)
+        # Flags for blends applied at once (backends or groups that do not defer), reused.
+        self.flags = [torch.zeros((), dtype=torch.bool, device=device) for _ in range(n_tensors)]
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        for dim in self.layout.sum_dims:
+            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM, group=self.layout.mesh.get_group(dim))
+
+
+def finish_step(backend: Any, bucket: Any, scale: float, base_weight: float,
+                found_inf: Tensor | None) -> None:
+    """Steps 2 to 4 of NOTE [sharded parameters] for a bucket whose kernels just wrote their
+    local sums: reduce them, set the alphas, and blend now unless the bucket defers its blends."""
+    shard = bucket.shard
+    shard.all_reduce()
+    flags = bucket.ema_pending or shard.flags
+    finish_alphas(bucket.alphas, bucket.fell_back, flags, shard.sums, scale, base_weight, found_inf)
+    if not bucket.ema_pending:
+        backend.flush_ema(type(bucket)(params=bucket.params, emas=bucket.emas,
+                                       alphas=bucket.alphas, ema_pending=flags))
+
+
+def finish_alphas(alphas: list[Tensor], fell_back: list[Tensor], pending: list[Tensor],
+                  sums: Tensor, scale: float, base_weight: float,
+                  found_inf: Tensor | None) -> None:
+    """Step 3 of NOTE [sharded parameters]: each tensor's alpha and fallback flag from its
+    whole-tensor sums, and its blend marked pending, exactly as the kernels' ``tensor_alpha``
+    would (float64, the same operations in the same order, then rounded to float32). A tensor
+    whose slot holds a negative alpha had its first LLaCA step (the kernels set its EMA to p, so
+    it has no blend and falls back). With ``found_inf`` set, the kernels changed nothing, and
+    neither does this."""
+    old_alpha = torch.stack(alphas)
+    fresh = old_alpha < 0
+    a, b, c = sums.unbind(1)
+    candidate = scale * (1.0 + b) / (a * c)
+    adaptive = (candidate > 0) & (candidate < 1) & ~fresh
+    alpha = torch.where(adaptive, candidate, base_weight).to(torch.float32)
+    new_fell_back = ~adaptive
+    new_pending = ~fresh
+    if found_inf is not None:
+        skipped = found_inf.to(device=sums.device) != 0
+        alpha = torch.where(skipped, old_alpha, alpha)
+        new_fell_back = torch.where(skipped, torch.stack(fell_back), new_fell_back)
+        new_pending = torch.where(skipped, torch.stack(pending), new_pending)
+    torch._foreach_copy_(alphas, list(alpha.unbind()))
+    torch._foreach_copy_(fell_back, list(new_fell_back.unbind()))
+    torch._foreach_copy_(pending, list(new_pending.unbind()))
