@@ -16,8 +16,9 @@ The ops take per-tensor lists grouped by the caller into one (device, dtype) buc
 * ``llaca_flush_``: applies the blends that a deferring ``adamw_llaca_`` left pending.
 
 ``ema_pending`` holds one bool per tensor, or is empty. Empty: the step blends every EMA itself
-(every backend). Given (the CUDA kernels, NOTE [CUDA deferred blend] in csrc/cuda/layout.h; the
-Triton backend does the same outside these ops):
+(every backend). Given (the CUDA and CPU kernels, NOTE [CUDA deferred blend] in
+csrc/cuda/layout.h and NOTE [CPU deferred blend]; the Triton backend does the same outside these
+ops):
 a set flag on entry means the tensor's EMA still lacks the blend of its last step, whose alpha is
 in ``alphas``; the step applies it first, and may leave its own blend pending, setting the flag.
 Before anything reads such an EMA, ``llaca_flush_`` applies the pending blends and clears the

@@ -39,9 +39,9 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         llaca: ``False`` turns the EMA off for the group (plain AdamW).
         ema_dtype: ``None`` (float32 for 16-bit parameters, else the parameter's dtype),
             ``"param"`` (the parameter's dtype, as the published code), or a torch dtype.
-        defer_blend: let the backend defer each step's EMA blend to the next step (CUDA, for
-            tensors too large to finish on chip; Triton, for all), so that a step is one pass
-            over memory. The EMA in ``optimizer.state`` then lags one blend behind until
+        defer_blend: let the backend defer each step's EMA blend to the next step (CUDA and
+            CPU, for tensors too large to finish in one visit; Triton, for all), so that a step
+            is one pass over memory. The EMA in ``optimizer.state`` then lags one blend behind until
             :meth:`flush_ema`, which every method here that reads EMAs (``ema``, ``ema_weights``,
             ``end_task``, ``state_dict``) calls first; results are bit-identical either way. If
             you change parameters in place between steps, call :meth:`flush_ema` first, or pass

@@ -1,5 +1,6 @@
-"""The deferred EMA blend of the CUDA and Triton backends (NOTE [CUDA deferred blend] in csrc/cuda/layout.h, NOTE
-[deferred blend, Python side] in llaca_optim/_core.py): each step applies the blend the previous
+"""The deferred EMA blend of the CUDA, CPU and Triton backends (NOTE [CUDA deferred blend] in
+csrc/cuda/layout.h, NOTE [CPU deferred blend] in csrc/cpu/llaca_cpu.cpp, NOTE [deferred blend,
+Python side] in llaca_optim/_core.py): each step applies the blend the previous
 step left pending, so a step is one pass over memory, and everything that reads an EMA flushes
 first. The blend is the same expression on the same stored values either way, so a deferring
 optimizer must match one that blends within the step (``defer_blend=False``) bit for bit, in
@@ -7,8 +8,8 @@ parameters, every state tensor and the per-step alphas, whatever happens between
 
 Without a GPU the CUDA kernels run through the CPU emulation (tests/_cuda_sim.py), which shuffles
 the block order of every launch, and the Triton kernels through Triton's interpreter; with one, on
-CUDA tensors. The CUDA kernels defer only tensors too large to finish on chip; Triton, whose
-alpha comes from a separate pass, defers every tensor.
+CUDA tensors. The CUDA kernels defer only tensors too large to finish on chip, the CPU kernels
+those over 2^18 elements; Triton, whose alpha comes from a separate pass, defers every tensor.
 """
 
 from __future__ import annotations
@@ -30,24 +31,33 @@ from llaca_optim.backends import StepHyper
 # tensors (deferred), single-chunk ones (finished on chip, never pending), an empty one and one
 # element, none a multiple of the 16-byte vector.
 SHAPES = [(70001,), (4097,), (301, 29), (255,), (1,), (0,), (9000,)]
+# The CPU kernels finish tensors of up to 2^18 elements in one visit and defer only larger ones.
+CPU_WHOLE_LIMIT = 2**18
 
 
-def _params(dtype, device, seed):
+def _shapes(case):
+    backend, _ = case
+    return SHAPES + [(CPU_WHOLE_LIMIT + 1001,)] if backend == "cpu" else SHAPES
+
+
+def _params(dtype, case, seed):
     generator = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(s, generator=generator).to(device, dtype)) for s in SHAPES]
+    return [nn.Parameter(torch.randn(s, generator=generator).to(case[1], dtype)) for s in _shapes(case)]
 
 
-def _gradients(dtype, device, steps, seed):
+def _gradients(dtype, case, steps, seed):
     generator = torch.Generator().manual_seed(seed + 1)
     return [[(torch.randn(s, generator=generator) * (0.2 + 2 * torch.rand((), generator=generator)))
-             .to(device, dtype) for s in SHAPES] for _ in range(steps)]
+             .to(case[1], dtype) for s in _shapes(case)] for _ in range(steps)]
 
 
-@pytest.fixture(params=["cuda", "triton"])
+@pytest.fixture(params=["cuda", "triton", "cpu"])
 def deferring_backend(request):
     """(backend, device) of a backend that defers the blend."""
     if request.param == "cuda":
         return cuda_backend_for_tests()
+    if request.param == "cpu":
+        return backend_or_skip("cpu"), "cpu"
     backend_or_skip("triton")
     return "triton", "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -57,7 +67,7 @@ def _pair(deferring_backend, dtype, seed, **options):
     backend, device = deferring_backend
     runs = []
     for defer in (True, False):
-        params = _params(dtype, device, seed)
+        params = _params(dtype, deferring_backend, seed)
         runs.append((params, LLaCAAdamW(params, lr=3e-2, weight_decay=0.05, backend=backend,
                                         defer_blend=defer, **options)))
     return runs
@@ -102,10 +112,10 @@ def test_deferring_matches_blending_in_the_step_bit_for_bit(deferring_backend, d
         pytest.skip("Triton interpreter: a reduced case set")
     seed = int(torch.randint(0, 2**31 - 1, ()))
     runs = _pair(deferring_backend, dtype, seed, ema_dtype=ema_dtype, amsgrad=amsgrad)
-    grads = _gradients(dtype, device, 16, seed)
+    grads = _gradients(dtype, deferring_backend, 16, seed)
     generator = torch.Generator().manual_seed(seed + 2)
     for t, step_grads in enumerate(grads):
-        with_grad = None if t % 5 != 3 else (torch.rand(len(SHAPES), generator=generator) < 0.5).tolist()
+        with_grad = None if t % 5 != 3 else (torch.rand(len(_shapes(deferring_backend)), generator=generator) < 0.5).tolist()
         overflow = t == 9
         for params, optimizer in runs:
             if overflow:
@@ -128,10 +138,11 @@ def test_the_blend_is_really_deferred_and_flush_applies_it(deferring_backend):
     never pending; flush_ema applies the blend and clears the flags."""
     backend, device = deferring_backend
     runs = _pair(deferring_backend, torch.float32, seed=5)
-    _train(runs, _gradients(torch.float32, device, 3, seed=5))
+    _train(runs, _gradients(torch.float32, deferring_backend, 3, seed=5))
     (params, deferring), (twin_params, blending) = runs
-    # Which tensors the kernels finish on chip (never pending): CUDA's single-chunk ones.
-    on_chip = 0 if backend == "triton" else 4096 if device == "cuda" else 256
+    # Which tensors the kernels finish in one visit (never pending): CUDA's single-chunk ones, the
+    # CPU's up to its whole-tensor limit.
+    on_chip = {"triton": 0, "cpu": CPU_WHOLE_LIMIT}.get(backend, 4096 if device == "cuda" else 256)
     for p, q in zip(params, twin_params):
         state, twin = deferring.state[p], blending.state[q]
         assert "ema_pending" not in twin
@@ -154,7 +165,7 @@ def test_the_blend_is_really_deferred_and_flush_applies_it(deferring_backend):
 def test_every_ema_reader_sees_the_blended_ema(deferring_backend, reader):
     _, device = deferring_backend
     runs = _pair(deferring_backend, torch.bfloat16, seed=11)
-    _train(runs, _gradients(torch.bfloat16, device, 4, seed=11))
+    _train(runs, _gradients(torch.bfloat16, deferring_backend, 4, seed=11))
     seen = []
     for params, optimizer in runs:
         if reader == "ema":
@@ -173,14 +184,14 @@ def test_every_ema_reader_sees_the_blended_ema(deferring_backend, reader):
     for i, (x, y) in enumerate(zip(*seen)):
         assert_equal(x, y, what=f"{reader}: tensor {i}")
     # Training on after the read (the flags were cleared by the flush) stays identical.
-    _train(runs, _gradients(torch.bfloat16, device, 3, seed=12))
+    _train(runs, _gradients(torch.bfloat16, deferring_backend, 3, seed=12))
     _assert_same_state(*runs)
 
 
 def test_state_dict_taken_while_pending_resumes_identically(deferring_backend):
     backend, device = deferring_backend
     runs = _pair(deferring_backend, torch.float32, seed=21)
-    grads = _gradients(torch.float32, device, 8, seed=21)
+    grads = _gradients(torch.float32, deferring_backend, 8, seed=21)
     _train(runs, grads[:4])
     (params, deferring), _ = runs
     saved = deferring.state_dict()
@@ -197,7 +208,7 @@ def test_a_new_route_that_blends_in_the_step_flushes_first(deferring_backend, ch
     the reference implementation; defer_blend turned off) gets its blend before that step."""
     _, device = deferring_backend
     runs = _pair(deferring_backend, torch.float32, seed=31)
-    grads = _gradients(torch.float32, device, 6, seed=31)
+    grads = _gradients(torch.float32, deferring_backend, 6, seed=31)
     for t, step_grads in enumerate(grads):
         if t == 3 and change == "gradient layout":
             # A dense tensor's gradient with other strides: the fused kernels decline it.
@@ -216,7 +227,7 @@ def test_a_new_route_that_blends_in_the_step_flushes_first(deferring_backend, ch
 def test_changing_parameters_in_place_between_steps_warns(deferring_backend):
     _, device = deferring_backend
     (params, optimizer), _ = _pair(deferring_backend, torch.float32, seed=41)
-    grads = _gradients(torch.float32, device, 4, seed=41)
+    grads = _gradients(torch.float32, deferring_backend, 4, seed=41)
     _step(params, optimizer, grads[0])
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="llaca_optim")
@@ -269,7 +280,7 @@ def test_a_captured_step_keeps_every_flush_active(deferring_backend, monkeypatch
 
     _, device = deferring_backend
     runs = _pair(deferring_backend, torch.float32, seed=51)
-    grads = _gradients(torch.float32, device, 5, seed=51)
+    grads = _gradients(torch.float32, deferring_backend, 5, seed=51)
     _train(runs, grads[:1])
     (params, deferring), (twin_params, blending) = runs
     monkeypatch.setattr(core, "_capturing", lambda t: True)

@@ -14,11 +14,21 @@
 //   * a larger tensor is split into one item per block, shared by all threads (pass 1: AdamW and
 //     block sums into per-item slots); then its alpha (pass 2, serial: add the slots in order) and
 //     the blend (pass 3, parallel, each thread walking its share backwards so it starts on the data
-//     it touched last). These tensors pay the two-phase cost of 13 memory accesses per element.
+//     it touched last). Without deferral these tensors pay the two-phase cost of 13 memory
+//     accesses per element.
 // Scratch (the work list and the partial-sum slots) is thread-local, grown once and reused.
 // In the sharded mode (`shard_sums` given, llaca_optim/_ops.py) every tensor stops after its sums:
 // they are written to its row, and no alpha is computed and nothing blended; llaca_flush_ blends
 // once the caller has reduced the sums across the shards and set the alphas and pending flags.
+//
+// NOTE [CPU deferred blend]
+// The design of NOTE [CUDA deferred blend] (csrc/cuda/layout.h), given `ema_pending` flags: a split
+// tensor skips pass 3 and sets its flag; its next step reads the flag and the old alpha before
+// anything is written, and each block forms ema_t = ema_{t-1} + alpha_t (p_t - ema_{t-1}) from p_t
+// before AdamW replaces it, stores it and sums against it. Large tensors then take 11 accesses
+// per element too. Whole tensors still blend in their one visit (applying a pending blend first)
+// and clear the flag. The same expression on the same stored values: bit-identical EMAs. The
+// sharded mode uses the same entry path, its caller sets the flags.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,6 +38,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "llaca/checks.h"
@@ -58,6 +69,9 @@ struct TensorJob {
   float* alpha = nullptr;
   bool* fell_back = nullptr;
   double* shard_sums = nullptr;  // sharded mode: this tensor's row of (a, b, c)
+  bool* pending = nullptr;       // its deferred-blend flag, when the call defers
+  bool pending_on_entry = false; // the flag as read before the call wrote anything
+  float pending_alpha = 0.0f;    // the alpha of that pending blend
   bool fresh = false;
   bool whole = false;  // one work item: finished (alpha and blend) by the thread that stepped it
   AdamWScalars adamw{};
@@ -85,10 +99,19 @@ struct CallScalars {
   bool sharded = false;  // shard_sums given: sums out, no alpha, no blend
 };
 
+// What a tensor's EMA holds on entry to a step: nothing yet (its first LLaCA step: it is set to
+// the stepped p), the blend of its last step, or not yet that blend (NOTE [CPU deferred blend]).
+enum class Entry { kFresh, kCurrent, kPending };
+
+Entry entry_of(const TensorJob& job) {
+  if (job.fresh) return Entry::kFresh;
+  return job.pending_on_entry ? Entry::kPending : Entry::kCurrent;
+}
+
 // Phase 1 on the elements [begin, end) of one tensor (at most one sum block). Returns the three
-// partial L1 sums. FRESH (the tensor's first LLaCA step) is a template parameter, not a branch in
-// the loop: a conditional store inside the loop keeps GCC from vectorising it.
-template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, bool FRESH>
+// partial L1 sums. ENTRY is a template parameter, not a branch in the loop: a conditional store
+// inside the loop keeps GCC from vectorising it.
+template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, Entry ENTRY>
 void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScalars& call,
                 float* partial) {
   using P = Codec<param_t>;
@@ -107,6 +130,8 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
   // 1.0 without a GradScaler: x / 1.0f is exact, so dividing always keeps the loop free of a
   // branch that stopped GCC from vectorising it.
   const float grad_scale = call.grad_scale;
+  const float pending_alpha = job.pending_alpha;
+  constexpr bool FRESH = ENTRY == Entry::kFresh;
 
   float sum_a = 0.0f, sum_b = 0.0f, sum_c = 0.0f;
 #pragma omp simd reduction(+ : sum_a, sum_b, sum_c)
@@ -115,6 +140,17 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
     // _and_unscale_ does, and the reference does the same.
     const float gf = P::load(g[i]) / grad_scale;
     float pf = P::load(p[i]);
+    float e = 0.0f;
+    if (LLACA && !FRESH) {
+      e = E::load(ema[i]);
+      if (ENTRY == Entry::kPending) {
+        // The last step's blend, from p_t before the AdamW update replaces it (the expression of
+        // chunk_blend, so the stored bits are the same).
+        const eraw blended = E::store(e + pending_alpha * (pf - e));
+        ema[i] = blended;
+        e = E::load(blended);
+      }
+    }
     if (ADAMW) {
       float mf = P::load(m[i]);
       float vf = P::load(v[i]);
@@ -134,7 +170,6 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
       if (FRESH) {
         ema[i] = E::store(pf);
       } else {
-        const float e = E::load(ema[i]);
         sum_a += std::fabs(pf - e);
         sum_b += std::fabs(gf);
         sum_c += std::fabs(gf - P::load(gprev[i]));
@@ -178,19 +213,31 @@ bool finish_alpha(const TensorJob& job, double a, double b, double c, const Call
 // A tensor small enough to be one work item: the AdamW step and the sums block by block, then its
 // alpha, then the blend while p and ema are still in cache. The blend walks the blocks backwards,
 // so the most recently touched block (the one surely still in L1/L2) comes first.
-template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, bool FRESH>
+// Calls fn(std::integral_constant<Entry, e>) for the tensor's entry state (kCurrent without LLaCA).
+template <bool LLACA, typename Fn>
+void with_entry(const TensorJob& job, Fn&& fn) {
+  switch (LLACA ? entry_of(job) : Entry::kCurrent) {
+    case Entry::kFresh: return fn(std::integral_constant<Entry, Entry::kFresh>{});
+    case Entry::kPending: return fn(std::integral_constant<Entry, Entry::kPending>{});
+    default: return fn(std::integral_constant<Entry, Entry::kCurrent>{});
+  }
+}
+
+template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, Entry ENTRY>
 void whole_tensor_step(const TensorJob& job, const CallScalars& call) {
   double a = 0.0, b = 0.0, c = 0.0;
   for (int64_t begin = 0; begin < job.numel; begin += kSumBlock) {
     float partial[3];
-    chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, FRESH>(
+    chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, ENTRY>(
         job, begin, std::min(job.numel, begin + kSumBlock), call, partial);
     a += partial[0];
     b += partial[1];
     c += partial[2];
   }
   if (!LLACA) return;
-  if (!finish_alpha(job, a, b, c, call) || FRESH) return;
+  if (!finish_alpha(job, a, b, c, call)) return;  // sharded: the caller blends, flags included
+  if (job.pending != nullptr) *job.pending = false;  // blended below (or fresh: nothing to blend)
+  if (ENTRY == Entry::kFresh) return;
   const int64_t blocks = (job.numel + kSumBlock - 1) / kSumBlock;
   for (int64_t k = blocks - 1; k >= 0; --k) {
     chunk_blend<param_t, ema_t>(job, k * kSumBlock, std::min(job.numel, (k + 1) * kSumBlock));
@@ -260,7 +307,8 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
         elements += end - begin;
         item_ends.push_back(elements);
       }
-      any_split = any_split || job.numel > 0;
+      // Pass 3 runs for split tensors that blend within the call (not deferring, not sharded).
+      any_split = any_split || (job.numel > 0 && job.pending == nullptr);
     }
     job.num_items = static_cast<int64_t>(items.size()) - job.first_item;
   }
@@ -270,15 +318,15 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
   parallel_over_items(items, item_ends, /*backwards=*/false, [&](int64_t k) {
     const Item& item = items[k];
     const TensorJob& job = jobs[item.job];
-    const bool fresh = LLACA && job.fresh;
-    if (job.whole) {
-      if (fresh) whole_tensor_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, true>(job, call);
-      else whole_tensor_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, false>(job, call);
-    } else if (fresh) {
-      chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, true>(job, item.begin, item.end, call, partial_data + 3 * k);
-    } else {
-      chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, false>(job, item.begin, item.end, call, partial_data + 3 * k);
-    }
+    with_entry<LLACA>(job, [&](auto entry) {
+      constexpr Entry ENTRY = decltype(entry)::value;
+      if (job.whole) {
+        whole_tensor_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, ENTRY>(job, call);
+      } else {
+        chunk_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, ENTRY>(job, item.begin, item.end, call,
+                                                                 partial_data + 3 * k);
+      }
+    });
   });
   if (!LLACA) return;
 
@@ -292,13 +340,19 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
       b += partial_data[3 * k + 1];
       c += partial_data[3 * k + 2];
     }
-    finish_alpha(job, a, b, c, call);
+    // A deferring tensor's blend waits for its next step or a flush (none on its first step,
+    // none for an empty tensor).
+    if (finish_alpha(job, a, b, c, call) && job.pending != nullptr) {
+      *job.pending = !job.fresh && job.numel > 0;
+    }
   }
   if (!any_split || call.sharded) return;
   parallel_over_items(items, item_ends, /*backwards=*/true, [&](int64_t k) {
     const Item& item = items[k];
     const TensorJob& job = jobs[item.job];
-    if (!job.whole && !job.fresh) chunk_blend<param_t, ema_t>(job, item.begin, item.end);
+    if (!job.whole && !job.fresh && job.pending == nullptr) {
+      chunk_blend<param_t, ema_t>(job, item.begin, item.end);
+    }
   });
 }
 
@@ -329,6 +383,11 @@ at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
       // A negative alpha slot marks a tensor with no EMA step yet (see llaca_optim/_ops.py).
       job.fresh = *job.alpha < 0.0f;
       if (sum_rows != nullptr) job.shard_sums = sum_rows + 3 * i;
+      if (!l.ema_pending.empty()) {
+        job.pending = l.ema_pending[i].data_ptr<bool>();
+        job.pending_on_entry = *job.pending && !job.fresh;
+        job.pending_alpha = *job.alpha;
+      }
     }
   }
   return ema_dtype;
@@ -363,17 +422,13 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                      const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
                      const std::optional<Tensor>& found_inf,
                      const std::optional<Tensor>& shard_sums) {
-  // The deferred blend is the GPU kernels' (NOTE [CUDA deferred blend]); these blend in the step,
-  // or in the sharded mode leave it to llaca_flush_.
-  TORCH_CHECK(ema_pending.empty(), "llaca_optim: the cpu kernels blend the EMA within the step and "
-              "keep no blend pending; pass ema_pending=[] (got ", ema_pending.size(), " flags)");
   CallScalars call;
   call.maximize = maximize;
   call.scale = scale;
   call.base_weight = base_weight;
   std::vector<TensorJob> jobs;
   Lists lists{params, grads,  exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-              emas,   prev_grads, alphas,   fell_back};
+              emas,   prev_grads, alphas,   fell_back, ema_pending};
   const at::ScalarType ema_dtype = build_jobs(lists, /*adamw=*/true, amsgrad, llaca, shard_sums, jobs, call);
   check_call_scalar(lr_tensor, "lr", c10::Device(c10::DeviceType::CPU));
   if (read_amp(grad_scale, found_inf, call)) return;
@@ -410,9 +465,9 @@ void llaca_update_cpu(TensorList params, TensorList grads, TensorList emas, Tens
   dispatch_dtypes<false, false, true>(params[0].scalar_type(), ema_dtype, jobs, call);
 }
 
-// llaca_flush_ on the CPU: the blends that the sharded mode leaves for after the cross-shard
-// reduction (the cpu kernels never defer one by themselves). Tensors whose flag is set are blended
-// with the alpha in their slot, block by block over the threads, and their flags cleared.
+// llaca_flush_ on the CPU: the blends that deferring steps (NOTE [CPU deferred blend]) or sharded
+// steps left pending. Tensors whose flag is set are blended with the alpha in their slot, block by
+// block over the threads, and their flags cleared.
 template <typename param_t, typename ema_t>
 void run_flush(std::vector<TensorJob>& jobs) {
   static thread_local Workspace workspace;  // see run_step

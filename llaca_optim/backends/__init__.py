@@ -200,8 +200,9 @@ class ReferenceBackend(Backend):
 class NativeBackend(Backend):
     """The C++/CUDA extension's kernels, reached through the torch.library ops (the dispatcher
     picks the kernel registered for the tensors' device). ``ops`` is the op namespace: the tests
-    pass the one of an emulated build (tests/_cuda_sim.py). The CUDA kernels defer the blend of
-    tensors too large to finish on chip, which makes their step a single pass over memory."""
+    pass the one of an emulated build (tests/_cuda_sim.py). Both defer the blend of tensors too
+    large to finish in one visit (CUDA: one chunk; CPU: 2^18 elements), which makes their step a
+    single pass over memory."""
 
     _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
     runs_on_shards = True
@@ -364,5 +365,5 @@ def _instance(name: str, device_type: str) -> Backend:
         elif name == "triton":
             _instances[key] = TritonBackend(device_type)
         else:
-            _instances[key] = NativeBackend(name, device_type, defers_blend=name == "cuda")
+            _instances[key] = NativeBackend(name, device_type, defers_blend=True)
     return _instances[key]
