@@ -199,8 +199,9 @@ def contenders(device: torch.device, model_bytes: int, include_published: bool =
             out.append(Contender(f"LLaCAAdamW[{b}] graph", "ours", b, "llaca",
                                  lambda ps, b=b: GraphReplay(OptimizerStepper(
                                      llaca_optim.LLaCAAdamW(ps, backend=b)))))
-            # The two-phase design (blend in the step: 13 accesses for large tensors), to show
-            # what the deferred blend (the default: one pass) gains.
+        if b in ("cuda", "cpu"):
+            # The two-phase design (blend in the step: 13 accesses for tensors too large to
+            # finish in one visit), to show what the deferred blend (the default) gains.
             out.append(Contender(f"LLaCAAdamW[{b}] defer_blend=False", "ours", b, "llaca",
                                  lambda ps, b=b: OptimizerStepper(
                                      llaca_optim.LLaCAAdamW(ps, backend=b, defer_blend=False))))

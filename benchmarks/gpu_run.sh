@@ -22,8 +22,9 @@ python3 -m pip install --no-deps --no-build-isolation --no-index -v -e . > "$out
 python3 -c "import llaca_optim; print(llaca_optim.backend_status())" >> "$out/device.txt" 2>&1
 # The CUDA backend first (the parity, determinism, AMP and graph tests on the GPU), then
 # everything; -x would stop the rest at the first failure, so the logs are separate.
+# test_sharded.py adds its GPU jobs there: one rank over NCCL, the real kernels' sharded mode.
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py tests/test_cuda_gpu.py \
-  tests/test_deferred_blend.py 2>&1 \
+  tests/test_deferred_blend.py tests/test_sharded.py 2>&1 \
   | tail -n 150 > "$out/tests_cuda.log"
 # Out-of-bounds accesses and races show nothing in the results; compute-sanitizer finds them
 # (a few small cases: it slows kernels down a hundredfold).

@@ -242,15 +242,22 @@ class LLaCAOptimizerBase(Optimizer):
                 return backend, layout
         return _REFERENCE, None
 
-    @staticmethod
-    def _finish_buckets(built: list[tuple[Backend, Bucket, list[int]]], llaca: bool
+    def _finish_buckets(self, built: list[tuple[Backend, Bucket, list[int]]], llaca: bool
                         ) -> list[tuple[Backend, Bucket, list[int]]]:
-        """Gives the sharded buckets of a group with LLaCA on their cross-shard reduction."""
-        for _, bucket, _ in built:
-            if bucket.sources is not None and llaca:
-                layout = _sharded.layout_of(bucket.sources[0], [])
+        """Gives the sharded buckets of a group with LLaCA on their cross-shard reduction (a
+        DTensor replicated on every mesh dimension needs none: each rank holds the whole tensor
+        and computes the same alpha as the others), and takes the deferred-blend flags away from
+        buckets whose kernels would never defer (every tensor small enough to finish in one
+        visit): one list less to pass and check at every step."""
+        for backend, bucket, _ in built:
+            layout = _sharded.layout_of(bucket.sources[0], []) if bucket.sources else None
+            if layout is not None and layout.sum_dims and llaca:
                 bucket.shard = _sharded.ShardReduce(layout, len(bucket.params),
                                                     bucket.params[0].device)
+            if bucket.ema_pending and bucket.shard is None and not backend.may_defer(bucket.params):
+                # Their flags leave the state, after any blend still pending is applied.
+                self._flush_before_replan.extend(bucket.sources or bucket.params)
+                bucket.ema_pending = []
         return built
 
     # ------------------------------------------------------------------ deferred blend

@@ -42,7 +42,9 @@ def _build() -> None:
 @functools.lru_cache(maxsize=None)
 def emulated_cuda_backend() -> NativeBackend:
     _build()
-    return NativeBackend("cuda", "cpu", ops=getattr(torch.ops, NAMESPACE), defers_blend=True)
+    # The emulation's chunks are 16 threads x 16 elements (kThreads under LLACA_CUDA_SIM).
+    return NativeBackend("cuda", "cpu", ops=getattr(torch.ops, NAMESPACE), defers_blend=True,
+                         one_visit_limit=256)
 
 
 def cuda_backend_for_tests():

@@ -182,7 +182,7 @@ def rank_main(rank: int, world: int, store_path: str, out_dir: str, jobs: list[d
                             world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         meshes = {"cpu": init_device_mesh("cpu", (world,))}
         if gpu:
@@ -192,7 +192,8 @@ def rank_main(rank: int, world: int, store_path: str, out_dir: str, jobs: list[d
         for job in jobs:
             if job["kind"] == "trajectory":
                 on = meshes[job.get("device", "cpu")]
-                results.append(train(job, lambda t: distribute_tensor(t, on, [Shard(0)])))
+                placement = Replicate() if job.get("replicated") else Shard(0)
+                results.append(train(job, lambda t: distribute_tensor(t, on, [placement])))
             elif job["kind"] == "checkpoint":
                 results.append(checkpoint_resume(job["seed"], job["steps"], out_dir, mesh))
             else:

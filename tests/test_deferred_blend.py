@@ -25,14 +25,14 @@ from _cuda_sim import cuda_backend_for_tests
 from conftest import backend_or_skip
 from _trajectory import collect
 from llaca_optim import LLaCAAdamW
-from llaca_optim.backends import StepHyper
+from llaca_optim.backends import ONE_VISIT_LIMITS, StepHyper
 
 # Sizes in elements of the emulation's chunks (256) and the GPU's (4096): several multi-chunk
 # tensors (deferred), single-chunk ones (finished on chip, never pending), an empty one and one
 # element, none a multiple of the 16-byte vector.
 SHAPES = [(70001,), (4097,), (301, 29), (255,), (1,), (0,), (9000,)]
 # The CPU kernels finish tensors of up to 2^18 elements in one visit and defer only larger ones.
-CPU_WHOLE_LIMIT = 2**18
+CPU_WHOLE_LIMIT = ONE_VISIT_LIMITS["cpu"]
 
 
 def _shapes(case):
@@ -142,7 +142,8 @@ def test_the_blend_is_really_deferred_and_flush_applies_it(deferring_backend):
     (params, deferring), (twin_params, blending) = runs
     # Which tensors the kernels finish in one visit (never pending): CUDA's single-chunk ones, the
     # CPU's up to its whole-tensor limit.
-    on_chip = {"triton": 0, "cpu": CPU_WHOLE_LIMIT}.get(backend, 4096 if device == "cuda" else 256)
+    on_chip = {"triton": 0, "cpu": CPU_WHOLE_LIMIT}.get(
+        backend, ONE_VISIT_LIMITS["cuda"] if device == "cuda" else 256)
     for p, q in zip(params, twin_params):
         state, twin = deferring.state[p], blending.state[q]
         assert "ema_pending" not in twin
@@ -159,6 +160,25 @@ def test_the_blend_is_really_deferred_and_flush_applies_it(deferring_backend):
     deferring.flush_ema()  # nothing pending: changes nothing
     for p, q in zip(params, twin_params):
         assert_equal(deferring.state[p]["ema"], blending.state[q]["ema"], what="ema after 2nd flush")
+
+
+def test_buckets_that_never_defer_carry_no_flags(deferring_backend):
+    """A bucket whose tensors all finish in one visit (CPU: up to 2^18 elements; CUDA: one
+    chunk) would never leave a blend pending, so its step passes no flags and its state has
+    none; a bucket with one larger tensor keeps flags for all."""
+    backend, device = deferring_backend
+    if backend == "triton":
+        pytest.skip("Triton defers every tensor")
+    small = [nn.Parameter(torch.randn(n, device=device)) for n in (1, 100, 255)]
+    optimizer = LLaCAAdamW(small, lr=1e-2, backend=backend)
+    for _ in range(3):
+        for p in small:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+    assert all("ema_pending" not in optimizer.state[p] for p in small)
+    (params, deferring), _ = _pair(deferring_backend, torch.float32, seed=3)
+    _step(params, deferring, _gradients(torch.float32, deferring_backend, 1, seed=3)[0])
+    assert all("ema_pending" in deferring.state[p] for p in params)
 
 
 @pytest.mark.parametrize("reader", ["ema", "ema_weights", "state_dict", "end_task"])

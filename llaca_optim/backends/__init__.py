@@ -38,6 +38,11 @@ __all__ = [
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 
+# The largest tensor each native backend's step finishes in one visit, blend included (csrc twins:
+# kWholeTensorLimit in csrc/cpu/llaca_cpu.cpp, kChunk in csrc/cuda/layout.h); only larger ones
+# can have their blend deferred. tests/test_deferred_blend.py checks both.
+ONE_VISIT_LIMITS = {"cpu": 2**18, "cuda": 4096}
+
 # Fastest first, per device type: what "auto" tries.
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
@@ -126,6 +131,10 @@ class Backend:
         """Whether this backend's kernels can update ``param`` with these state tensors in place."""
         raise NotImplementedError
 
+    def may_defer(self, params: list[Tensor]) -> bool:
+        """Whether a deferring step over ``params`` could leave any blend pending."""
+        return self.defers_blend
+
     def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
         raise NotImplementedError
 
@@ -207,11 +216,18 @@ class NativeBackend(Backend):
     _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
     runs_on_shards = True
 
-    def __init__(self, name: str, device_type: str, ops=None, defers_blend: bool = False) -> None:
+    def __init__(self, name: str, device_type: str, ops=None, defers_blend: bool = False,
+                 one_visit_limit: int | None = None) -> None:
         self.name = name
         self.device_type = device_type
         self._ops = ops if ops is not None else torch.ops.llaca_optim
         self.defers_blend = defers_blend
+        # The largest tensor the kernels finish in one visit (never deferred); None: unknown.
+        self.one_visit_limit = one_visit_limit
+
+    def may_defer(self, params: list[Tensor]) -> bool:
+        limit = self.one_visit_limit
+        return self.defers_blend and (limit is None or any(p.numel() > limit for p in params))
 
     def accepts(self, param: Tensor, companions: list[Tensor]) -> bool:
         return (
@@ -365,5 +381,6 @@ def _instance(name: str, device_type: str) -> Backend:
         elif name == "triton":
             _instances[key] = TritonBackend(device_type)
         else:
-            _instances[key] = NativeBackend(name, device_type, defers_blend=True)
+            _instances[key] = NativeBackend(name, device_type, defers_blend=True,
+                                            one_visit_limit=ONE_VISIT_LIMITS[name])
     return _instances[key]
