@@ -15,11 +15,14 @@ Baselines (SPEC section 5, issue 3):
 * ``copy``: a device-to-device copy moving as many bytes as the LLaCA bytes model, the ceiling.
 
 Ours: ``LLaCAAdamW(backend=...)`` (one fused AdamW+LLaCA op) and ``LLaCA(AdamW(fused=True))``
-(torch's step, then our standalone update) for every backend available on the device.
+(torch's step, then our standalone update) for every backend available on the device; also
+``LLaCAAdamW`` over the same tensors as one-rank DTensors (the sharded path of FSDP2: kernels in
+their sums-out mode, an all-reduce, the alphas from the sums), and with ``defer_blend=False``.
 """
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 from typing import Callable
 
@@ -81,6 +84,33 @@ class OptimizerStepper(Stepper):
             for st in o.state.values():
                 out += [v for v in st.values() if isinstance(v, Tensor)]
         return out
+
+
+def one_rank_mesh(device: torch.device):
+    """A one-rank device mesh (gloo on the CPU, NCCL on a GPU), the process group made on first
+    use: enough to run the sharded path of NOTE [sharded parameters] in one process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(dist.destroy_process_group)
+    return init_device_mesh(device.type, (1,))
+
+
+def as_one_rank_dtensors(params: list[Tensor]) -> list[Tensor]:
+    """The same parameters and gradients (the same memory) as DTensors sharded over one rank, as
+    FSDP2 hands them to an optimizer: the sharded path's cost with no communication in it."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = one_rank_mesh(params[0].device)
+    out = []
+    for p in params:
+        d = torch.nn.Parameter(DTensor.from_local(p.detach(), mesh, [Shard(0)], run_check=False))
+        d.grad = DTensor.from_local(p.grad, mesh, [Shard(0)], run_check=False)
+        out.append(d)
+    return out
 
 
 class PublishedLoop(Stepper):
@@ -199,6 +229,10 @@ def contenders(device: torch.device, model_bytes: int, include_published: bool =
             out.append(Contender(f"LLaCAAdamW[{b}] graph", "ours", b, "llaca",
                                  lambda ps, b=b: GraphReplay(OptimizerStepper(
                                      llaca_optim.LLaCAAdamW(ps, backend=b)))))
+        if b != "reference" and torch.distributed.is_available():
+            out.append(Contender(f"LLaCAAdamW[{b}] sharded (1 rank)", "ours", b, "llaca",
+                                 lambda ps, b=b: OptimizerStepper(llaca_optim.LLaCAAdamW(
+                                     as_one_rank_dtensors(ps), backend=b))))
         if b in ("cuda", "cpu"):
             # The two-phase design (blend in the step: 13 accesses for tensors too large to
             # finish in one visit), to show what the deferred blend (the default) gains.

@@ -5,7 +5,10 @@ How time is taken:
 * CPU: all contenders of a measurement are built on the same parameters and stepped in
   round-robin order, one step each per round, timed with ``time.perf_counter``. Interleaving puts
   every contender under the same machine conditions (frequency, other load, page cache), which on
-  a shared 2-core machine matters more than anything else; ratios are taken between medians.
+  a shared 2-core machine matters more than anything else; ratios are taken between medians. The
+  order is shuffled every round (a fixed seed): a step that follows one which swept the caches
+  (the ``copy`` row, the published loop's temporaries) runs measurably slower, and a fixed order
+  would charge that to whichever contender always came next.
 * CUDA: contenders are measured one after the other (a ``full`` workload's states do not fit on
   the GPU together), each step between two CUDA events after a warm-up, and the GPU synchronised
   once per contender, not per step.
@@ -22,6 +25,7 @@ allocation proportional to the model").
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 import warnings
@@ -91,10 +95,12 @@ def measure_cpu(contenders: list[Contender], params: list[torch.Tensor], warmup:
             s.step()
     times: dict[str, list[float]] = {name: [] for name in steppers}
     spent: dict[str, float] = {name: 0.0 for name in steppers}
+    order = random.Random(0)
     for _ in range(steps):
         active = [n for n in steppers if len(times[n]) < 3 or spent[n] < budget_s]
         if not active:
             break
+        order.shuffle(active)
         for name in active:
             start = time.perf_counter()
             steppers[name].step()

@@ -37,7 +37,8 @@ their sums are not the whole tensor's. Given it, a kernel writes each tensor's l
 ``a = sum|p - ema|, b = sum|g|, c = sum|g - g_prev|`` into its row and stops there: it writes no
 alpha, fallback flag or pending flag and does not blend this step's EMA (a blend pending on entry
 is still applied first). The caller all-reduces the rows across the shards, turns them into
-alphas and pending flags (``_sharded.finish_alphas``) and blends through ``llaca_flush_``.
+alphas and pending flags (``ShardReduce.finish_alphas`` in _sharded.py) and blends through
+``llaca_flush_`` or the next step.
 """
 
 from __future__ import annotations

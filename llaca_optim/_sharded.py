@@ -11,8 +11,9 @@ llaca_optim/_ops.py), then:
    bucket's ``sums`` tensor; they compute no alpha and blend nothing;
 2. one all-reduce of that ``[n, 3]`` tensor per sharded mesh dimension turns them into
    whole-tensor sums (a replicated mesh dimension holds copies, so it is not summed over);
-3. :func:`finish_alphas` computes every alpha and fallback flag from them with tensor ops, in the
-   same float64 arithmetic as the kernels (llaca/math.h), and marks the blends pending;
+3. ``ShardReduce.finish_alphas`` computes every alpha and fallback flag from them with tensor
+   ops, in the same float64 arithmetic as the kernels (llaca/math.h), and marks the blends
+   pending;
 4. the blend runs at the tensor's next step, which reads p and the EMA anyway (backends that
    defer the blend), or at once through ``llaca_flush_``.
 
@@ -78,20 +79,54 @@ def layout_of(p: Tensor, companions: list[Tensor]) -> ShardLayout | None:
 
 
 class ShardReduce:
-    """The cross-shard part of one bucket's step: its sums tensor (allocated once, reused every
-    step) and the all-reduce over the mesh dimensions its tensors are sharded along."""
+    """The cross-shard part of one bucket's step: its sums tensor and the all-reduce over the
+    mesh dimensions its tensors are sharded along, then the alphas from the reduced sums. Every
+    buffer is allocated once and reused (a step allocates nothing in proportion to the model)."""
 
     def __init__(self, layout: ShardLayout, n_tensors: int, device: torch.device) -> None:
         self.layout = layout
         self.sums = torch.zeros((n_tensors, 3), dtype=torch.float64, device=device)
-        # Flags for blends applied at once (backends or groups that do not defer), reused.
+        # Flags for blends applied at once (backends or groups that do not defer).
         self.flags = [torch.zeros((), dtype=torch.bool, device=device) for _ in range(n_tensors)]
+        # finish_alphas' results, one element per tensor, and views of those elements: the
+        # per-tensor slots are separate tensors, filled with one _foreach_copy_ per kind.
+        self._alpha = torch.zeros(n_tensors, dtype=torch.float32, device=device)
+        self._fell_back = torch.zeros(n_tensors, dtype=torch.bool, device=device)
+        self._pending = torch.zeros(n_tensors, dtype=torch.bool, device=device)
+        self._views = [list(t.unbind()) for t in (self._alpha, self._fell_back, self._pending)]
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
 
         for dim in self.layout.sum_dims:
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM, group=self.layout.mesh.get_group(dim))
+
+    def finish_alphas(self, alphas: list[Tensor], fell_back: list[Tensor], pending: list[Tensor],
+                      scale: float, base_weight: float, found_inf: Tensor | None) -> None:
+        """Step 3 of NOTE [sharded parameters]: each tensor's alpha and fallback flag from its
+        whole-tensor sums, and its blend marked pending, exactly as the kernels'
+        ``tensor_alpha`` would (float64, the same operations in the same order, then rounded to
+        float32). A tensor whose slot holds a negative alpha had its first LLaCA step (the
+        kernels set its EMA to p, so it has no blend and falls back). With ``found_inf`` set, the
+        kernels changed nothing, and neither does this."""
+        old_alpha = torch.stack(alphas)
+        fresh = old_alpha < 0
+        a, b, c = self.sums.unbind(1)
+        candidate = scale * (1.0 + b) / (a * c)
+        adaptive = (candidate > 0) & (candidate < 1) & ~fresh
+        alpha = torch.where(adaptive, candidate, base_weight)
+        new_fell_back = ~adaptive
+        new_pending = ~fresh
+        if found_inf is not None:
+            skipped = found_inf.to(device=self.sums.device) != 0
+            alpha = torch.where(skipped, old_alpha, alpha)
+            new_fell_back = torch.where(skipped, torch.stack(fell_back), new_fell_back)
+            new_pending = torch.where(skipped, torch.stack(pending), new_pending)
+        self._alpha.copy_(alpha)  # rounded to float32 here, once
+        self._fell_back.copy_(new_fell_back)
+        self._pending.copy_(new_pending)
+        for slots, views in zip((alphas, fell_back, pending), self._views):
+            torch._foreach_copy_(slots, views)
 
 
 def finish_step(backend: Any, bucket: Any, scale: float, base_weight: float,
@@ -101,34 +136,7 @@ def finish_step(backend: Any, bucket: Any, scale: float, base_weight: float,
     shard = bucket.shard
     shard.all_reduce()
     flags = bucket.ema_pending or shard.flags
-    finish_alphas(bucket.alphas, bucket.fell_back, flags, shard.sums, scale, base_weight, found_inf)
+    shard.finish_alphas(bucket.alphas, bucket.fell_back, flags, scale, base_weight, found_inf)
     if not bucket.ema_pending:
         backend.flush_ema(type(bucket)(params=bucket.params, emas=bucket.emas,
                                        alphas=bucket.alphas, ema_pending=flags))
-
-
-def finish_alphas(alphas: list[Tensor], fell_back: list[Tensor], pending: list[Tensor],
-                  sums: Tensor, scale: float, base_weight: float,
-                  found_inf: Tensor | None) -> None:
-    """Step 3 of NOTE [sharded parameters]: each tensor's alpha and fallback flag from its
-    whole-tensor sums, and its blend marked pending, exactly as the kernels' ``tensor_alpha``
-    would (float64, the same operations in the same order, then rounded to float32). A tensor
-    whose slot holds a negative alpha had its first LLaCA step (the kernels set its EMA to p, so
-    it has no blend and falls back). With ``found_inf`` set, the kernels changed nothing, and
-    neither does this."""
-    old_alpha = torch.stack(alphas)
-    fresh = old_alpha < 0
-    a, b, c = sums.unbind(1)
-    candidate = scale * (1.0 + b) / (a * c)
-    adaptive = (candidate > 0) & (candidate < 1) & ~fresh
-    alpha = torch.where(adaptive, candidate, base_weight).to(torch.float32)
-    new_fell_back = ~adaptive
-    new_pending = ~fresh
-    if found_inf is not None:
-        skipped = found_inf.to(device=sums.device) != 0
-        alpha = torch.where(skipped, old_alpha, alpha)
-        new_fell_back = torch.where(skipped, torch.stack(fell_back), new_fell_back)
-        new_pending = torch.where(skipped, torch.stack(pending), new_pending)
-    torch._foreach_copy_(alphas, list(alpha.unbind()))
-    torch._foreach_copy_(fell_back, list(new_fell_back.unbind()))
-    torch._foreach_copy_(pending, list(new_pending.unbind()))

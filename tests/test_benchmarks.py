@@ -55,8 +55,12 @@ def test_quick_run_writes_well_formed_results(tmp_path, cpu_backend):
         assert r["state_bytes"] > 0 or r["implementation"] == contenders.COPY, what
         if r["family"] in ("lora_llama", "full", "many_tiny") and r["backend"] == "cpu":
             # SPEC section 5: no per-step allocation proportional to the model. The fused
-            # optimizer allocates nothing; the wrapper's inner torch step a few bytes.
-            limit = 0 if r["implementation"].startswith("LLaCAAdamW") else 4096
+            # optimizer allocates nothing; the wrapper's inner torch step a few bytes; the
+            # sharded path its per-tensor alpha arithmetic (a few scalars per tensor, no data).
+            if "sharded" in r["implementation"]:
+                limit = 128 * r["n_tensors"]
+            else:
+                limit = 0 if r["implementation"].startswith("LLaCAAdamW") else 4096
             assert r["step_alloc_bytes"] <= limit, what
         if r["implementation"] == contenders.ADAMW_FUSED:
             assert r["x_adamw_fused"] == 1.0, what
