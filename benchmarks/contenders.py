@@ -23,6 +23,7 @@ their sums-out mode, an all-reduce, the alphas from the sums), and with ``defer_
 from __future__ import annotations
 
 import atexit
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -94,6 +95,8 @@ def one_rank_mesh(device: torch.device):
 
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if os.path.exists("/sys/class/net/lo"):  # one rank: loopback is all gloo needs
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         atexit.register(dist.destroy_process_group)
     return init_device_mesh(device.type, (1,))

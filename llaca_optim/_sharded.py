@@ -31,20 +31,18 @@ takes DTensors whole (DTensor's own reductions, one host sync per tensor).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-try:  # torch built without distributed support has no DTensor
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
-
-
 def is_sharded(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    """Whether ``t`` is a DTensor. Importing DTensor costs most of a second, so it is not done
+    here: a process that has not imported it (FSDP2 and tensor parallelism do) has none."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: Tensor) -> Tensor:

@@ -171,8 +171,11 @@ def checkpoint_resume(seed: int, steps: int, out_dir: str, mesh) -> list[torch.T
 
 def rank_main(rank: int, world: int, store_path: str, out_dir: str, jobs: list[dict[str, Any]]) -> None:
     """Entry point of each spawned rank: runs every job and saves rank 0's results."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    # The ranks talk over loopback: without this, gloo binds to the address the host name
+    # resolves to, which a sandboxed CI machine may not have.
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store = dist.FileStore(store_path, world)
     # GPU jobs (one rank: one GPU) reduce over NCCL, the others over gloo.
     gpu = any(job.get("device") == "cuda" for job in jobs)
