@@ -117,7 +117,15 @@ def fsdp_model_run(seed: int, steps: int, sharded: bool, backend: str, mesh=None
         optimizer.step()
         optimizer.zero_grad()
     params = list(model.parameters())
-    return gathered(optimizer, params, lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t)
+    whole = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    out = gathered(optimizer, params, whole)
+    # The task API on DTensors: evaluate with the EMA swapped in, then end the task.
+    with optimizer.ema_weights():
+        out["weights_in_ema_weights"] = [whole(p).detach().clone() for p in params]
+    out["weights_after_ema_weights"] = [whole(p).detach().clone() for p in params]
+    optimizer.end_task()
+    out["weights_after_end_task"] = [whole(p).detach().clone() for p in params]
+    return out
 
 
 def checkpoint_resume(seed: int, steps: int, out_dir: str, mesh) -> list[torch.Tensor]:

@@ -34,6 +34,7 @@ STEPS = 8
 JOBS = {
     "cpu-fp32": dict(backend="cpu", dtype=torch.float32),
     "cpu-bf16-amsgrad-overflow": dict(backend="cpu", dtype=torch.bfloat16, amsgrad=True, overflow_at=3),
+    "cpu-fp16-not-deferred": dict(backend="cpu", dtype=torch.float16, defer_blend=False),
     "cuda_sim-fp32-deferred": dict(backend="cuda_sim", dtype=torch.float32, defer_blend=True),
     "cuda_sim-fp16-overflow": dict(backend="cuda_sim", dtype=torch.float16, overflow_at=2),
     "cuda_sim-bf16-not-deferred": dict(backend="cuda_sim", dtype=torch.bfloat16, defer_blend=False),
@@ -148,6 +149,13 @@ def test_fully_shard_model_matches_unsharded(sharded_runs, world):
     _compare(result, expected, exact=False, what=f"fully_shard, {world} rank(s), {replay}",
              rtol=1e-4, atol=1e-5, exact_keys=("step", "alpha_fell_back"))
     assert not all(bool(f) for f in result["alpha_fell_back"]), "every alpha fell back"
+    # The task API on DTensors: ema_weights() swapped the EMAs in and restored the live weights
+    # exactly; end_task() left the EMAs in the weights.
+    for key in ("weights_in_ema_weights", "weights_after_end_task"):
+        for i, (w, e) in enumerate(zip(result[key], result["ema"])):
+            assert_equal(w, e.to(w.dtype), what=f"{key}[{i}]")
+    for i, (w, p) in enumerate(zip(result["weights_after_ema_weights"], result["param"])):
+        assert_equal(w, p, what=f"live weight {i} after ema_weights()")
 
 
 def test_layout_routes_dtensors():
