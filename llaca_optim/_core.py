@@ -461,6 +461,17 @@ class LLaCAOptimizerBase(Optimizer):
                         f"{tuple(value.shape)} for a parameter of shape {tuple(p.shape)} "
                         f"(saved id {pid}); it was saved from a different model layout"
                     )
+                p_sharded = _sharded.is_sharded(p)
+                if isinstance(value, Tensor) and _sharded.is_sharded(value) != p_sharded:
+                    sharded, plain = ("parameter", key) if p_sharded else (key, "parameter")
+                    raise ValueError(
+                        f"llaca_optim: the state dict ({owner}) holds {key} as a "
+                        f"{'plain tensor' if p_sharded else 'DTensor'} for a "
+                        f"{'sharded (DTensor)' if p_sharded else 'plain'} parameter "
+                        f"(saved id {pid}): the {sharded} is sharded and the {plain} is not. Load "
+                        "state dicts of sharded models with torch.distributed.checkpoint "
+                        "(get_state_dict / set_state_dict), which shard them to match"
+                    )
         return id_map
 
     def _restore_llaca_entries(self, state_dict: dict[str, Any], id_map: dict[int, Tensor],

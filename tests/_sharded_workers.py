@@ -177,6 +177,34 @@ def checkpoint_resume(seed: int, steps: int, out_dir: str, mesh) -> list[torch.T
     return straight + final(model, optimizer)
 
 
+def load_plain_state_dict(seed: int, mesh) -> tuple[str, bool]:
+    """Loads the state dict of an unsharded twin into the optimizer of a fully_shard model:
+    returns the error message and whether the optimizer's state was left unchanged."""
+    from torch.distributed.fsdp import fully_shard
+
+    from llaca_optim import LLaCAAdamW
+
+    runs = []
+    for sharded in (True, False):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(16, 33), nn.Tanh(), nn.Linear(33, 5))
+        if sharded:
+            fully_shard(model, mesh=mesh)
+        optimizer = LLaCAAdamW(model.parameters(), lr=1e-2, backend="cpu")
+        model(torch.randn(4, 16)).sum().backward()
+        optimizer.step()
+        runs.append((model, optimizer))
+    (model, optimizer), (_, twin) = runs
+    before = [optimizer.state[p]["ema"].full_tensor().clone() for p in model.parameters()]
+    try:
+        optimizer.load_state_dict(twin.state_dict())
+        message = ""
+    except ValueError as err:
+        message = str(err)
+    after = [optimizer.state[p]["ema"].full_tensor() for p in model.parameters()]
+    return message, all(torch.equal(a, b) for a, b in zip(after, before))
+
+
 def rank_main(rank: int, world: int, store_path: str, out_dir: str, jobs: list[dict[str, Any]]) -> None:
     """Entry point of each spawned rank: runs every job and saves rank 0's results."""
     torch.set_num_threads(1)
@@ -205,6 +233,8 @@ def rank_main(rank: int, world: int, store_path: str, out_dir: str, jobs: list[d
                 on = meshes[job.get("device", "cpu")]
                 placement = Replicate() if job.get("replicated") else Shard(0)
                 results.append(train(job, lambda t: distribute_tensor(t, on, [placement])))
+            elif job["kind"] == "plain_state_dict":
+                results.append(load_plain_state_dict(job["seed"], mesh))
             elif job["kind"] == "checkpoint":
                 results.append(checkpoint_resume(job["seed"], job["steps"], out_dir, mesh))
             else:

@@ -96,7 +96,8 @@ def sharded_runs(tmp_path_factory):
     seed = int(os.environ.get("LLACA_TEST_SEED") or int.from_bytes(os.urandom(4), "little")) % 2**30
     extra = {"fsdp": {"kind": "fsdp", "seed": seed, "base_seed": seed, "steps": STEPS,
                       "backend": "cpu"},
-             "checkpoint": {"kind": "checkpoint", "seed": seed, "steps": 3}}
+             "checkpoint": {"kind": "checkpoint", "seed": seed, "steps": 3},
+             "plain_state_dict": {"kind": "plain_state_dict", "seed": seed}}
     runs = {}
     for world in (1, 2):
         jobs = _jobs(seed, world)
@@ -192,3 +193,13 @@ def test_checkpoint_resume_is_exact(sharded_runs):
     half = len(tensors) // 2
     for i, (resumed, straight) in enumerate(zip(tensors[half:], tensors[:half])):
         assert_equal(resumed, straight, what=f"weight/EMA {i} after resuming")
+
+
+def test_a_plain_state_dict_into_a_sharded_optimizer_fails_cleanly(sharded_runs):
+    """SPEC section 6: a state dict of another layout fails loudly and changes nothing. An
+    unsharded model's state dict loaded into a fully_shard model's optimizer would otherwise put
+    plain tensors where DTensors belong; the error names the fix."""
+    message, unchanged = sharded_runs[2]["plain_state_dict"][1]
+    assert "holds exp_avg as a plain tensor for a sharded (DTensor) parameter" in message, message
+    assert "torch.distributed.checkpoint" in message
+    assert unchanged
