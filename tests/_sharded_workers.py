@@ -96,17 +96,24 @@ def unsharded(config: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
     return train(config, lambda t: t)
 
 
+def mlp(seed: int, mesh=None) -> nn.Module:
+    """The small model of the FSDP tests, the same weights for a seed; ``fully_shard`` on
+    ``mesh`` when one is given (a CPU mesh: without one FSDP picks the GPU if any)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 33), nn.Tanh(), nn.Linear(33, 5))
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=mesh)
+    return model
+
+
 def fsdp_model_run(seed: int, steps: int, sharded: bool, backend: str, mesh=None):
     """A small MLP trained with FSDP2 (``fully_shard``) or without, on the same batches (every rank
     sees the same batch, so FSDP's averaged gradient equals the unsharded one)."""
     from llaca_optim import LLaCAAdamW
 
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(16, 33), nn.Tanh(), nn.Linear(33, 5))
-    if sharded:
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(model, mesh=mesh)  # a CPU mesh: without one FSDP picks the GPU if any
+    model = mlp(seed, mesh if sharded else None)
     # scale 0.5 puts this small model's alphas in (0, 1) after the first steps (adaptive branch).
     optimizer = LLaCAAdamW(model.parameters(), lr=3e-2, scale=0.5, backend=resolve_backend(backend))
     gen = torch.Generator().manual_seed(seed + 1)
@@ -135,14 +142,11 @@ def checkpoint_resume(seed: int, steps: int, out_dir: str, mesh) -> list[torch.T
     gathered (first run's, then the resumed run's)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.distributed.fsdp import fully_shard
 
     from llaca_optim import LLaCAAdamW
 
     def build():
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(16, 33), nn.Tanh(), nn.Linear(33, 5))
-        fully_shard(model, mesh=mesh)
+        model = mlp(seed, mesh)
         return model, LLaCAAdamW(model.parameters(), lr=3e-2, scale=0.5, backend="cpu")
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -180,16 +184,11 @@ def checkpoint_resume(seed: int, steps: int, out_dir: str, mesh) -> list[torch.T
 def load_plain_state_dict(seed: int, mesh) -> tuple[str, bool]:
     """Loads the state dict of an unsharded twin into the optimizer of a fully_shard model:
     returns the error message and whether the optimizer's state was left unchanged."""
-    from torch.distributed.fsdp import fully_shard
-
     from llaca_optim import LLaCAAdamW
 
     runs = []
     for sharded in (True, False):
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(16, 33), nn.Tanh(), nn.Linear(33, 5))
-        if sharded:
-            fully_shard(model, mesh=mesh)
+        model = mlp(seed, mesh if sharded else None)
         optimizer = LLaCAAdamW(model.parameters(), lr=1e-2, backend="cpu")
         model(torch.randn(4, 16)).sum().backward()
         optimizer.step()
