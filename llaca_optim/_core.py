@@ -242,15 +242,34 @@ class LLaCAOptimizerBase(Optimizer):
                 return backend, layout
         return _REFERENCE, None
 
-    def _finish_buckets(self, built: list[tuple[Backend, Bucket, list[int]]], llaca: bool
-                        ) -> list[tuple[Backend, Bucket, list[int]]]:
+    def _place(self, buckets: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int]]],
+               position: int, p: Tensor, g: Tensor, companions: list[Tensor], ema_dtype: Any
+               ) -> tuple[Backend, Bucket, Any]:
+        """Routes ``p`` (with its gradient and state ``companions``), adds it and ``g`` to its
+        bucket, opened on first use; returns the backend, the bucket and the view that turns
+        ``p``'s state tensors into what the bucket holds (local shards of DTensors)."""
+        backend, layout = self._route(p, [g, *companions])
+        key = (backend.name, p.device, p.dtype, ema_dtype, layout)
+        _, bucket, positions = buckets.setdefault(
+            key, (backend, Bucket(sources=[] if layout is not None else None), []))
+        positions.append(position)
+        view = _as_is
+        if layout is not None:
+            view = _sharded.local
+            bucket.sources.append(p)
+        bucket.params.append(view(p))
+        bucket.grads.append(view(g))
+        return backend, bucket, view
+
+    def _finish_buckets(self, buckets: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int]]],
+                        llaca: bool) -> list[tuple[Backend, Bucket, list[int]]]:
         """Gives the sharded buckets of a group with LLaCA on their cross-shard reduction (a
         DTensor replicated on every mesh dimension needs none: each rank holds the whole tensor
         and computes the same alpha as the others), and takes the deferred-blend flags away from
         buckets whose kernels would never defer (every tensor small enough to finish in one
         visit): one list less to pass and check at every step."""
-        for backend, bucket, _ in built:
-            layout = _sharded.layout_of(bucket.sources[0], []) if bucket.sources else None
+        for key, (backend, bucket, _) in buckets.items():
+            layout = key[-1]  # see _place
             if layout is not None and layout.sum_dims and llaca:
                 bucket.shard = _sharded.ShardReduce(layout, len(bucket.params),
                                                     bucket.params[0].device)
@@ -258,7 +277,7 @@ class LLaCAOptimizerBase(Optimizer):
                 # Their flags leave the state, after any blend still pending is applied.
                 self._flush_before_replan.extend(bucket.sources or bucket.params)
                 bucket.ema_pending = []
-        return built
+        return list(buckets.values())
 
     # ------------------------------------------------------------------ deferred blend
 

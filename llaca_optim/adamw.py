@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import _sharded
 from . import _validation as V
-from ._core import LLACA_STATE_KEYS, LLaCAOptimizerBase, _as_is
+from ._core import LLACA_STATE_KEYS, LLaCAOptimizerBase
 from .backends import Backend, Bucket, StepHyper
 
 __all__ = ["LLaCAAdamW"]
@@ -157,27 +157,18 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         buckets: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int]]] = {}
         for position, (p, g) in enumerate(pairs):
             state = self._init_state(p, group)
-            tensors = [g, state["exp_avg"], state["exp_avg_sq"]]
+            companions = [state["exp_avg"], state["exp_avg_sq"]]
             if group["amsgrad"]:
-                tensors.append(state["max_exp_avg_sq"])
+                companions.append(state["max_exp_avg_sq"])
             if group["llaca"]:
-                tensors += [state["ema"], state["prev_grad"]]
-            backend, layout = self._route(p, tensors)
-            view = _sharded.local if layout is not None else _as_is
+                companions += [state["ema"], state["prev_grad"]]
             ema_dtype = state["ema"].dtype if group["llaca"] else None
+            backend, bucket, view = self._place(buckets, position, p, g, companions, ema_dtype)
             defer = group["llaca"] and group["defer_blend"] and backend.defers_blend
             if defer:
                 state.setdefault("ema_pending", torch.zeros((), dtype=torch.bool, device=p.device))
             elif "ema_pending" in state:
                 self._flush_before_replan.append(p)  # its new route would not apply the blend
-            key = (backend.name, p.device, p.dtype, ema_dtype, layout)
-            _, bucket, positions = buckets.setdefault(
-                key, (backend, Bucket(sources=[] if layout is not None else None), []))
-            positions.append(position)
-            if layout is not None:
-                bucket.sources.append(p)
-            bucket.params.append(view(p))
-            bucket.grads.append(view(g))
             bucket.exp_avgs.append(view(state["exp_avg"]))
             bucket.exp_avg_sqs.append(view(state["exp_avg_sq"]))
             if group["amsgrad"]:
@@ -187,7 +178,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
                 self._add_llaca(bucket, state, view)
             if defer:
                 bucket.ema_pending.append(state["ema_pending"])
-        return self._finish_buckets(list(buckets.values()), group["llaca"])
+        return self._finish_buckets(buckets, group["llaca"])
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         if not keep_moments:

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from . import _sharded
 from . import _validation as V
-from ._core import LLaCAOptimizerBase, _as_is
+from ._core import LLaCAOptimizerBase
 from .backends import Backend, Bucket, StepHyper
 
 __all__ = ["LLaCA"]
@@ -112,18 +112,10 @@ class LLaCA(LLaCAOptimizerBase):
         for position, (p, g) in enumerate(pairs):
             state = self.state[p]
             self._init_llaca_state(p, state, group)
-            backend, layout = self._route(p, [g, state["ema"], state["prev_grad"]])
-            view = _sharded.local if layout is not None else _as_is
-            key = (backend.name, p.device, p.dtype, state["ema"].dtype, layout)
-            _, bucket, positions = buckets.setdefault(
-                key, (backend, Bucket(sources=[] if layout is not None else None), []))
-            positions.append(position)
-            if layout is not None:
-                bucket.sources.append(p)
-            bucket.params.append(view(p))
-            bucket.grads.append(view(g))
+            _, bucket, view = self._place(buckets, position, p, g,
+                                          [state["ema"], state["prev_grad"]], state["ema"].dtype)
             self._add_llaca(bucket, state, view)
-        return self._finish_buckets(list(buckets.values()), llaca=True)
+        return self._finish_buckets(buckets, llaca=True)
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         self.state.clear()

@@ -56,6 +56,10 @@ constexpr int64_t kSumBlock = int64_t(1) << 15;
 // Chosen by measurement with benchmarks/ (lora_llama's 88k-element LoRA factors must fall below).
 constexpr int64_t kWholeTensorLimit = int64_t(1) << 18;
 
+// What a tensor's EMA holds on entry to a step: nothing yet (its first LLaCA step: it is set to
+// the stepped p), the blend of its last step, or not yet that blend (NOTE [CPU deferred blend]).
+enum class Entry { kFresh, kCurrent, kPending };
+
 // Everything one tensor contributes to a call, resolved to raw pointers once per step.
 struct TensorJob {
   int64_t numel = 0;
@@ -70,13 +74,13 @@ struct TensorJob {
   bool* fell_back = nullptr;
   double* shard_sums = nullptr;  // sharded mode: this tensor's row of (a, b, c)
   bool* pending = nullptr;       // its deferred-blend flag, when the call defers
-  bool pending_on_entry = false; // the flag as read before the call wrote anything
-  float pending_alpha = 0.0f;    // the alpha of that pending blend
-  bool fresh = false;
+  Entry entry = Entry::kCurrent; // read from the alpha slot and the flag before anything is written
   bool whole = false;  // one work item: finished (alpha and blend) by the thread that stepped it
   AdamWScalars adamw{};
   int64_t first_item = 0;
   int64_t num_items = 0;
+
+  bool fresh() const { return entry == Entry::kFresh; }
 };
 
 struct Item {
@@ -98,15 +102,6 @@ struct CallScalars {
   double base_weight = 0.0;
   bool sharded = false;  // shard_sums given: sums out, no alpha, no blend
 };
-
-// What a tensor's EMA holds on entry to a step: nothing yet (its first LLaCA step: it is set to
-// the stepped p), the blend of its last step, or not yet that blend (NOTE [CPU deferred blend]).
-enum class Entry { kFresh, kCurrent, kPending };
-
-Entry entry_of(const TensorJob& job) {
-  if (job.fresh) return Entry::kFresh;
-  return job.pending_on_entry ? Entry::kPending : Entry::kCurrent;
-}
 
 // Phase 1 on the elements [begin, end) of one tensor (at most one sum block). Returns the three
 // partial L1 sums. ENTRY is a template parameter, not a branch in the loop: a conditional store
@@ -130,7 +125,9 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
   // 1.0 without a GradScaler: x / 1.0f is exact, so dividing always keeps the loop free of a
   // branch that stopped GCC from vectorising it.
   const float grad_scale = call.grad_scale;
-  const float pending_alpha = job.pending_alpha;
+  // The alpha of a pending blend is still in the slot: the tensor's new alpha is written only
+  // after every block of it has been stepped.
+  const float pending_alpha = ENTRY == Entry::kPending ? *job.alpha : 0.0f;
   constexpr bool FRESH = ENTRY == Entry::kFresh;
 
   float sum_a = 0.0f, sum_b = 0.0f, sum_c = 0.0f;
@@ -206,23 +203,23 @@ bool finish_alpha(const TensorJob& job, double a, double b, double c, const Call
     job.shard_sums[2] = c;
     return false;
   }
-  *job.fell_back = tensor_alpha(job.fresh, a, b, c, call.scale, call.base_weight, *job.alpha);
+  *job.fell_back = tensor_alpha(job.fresh(), a, b, c, call.scale, call.base_weight, *job.alpha);
   return true;
 }
 
-// A tensor small enough to be one work item: the AdamW step and the sums block by block, then its
-// alpha, then the blend while p and ema are still in cache. The blend walks the blocks backwards,
-// so the most recently touched block (the one surely still in L1/L2) comes first.
 // Calls fn(std::integral_constant<Entry, e>) for the tensor's entry state (kCurrent without LLaCA).
 template <bool LLACA, typename Fn>
 void with_entry(const TensorJob& job, Fn&& fn) {
-  switch (LLACA ? entry_of(job) : Entry::kCurrent) {
+  switch (LLACA ? job.entry : Entry::kCurrent) {
     case Entry::kFresh: return fn(std::integral_constant<Entry, Entry::kFresh>{});
     case Entry::kPending: return fn(std::integral_constant<Entry, Entry::kPending>{});
     default: return fn(std::integral_constant<Entry, Entry::kCurrent>{});
   }
 }
 
+// A tensor small enough to be one work item: the AdamW step and the sums block by block, then its
+// alpha, then the blend while p and ema are still in cache. The blend walks the blocks backwards,
+// so the most recently touched block (the one surely still in L1/L2) comes first.
 template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, Entry ENTRY>
 void whole_tensor_step(const TensorJob& job, const CallScalars& call) {
   double a = 0.0, b = 0.0, c = 0.0;
@@ -241,6 +238,17 @@ void whole_tensor_step(const TensorJob& job, const CallScalars& call) {
   const int64_t blocks = (job.numel + kSumBlock - 1) / kSumBlock;
   for (int64_t k = blocks - 1; k >= 0; --k) {
     chunk_blend<param_t, ema_t>(job, k * kSumBlock, std::min(job.numel, (k + 1) * kSumBlock));
+  }
+}
+
+// Appends tensor j's blocks of kSumBlock elements to the work list.
+void append_blocks(int64_t j, int64_t numel, std::vector<Item>& items,
+                   std::vector<int64_t>& item_ends, int64_t& elements) {
+  for (int64_t begin = 0; begin < numel; begin += kSumBlock) {
+    const int64_t end = std::min(numel, begin + kSumBlock);
+    items.push_back({j, begin, end});
+    elements += end - begin;
+    item_ends.push_back(elements);
   }
 }
 
@@ -301,12 +309,7 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
       elements += job.numel;
       item_ends.push_back(elements);
     } else {
-      for (int64_t begin = 0; begin < job.numel; begin += kSumBlock) {
-        const int64_t end = std::min(job.numel, begin + kSumBlock);
-        items.push_back({j, begin, end});
-        elements += end - begin;
-        item_ends.push_back(elements);
-      }
+      append_blocks(j, job.numel, items, item_ends, elements);
       // Pass 3 runs for split tensors that blend within the call (not deferring, not sharded).
       any_split = any_split || (job.numel > 0 && job.pending == nullptr);
     }
@@ -343,14 +346,14 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
     // A deferring tensor's blend waits for its next step or a flush (none on its first step,
     // none for an empty tensor).
     if (finish_alpha(job, a, b, c, call) && job.pending != nullptr) {
-      *job.pending = !job.fresh && job.numel > 0;
+      *job.pending = !job.fresh() && job.numel > 0;
     }
   }
   if (!any_split || call.sharded) return;
   parallel_over_items(items, item_ends, /*backwards=*/true, [&](int64_t k) {
     const Item& item = items[k];
     const TensorJob& job = jobs[item.job];
-    if (!job.whole && !job.fresh && job.pending == nullptr) {
+    if (!job.whole && !job.fresh() && job.pending == nullptr) {
       chunk_blend<param_t, ema_t>(job, item.begin, item.end);
     }
   });
@@ -381,13 +384,10 @@ at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
       job.alpha = l.alphas[i].data_ptr<float>();
       job.fell_back = l.fell_back[i].data_ptr<bool>();
       // A negative alpha slot marks a tensor with no EMA step yet (see llaca_optim/_ops.py).
-      job.fresh = *job.alpha < 0.0f;
+      if (!l.ema_pending.empty()) job.pending = l.ema_pending[i].data_ptr<bool>();
+      if (*job.alpha < 0.0f) job.entry = Entry::kFresh;
+      else if (job.pending != nullptr && *job.pending) job.entry = Entry::kPending;
       if (sum_rows != nullptr) job.shard_sums = sum_rows + 3 * i;
-      if (!l.ema_pending.empty()) {
-        job.pending = l.ema_pending[i].data_ptr<bool>();
-        job.pending_on_entry = *job.pending && !job.fresh;
-        job.pending_alpha = *job.alpha;
-      }
     }
   }
   return ema_dtype;
@@ -477,12 +477,7 @@ void run_flush(std::vector<TensorJob>& jobs) {
   item_ends.clear();
   int64_t elements = 0;
   for (int64_t j = 0; j < static_cast<int64_t>(jobs.size()); ++j) {
-    for (int64_t begin = 0; begin < jobs[j].numel; begin += kSumBlock) {
-      const int64_t end = std::min(jobs[j].numel, begin + kSumBlock);
-      items.push_back({j, begin, end});
-      elements += end - begin;
-      item_ends.push_back(elements);
-    }
+    append_blocks(j, jobs[j].numel, items, item_ends, elements);
   }
   parallel_over_items(items, item_ends, /*backwards=*/false, [&](int64_t k) {
     chunk_blend<param_t, ema_t>(jobs[items[k].job], items[k].begin, items[k].end);

@@ -50,6 +50,13 @@ def _split(x: float) -> tuple[float, float]:
     return hi, (x - hi) if math.isfinite(x) else 0.0
 
 
+def _tl_dtype(dtype: torch.dtype):
+    """The Triton type of a storage dtype (triton is imported on first use, not with the package)."""
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
 class _Tables:
     """Block tables of one list of tensor sizes, kept between steps (they change only when the
     sizes do); the address table is rebuilt each step because gradients are new tensors."""
@@ -106,7 +113,6 @@ class TritonLauncher:
 
     def launch(self, bucket, h, adamw: bool) -> None:
         from . import _triton_kernels as K
-        import triton.language as tl
 
         params = bucket.params
         if not params:
@@ -114,9 +120,8 @@ class TritonLauncher:
         device = params[0].device
         n = len(params)
         tables = self.tables(params)
-        dtypes = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-        pdt = dtypes[params[0].dtype]
-        edt = dtypes[bucket.emas[0].dtype] if h.llaca and bucket.emas else pdt
+        pdt = _tl_dtype(params[0].dtype)
+        edt = _tl_dtype(bucket.emas[0].dtype) if h.llaca and bucket.emas else pdt
         columns = [params, bucket.grads]
         if adamw:
             columns += [bucket.exp_avgs, bucket.exp_avg_sqs,
@@ -166,21 +171,19 @@ class TritonLauncher:
     def flush(self, bucket) -> None:
         """Applies and clears the blends pending in ``bucket`` (params, emas, alphas, ema_pending)."""
         from . import _triton_kernels as K
-        import triton.language as tl
 
         params = bucket.params
         if not params:
             return
         n = len(params)
         tables = self.tables(params)
-        dtypes = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
         table, aligned = self.addresses(
             [params, None, None, None, None, bucket.emas, None, None, bucket.alphas, None,
              bucket.ema_pending], n, params[0].device)
         if tables.n_blocks:
             K._flush_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, n,
-                PDT=dtypes[params[0].dtype], EDT=dtypes[bucket.emas[0].dtype], ALIGNED=aligned,
+                PDT=_tl_dtype(params[0].dtype), EDT=_tl_dtype(bucket.emas[0].dtype), ALIGNED=aligned,
                 BLOCK=BLOCK, enable_fp_fusion=False,
             )
         K._clear_pending[(n,)](table, n)
