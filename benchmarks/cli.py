@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,8 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
-    p.add_argument("--workloads", nargs="+", default=["lora_llama", "full", "many_tiny"],
-                   choices=["lora_llama", "full", "many_tiny"])
+    p.add_argument("--workloads", nargs="+", default=list(report.MAIN_FAMILIES),
+                   choices=list(report.MAIN_FAMILIES))
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--no-sweeps", action="store_true", help="skip the series behind the plots")
     p.add_argument("--quick", action="store_true",
@@ -42,11 +43,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed steps per contender before it stops early (default 6)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no new measurement after this many seconds; results.json lists "
+                        "the ones left out (for a lent GPU's fixed lease)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
     p.add_argument("--out", type=Path, default=None, help="output folder")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--replot", type=Path, default=None, metavar="DIR",
                    help="only rewrite the table, CSV and plots of DIR/results.json (no timing)")
+    p.add_argument("--brief", type=Path, default=None, metavar="DIR",
+                   help="only print a few lines per measurement of DIR/results.json")
     return p.parse_args(argv)
 
 
@@ -65,6 +71,10 @@ def slug(text: str) -> str:
 
 def run(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    if args.brief:
+        data = json.loads((args.brief / "results.json").read_text())
+        print(report.brief(data["environment"], data["rows"], report.MAIN_FAMILIES), end="")
+        return args.brief
     if args.replot:
         data = json.loads((args.replot / "results.json").read_text())
         for path in report.write_all(args.replot, data["environment"], data["rows"], json_too=False):
@@ -87,22 +97,31 @@ def run(argv: list[str] | None = None) -> Path:
     jobs = [(w, DTYPES[d]) for w in plan for d in args.dtypes]
 
     rows = []
+    started = time.monotonic()
     bar = tqdm(jobs, desc="benchmarks", unit="measurement", disable=args.no_progress,
                file=sys.stderr)
-    for workload, dtype in bar:
+    for i, (workload, dtype) in enumerate(bar):
+        if args.time_limit is not None and time.monotonic() - started > args.time_limit:
+            # The main workloads come first in the plan, so what a limit cuts is the sweeps.
+            env["not_measured"] = [f"{w.name} {str(d).replace('torch.', '')}"
+                                   for w, d in jobs[i:]]
+            print(f"--time-limit {args.time_limit:g} s reached: {len(jobs) - i} measurements "
+                  "left out (listed in results.json)", file=sys.stderr)
+            break
         bar.set_postfix_str(f"{workload.name} {dtype}".replace("torch.", ""))
         params = workload.make_params(dtype, device)
         nbytes = C.model_bytes("llaca", params)
         # The published loop costs a host round trip per tensor: on the largest tensor sweeps it
         # would take minutes for nothing new, so it stops at 3,000 tensors.
         cs = C.contenders(device, nbytes, include_published=workload.n_tensors <= 3000)
-        main_workload = workload.family in ("lora_llama", "full", "many_tiny")
+        main_workload = workload.family in report.MAIN_FAMILIES
         results = harness.measure(cs, params, warmup=warmup, steps=steps, budget_s=budget,
                                   memory=main_workload)
         rows += report.rows_for(workload, dtype, params, cs, results)
+        report.write_json(out_dir, env, rows)
         del params, results
     written = report.write_all(out_dir, env, rows)
-    print(report.markdown(env, rows, ("lora_llama", "full", "many_tiny")))
+    print(report.markdown(env, rows, report.MAIN_FAMILIES))
     for path in written:
         print(f"wrote {path}")
     return out_dir

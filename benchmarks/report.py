@@ -19,6 +19,8 @@ from .contenders import ADAMW_FUSED, COPY, FOREACH, PUBLISHED, Contender, model_
 from .harness import Measurement
 from .workloads import Workload
 
+MAIN_FAMILIES = ("lora_llama", "full", "many_tiny")  # SPEC section 5's workloads (not the sweeps)
+
 COLUMNS = [
     "workload", "family", "dtype", "n_tensors", "n_elements", "implementation", "kind", "backend",
     "median_ms", "p10_ms", "p90_ms", "steps_timed", "bytes_model", "model_bytes",
@@ -144,6 +146,27 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], families: tuple[st
     return "\n".join(lines) + "\n"
 
 
+def brief(env: dict[str, Any], rows: list[dict[str, Any]], families: tuple[str, ...]) -> str:
+    """A few lines per measurement for a terminal (a lent GPU's reply shows only the end of its
+    output): the copy bandwidth, then each of our rows' SPEC section 5 ratios."""
+    lines = [f"{env['device']}, torch {env['versions']['torch']}: of copy, x AdamW(fused), "
+             "speedup vs published loop, vs foreach"]
+    for r in rows:
+        if r["family"] not in families:
+            continue
+        what = f"{r['workload']} {r['dtype']}"
+        if r["implementation"] == COPY:
+            lines.append(f"{what}: copy {_fmt(r['bandwidth_GBps'], 0)} GB/s")
+        elif r["kind"] == "ours":
+            lines.append(
+                f"  {r['implementation']}: {_fmt(r['median_ms'], 3)} ms, "
+                f"{_fmt(r['fraction_of_copy'])} of copy, x{_fmt(r['x_adamw_fused'])}, "
+                f"{_fmt(r['speedup_vs_published'], 1)}x, {_fmt(r['speedup_vs_foreach'], 1)}x")
+    if env.get("not_measured"):
+        lines.append(f"not measured (time limit): {', '.join(env['not_measured'])}")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict[str, Any]], family: str, x_key: str, x_label: str, title: str,
          path: Path) -> bool:
     """Median step time against ``x_key``, one line per implementation and dtype."""
@@ -178,15 +201,21 @@ def plot(rows: list[dict[str, Any]], family: str, x_key: str, x_label: str, titl
     return True
 
 
+def write_json(out_dir: Path, env: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+    """results.json alone: the run writes it after every measurement, so a run stopped from
+    outside (a time limit on a lent GPU) still leaves everything it measured."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"environment": env, "columns": COLUMNS, "rows": rows}, indent=1))
+    tmp.replace(path)  # never a half-written file, whenever the run is stopped
+    return path
+
+
 def write_all(out_dir: Path, env: dict[str, Any], rows: list[dict[str, Any]],
               json_too: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    path = out_dir / "results.json"
-    if json_too:
-        path.write_text(json.dumps({"environment": env, "columns": COLUMNS, "rows": rows},
-                                   indent=1))
-        written.append(path)
+    written = [write_json(out_dir, env, rows)] if json_too else []
     path = out_dir / "results.csv"
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -194,7 +223,7 @@ def write_all(out_dir: Path, env: dict[str, Any], rows: list[dict[str, Any]],
         w.writerows(rows)
     written.append(path)
     path = out_dir / "results.md"
-    path.write_text(markdown(env, rows, ("lora_llama", "full", "many_tiny")))
+    path.write_text(markdown(env, rows, MAIN_FAMILIES))
     written.append(path)
     dev = env["device"]
     for family, x_key, x_label, name in (

@@ -1,6 +1,6 @@
-"""What only a GPU can show about the CUDA backend (skipped elsewhere): "auto" picks it, a step
-captured in a CUDA graph replays like eager steps, and torch.amp.GradScaler's overflowing steps
-change nothing. Parity with the reference, determinism and the in-kernel AMP handling run on the
+"""What only a GPU can show about the GPU backends (skipped elsewhere): "auto" picks the CUDA
+kernels, a step captured in a CUDA graph replays like eager steps (CUDA and Triton), and
+torch.amp.GradScaler's overflowing steps change nothing. Parity with the reference, determinism and the in-kernel AMP handling run on the
 GPU too, in tests/test_cuda_backend.py (on CUDA tensors when a GPU is present).
 """
 
@@ -33,15 +33,21 @@ def test_auto_picks_the_cuda_kernels(cuda_backend):
     assert optimizer.backend == "cuda"
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("kind", ["fused", "fused, EMA read between replays", "wrapper"])
-def test_captured_step_replays_like_eager_steps(cuda_backend, kind):
+def test_captured_step_replays_like_eager_steps(backend, kind):
     """The eager twin of the fused optimizer blends within the step (defer_blend=False); reading
     an EMA between replays flushes the deferred blends, which the next replay must see (the
-    flags live on the device)."""
+    flags live on the device). The gradients are allocated inside the capture (set_to_none), so
+    the step's address tables are built and uploaded during the capture: the CUDA backend
+    copies them outside the graph (NOTE [CUDA workspace]); Triton's upload from pinned memory
+    is captured as a copy node whose host block torch never recycles."""
+    backend = backend_or_skip(backend)
+
     def make(model, defer):
         if kind.startswith("fused"):
-            return LLaCAAdamW(model.parameters(), lr=1e-3, backend="cuda", defer_blend=defer)
-        return LLaCA(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), backend="cuda")
+            return LLaCAAdamW(model.parameters(), lr=1e-3, backend=backend, defer_blend=defer)
+        return LLaCA(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), backend=backend)
 
     inputs = torch.randn(12, 16, 512, device="cuda")
     eager_model, graph_model = _model(1), _model(1)
