@@ -1,0 +1,118 @@
+"""LLaCA in the Hugging Face ``Trainer``: task boundaries and alpha logging as a callback.
+
+``LLaCAAdamW`` already works in the Trainer as it is (``optimizers=(LLaCAAdamW(...), None)`` or
+``optimizer_cls_and_kwargs=(LLaCAAdamW, {...})``): its state dict carries the EMA, so a
+checkpoint resumes bit for bit, and GradScaler (``fp16=True``) hands it the scale and overflow
+flag as it does torch's fused AdamW. What the Trainer has no place for is the end of a task.
+:class:`LLaCACallback` supplies it::
+
+    from llaca_optim.huggingface import LLaCACallback
+
+    for task in tasks:                               # one dataset after another
+        trainer = Trainer(model=model, args=args, train_dataset=task,
+                          optimizer_cls_and_kwargs=(LLaCAAdamW, {"preset": "coin"}),
+                          callbacks=[LLaCACallback()])
+        trainer.train()                              # ends with weights <- EMA
+        trainer.save_model()                         # saves the EMA weights
+
+A Trainer per task builds a fresh optimizer, and ``end_task`` leaves the optimizer exactly as a
+fresh one, so this is the published recipe (a new run per task) with the EMA put into the
+weights where it ends. Passing one optimizer to every Trainer (``optimizers=(opt, None)``) does
+the same. This module imports ``transformers``; ``import llaca_optim`` does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ._core import LLaCAOptimizerBase
+
+__all__ = ["LLaCACallback", "alpha_summary", "llaca_optimizer"]
+
+
+def llaca_optimizer(optimizer: Any) -> LLaCAOptimizerBase:
+    """The ``LLaCAAdamW`` or ``LLaCA`` inside ``optimizer``, which may be wrapped (accelerate's
+    ``AcceleratedOptimizer``, which the Trainer hands out as ``trainer.optimizer``, keeps it
+    as ``.optimizer``). Use it to reach the task API from a Trainer::
+
+        with llaca_optimizer(trainer.optimizer).ema_weights():
+            trainer.evaluate()                       # evaluate the EMA, live weights restored
+    """
+    seen, chain = optimizer, []
+    for _ in range(8):  # a wrapper of a wrapper at most, in practice; never loops forever
+        if isinstance(seen, LLaCAOptimizerBase):
+            return seen
+        chain.append(type(seen).__name__)
+        seen = getattr(seen, "optimizer", None)
+        if seen is None:
+            break
+    what = " wrapping ".join(chain)
+    raise TypeError(
+        f"llaca_optim: the optimizer is {what}, which is not (and does not "
+        "wrap) LLaCAAdamW or LLaCA; give the Trainer one: Trainer(..., optimizers="
+        "(LLaCAAdamW(model.parameters(), ...), None)) or Trainer(..., optimizer_cls_and_kwargs="
+        "(LLaCAAdamW, {...}))")
+
+
+class LLaCACallback(TrainerCallback):
+    """Ends the LLaCA task when ``trainer.train()`` ends and logs the balance weights.
+
+    Args:
+        end_task: at the end of training, copy every EMA into its parameter and reset the
+            optimizer (:meth:`LLaCAAdamW.end_task`). ``False`` leaves that to you.
+        keep_moments: passed to ``end_task``: keep AdamW's moments and step counts.
+        log_alphas: at each logging step add ``llaca/alpha_median`` (over the tensors that have
+            had a LLaCA step) and ``llaca/alpha_fallback_fraction`` (the share of tensors whose
+            alpha fell back to ``base_weight``) to the log entry in ``trainer.state.log_history``
+            and to the ``logs`` that callbacks after this one receive. Reading them
+            synchronises with the device, once per logging step, as the Trainer's own loss
+            logging does.
+
+    The optimizer is checked when training begins, so a Trainer given another optimizer fails
+    before its first step. With ``load_best_model_at_end=True`` the Trainer loads the best
+    checkpoint's weights before this callback runs, and ``end_task`` then replaces them with
+    the EMA of the last step (LLaCA's answer for the task); pass ``end_task=False`` to keep them.
+    """
+
+    def __init__(self, end_task: bool = True, keep_moments: bool = False,
+                 log_alphas: bool = True) -> None:
+        for name, value in (("end_task", end_task), ("keep_moments", keep_moments),
+                            ("log_alphas", log_alphas)):
+            if not isinstance(value, bool):
+                raise TypeError(f"LLaCACallback: {name} must be True or False, got {value!r}")
+        self.end_task = end_task
+        self.keep_moments = keep_moments
+        self.log_alphas = log_alphas
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        llaca_optimizer(optimizer)
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        if not self.log_alphas or logs is None or optimizer is None:
+            return
+        summary = alpha_summary(llaca_optimizer(optimizer))
+        if summary:
+            logs.update(summary)
+            if state.log_history:  # the Trainer appended this entry just before on_log
+                state.log_history[-1].update(summary)
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.end_task:
+            llaca_optimizer(optimizer).end_task(keep_moments=self.keep_moments)
+
+
+def alpha_summary(optimizer: LLaCAOptimizerBase) -> dict[str, float]:
+    """The median alpha and the fallback fraction over the tensors that have had a LLaCA step
+    (an alpha slot below 0 marks a tensor that has not); empty before the first one."""
+    found = optimizer.alphas()
+    stepped = found.alphas >= 0
+    if found.alphas.numel() == 0 or not bool(stepped.any()):
+        return {}
+    alphas = found.alphas[stepped].double()
+    return {
+        "llaca/alpha_median": float(alphas.median()),
+        "llaca/alpha_fallback_fraction": float(found.fell_back[stepped].to(torch.float64).mean()),
+    }

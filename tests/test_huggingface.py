@@ -1,0 +1,177 @@
+"""LLaCAAdamW in the Hugging Face Trainer (a tiny Llama from transformers, on the CPU): it trains
+like the reference, a checkpoint resumes bit for bit with the EMA, and LLaCACallback ends the
+task (weights <- EMA, fresh optimizer) and logs the alphas."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from llaca_optim import LLaCA, LLaCAAdamW  # noqa: E402
+from llaca_optim.huggingface import LLaCACallback, alpha_summary, llaca_optimizer  # noqa: E402
+
+VOCAB, SEQ = 61, 12
+
+
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=72,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=SEQ)
+    return LlamaForCausalLM(config)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Random token sequences (a fresh draw from the test's seed), trained as causal LM."""
+
+    def __init__(self, n: int = 48) -> None:
+        self.ids = torch.randint(0, VOCAB, (n, SEQ))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def training_args(out: str, steps: int = 10, **overrides) -> TrainingArguments:
+    kwargs = dict(output_dir=out, per_device_train_batch_size=8, max_steps=steps,
+                  learning_rate=3e-3, weight_decay=0.01, logging_steps=2, save_strategy="no",
+                  report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def llaca_state(optimizer: LLaCAAdamW) -> list[dict[str, torch.Tensor]]:
+    optimizer.flush_ema()
+    return [{k: v.clone() for k, v in optimizer.state[p].items()}
+            for g in optimizer.param_groups for p in g["params"]]
+
+
+def test_trainer_steps_match_the_reference_backend(tmp_path, cpu_backend):
+    """The Trainer (accelerate's wrapper, its gradient clipping, its LR schedule) drives the
+    fused kernel exactly as it drives the oracle."""
+    data = Tokens()
+    runs = {}
+    for backend in (cpu_backend, "reference"):
+        model = tiny_llama(0)
+        optimizer = LLaCAAdamW(model.parameters(), lr=3e-3, backend=backend)
+        Trainer(model=model, args=training_args(str(tmp_path / backend)), train_dataset=data,
+                optimizers=(optimizer, None)).train()
+        runs[backend] = ([p.detach().clone() for p in model.parameters()], llaca_state(optimizer))
+    (params, states), (ref_params, ref_states) = runs[cpu_backend], runs["reference"]
+    # fp32 parameters over 10 steps: the kernel sums in a different order than torch's, so
+    # alphas differ in the last bits and the EMA by a few ulps of its drift.
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for s, r in zip(states, ref_states):
+        assert s.keys() == r.keys()
+        for key in s:
+            torch.testing.assert_close(s[key], r[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_optimizer_cls_and_kwargs_builds_llaca_with_the_trainers_groups(tmp_path, cpu_backend):
+    trainer = Trainer(model=tiny_llama(0), args=training_args(str(tmp_path), steps=2),
+                      train_dataset=Tokens(16),
+                      optimizer_cls_and_kwargs=(LLaCAAdamW, {"preset": "continual-next"}))
+    trainer.train()
+    optimizer = llaca_optimizer(trainer.optimizer)
+    assert isinstance(optimizer, LLaCAAdamW) and optimizer.backend == cpu_backend
+    # The Trainer's own split: no weight decay on norms and biases.
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.01]
+    assert all(g["preset"] == "continual-next" for g in optimizer.param_groups)
+    assert all(optimizer.ema(p) is not None for g in optimizer.param_groups for p in g["params"])
+
+
+def test_checkpoint_resume_continues_bit_for_bit(tmp_path, cpu_backend):
+    """Trainer's optimizer.pt is our state dict, EMA and previous gradients included: a run
+    resumed from step 4 ends where the uninterrupted run ends, to the bit."""
+    data = Tokens()
+    out = str(tmp_path)
+    model = tiny_llama(0)
+    optimizer = LLaCAAdamW(model.parameters(), lr=3e-3)
+    Trainer(model=model, args=training_args(out, save_strategy="steps", save_steps=4),
+            train_dataset=data, optimizers=(optimizer, None)).train()
+    assert os.path.isdir(os.path.join(out, "checkpoint-4"))
+
+    resumed_model = tiny_llama(1)  # other initial weights: the checkpoint must overwrite them all
+    resumed = LLaCAAdamW(resumed_model.parameters(), lr=3e-3)
+    Trainer(model=resumed_model, args=training_args(out), train_dataset=data,
+            optimizers=(resumed, None)).train(resume_from_checkpoint=os.path.join(out, "checkpoint-4"))
+
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    for s, r in zip(llaca_state(optimizer), llaca_state(resumed)):
+        assert s.keys() == r.keys() and {"ema", "prev_grad", "alpha"} <= s.keys()
+        for key in s:
+            assert torch.equal(s[key], r[key]), key
+
+
+class _RecordEMA(TrainerCallback):
+    """Placed before LLaCACallback: what the EMAs were when training ended."""
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        inner = llaca_optimizer(optimizer)
+        self.emas = [inner.ema(p).clone() for g in inner.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("wrapper", [False, True], ids=["LLaCAAdamW", "LLaCA(AdamW)"])
+def test_callback_ends_each_task_with_the_ema_in_the_weights(tmp_path, cpu_backend, wrapper):
+    model = tiny_llama(0)
+    for task in range(2):
+        if wrapper:
+            optimizer = LLaCA(torch.optim.AdamW(model.parameters(), lr=3e-3))
+        else:
+            optimizer = LLaCAAdamW(model.parameters(), lr=3e-3)
+        recorder = _RecordEMA()
+        trainer = Trainer(model=model, args=training_args(str(tmp_path / str(task)), steps=6),
+                          train_dataset=Tokens(), optimizers=(optimizer, None),
+                          callbacks=[recorder, LLaCACallback()])
+        trainer.train()
+        for p, ema in zip(model.parameters(), recorder.emas):
+            assert torch.equal(p, ema.to(p.dtype)), f"task {task}: weights are not the EMA"
+        # end_task left the optimizer as a freshly built one.
+        assert all(optimizer.ema(p) is None for p in model.parameters())
+        assert not any(optimizer.state.values()), "end_task kept optimizer state"
+
+        logged = [e for e in trainer.state.log_history if "llaca/alpha_median" in e]
+        assert [e["step"] for e in logged if "loss" in e] == [2, 4, 6]  # every logging step
+        for entry in logged:
+            assert 0 < entry["llaca/alpha_median"] < 1
+            assert 0 <= entry["llaca/alpha_fallback_fraction"] <= 1
+
+
+def test_alpha_summary_reads_the_optimizers_alphas(cpu_backend):
+    model = tiny_llama(0)
+    optimizer = LLaCAAdamW(model.parameters(), lr=3e-3)
+    assert alpha_summary(optimizer) == {}  # no step yet
+    ids = Tokens(8).ids
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    found = optimizer.alphas()
+    summary = alpha_summary(optimizer)
+    assert summary["llaca/alpha_median"] == pytest.approx(float(found.alphas.double().median()))
+    assert summary["llaca/alpha_fallback_fraction"] == pytest.approx(
+        found.fell_back.double().mean().item())
+
+
+def test_callback_refuses_another_optimizer_before_the_first_step(tmp_path):
+    model = tiny_llama(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(model=model, args=training_args(str(tmp_path), steps=2),
+                      train_dataset=Tokens(16), callbacks=[LLaCACallback()])  # Trainer's AdamW
+    with pytest.raises(TypeError, match=r"AcceleratedOptimizer wrapping AdamW, which is not "
+                                        r"\(and does not wrap\) LLaCAAdamW"):
+        trainer.train()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(TypeError, match="keep_moments must be True or False"):
+        LLaCACallback(keep_moments="yes")
