@@ -130,6 +130,11 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._fused_step()
+        return loss
+
+    @torch.compiler.disable  # NOTE [torch.compile] in _core.py
+    def _fused_step(self) -> None:
         self._check_not_swapped("step")
         plan = self._plan_step()
         grad_scale = getattr(self, "grad_scale", None)
@@ -150,7 +155,6 @@ class LLaCAAdamW(LLaCAOptimizerBase):
                 backend.adamw_llaca(bucket, hyper)
                 if bucket.shard is not None:
                     _sharded.finish_step(backend, bucket, scale, base_weight, found_inf)
-        return loss
 
     def _build_buckets(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
                        ) -> list[tuple[Backend, Bucket, list[int]]]:

@@ -93,16 +93,22 @@ class LLaCA(LLaCAOptimizerBase):
         else:  # the closure computes the gradients inside the inner step: plan again after it
             loss = self.optimizer.step(closure)
             plan = self._plan_step()
-        with torch.no_grad():
-            for group, buckets, scale, base_weight in plan:
-                if not buckets:
-                    continue
-                hyper = StepHyper(scale=scale, base_weight=base_weight)
-                for backend, bucket in buckets:
-                    backend.llaca_update(bucket, hyper)
-                    if bucket.shard is not None:
-                        _sharded.finish_step(backend, bucket, scale, base_weight, None)
+        self._update(plan)
         return loss
+
+    # The inner step is the inner optimizer's, compiled when the caller compiles it; the LLaCA
+    # update is not (NOTE [torch.compile] in _core.py).
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _update(self, plan) -> None:
+        for group, buckets, scale, base_weight in plan:
+            if not buckets:
+                continue
+            hyper = StepHyper(scale=scale, base_weight=base_weight)
+            for backend, bucket in buckets:
+                backend.llaca_update(bucket, hyper)
+                if bucket.shard is not None:
+                    _sharded.finish_step(backend, bucket, scale, base_weight, None)
 
     def _build_buckets(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
                        ) -> list[tuple[Backend, Bucket, list[int]]]:
