@@ -1,9 +1,11 @@
 """The one description of the native build: which sources, which include paths, which flags.
 
-``setup.py`` (what users run) and the build-on-first-use path (``backends/_native.py``) both take
-everything from here, so a source file is added by creating it under ``csrc/`` and nowhere else.
-CMakeLists.txt has a different job (a C++ developer build for IDEs and tooling, see the README);
-it globs the same folders and keeps no list of its own.
+``setup.py`` (what users run), the build-on-first-use path (``backends/_native.py``) and
+CMakeLists.txt (a C++ developer build for IDEs and tooling, see the README) all take everything
+from here, so a source file is added by creating it under ``csrc/`` and nowhere else, and every
+build compiles with the same flags (which the kernels' numerics depend on: ``-ffp-contract=off``,
+``--fmad=false``). CMake reads it by running this file: ``python llaca_optim/_build.py --cmake``
+prints the description as CMake ``set()`` lines.
 
 Environment switches:
 
@@ -70,16 +72,22 @@ def build_cuda() -> tuple[bool, str]:
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda} and {nvcc_path()}"
 
 
-def nvcc_flags() -> list[str]:
+def nvcc_flags(with_arch: bool = True) -> list[str]:
+    """``with_arch=False``: without the -gencode flags (CMake sets CMAKE_CUDA_ARCHITECTURES)."""
     # --fmad=false: no a*b+c contraction, so the GPU rounds as the CPU kernels (-ffp-contract=off)
     # and torch's element-wise ops do; -prec-div / -prec-sqrt stay at their IEEE defaults.
     flags = ["-O3", "-DNDEBUG", "--fmad=false", "-std=c++17", "-lineinfo"]
-    return flags + cuda_arch_flags()
+    return flags + (cuda_arch_flags() if with_arch else [])
+
+
+def cuda_archs() -> list[str]:
+    """LLACA_CUDA_ARCH ("8.0;9.0" or "8.0,9.0") as compute capabilities without the dot."""
+    archs = os.environ.get("LLACA_CUDA_ARCH", "").replace(",", ";").split(";")
+    return [a.strip().replace(".", "") for a in archs if a.strip()]
 
 
 def cuda_arch_flags() -> list[str]:
-    archs = os.environ.get("LLACA_CUDA_ARCH", "").replace(",", ";").split(";")
-    archs = [a.strip().replace(".", "") for a in archs if a.strip()]
+    archs = cuda_archs()
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     if archs:  # PTX of the newest, so later GPUs can JIT it
         flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
@@ -104,3 +112,27 @@ def link_flags() -> list[str]:
     # libgomp resolves to the copy that torch already loaded (same soname), so the kernels share
     # torch's OpenMP thread pool and at::get_num_threads().
     return ["-fopenmp"]
+
+
+def cmake_settings() -> str:
+    """This description as CMake ``set()`` lines (paths absolute, lists ;-separated). Only the
+    architectures stay CMake's: LLACA_CUDA_ARCH becomes CMAKE_CUDA_ARCHITECTURES there."""
+    root = source_root()
+    settings = {
+        "LLACA_CPU_SOURCES": cpu_sources(root),
+        "LLACA_CUDA_SOURCES": cuda_sources(root),
+        "LLACA_INCLUDE_DIRS": include_dirs(root),
+        "LLACA_CXX_FLAGS": cxx_flags(),
+        "LLACA_NVCC_FLAGS": nvcc_flags(with_arch=False),
+        "LLACA_LINK_FLAGS": link_flags(),
+        "LLACA_CUDA_ARCHITECTURES": cuda_archs(),
+    }
+    return "".join(f'set({name} "{";".join(values)}")\n' for name, values in settings.items())
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--cmake"]:
+        sys.exit("usage: python llaca_optim/_build.py --cmake   (the build description for CMake)")
+    sys.stdout.write(cmake_settings())
