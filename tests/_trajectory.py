@@ -87,8 +87,8 @@ def collect(optimizer, params) -> dict[str, list[Tensor]]:
         values = []
         for p in params:
             state = llaca_state.get(p, {}) if key in ("ema", "prev_grad", "alpha", "alpha_fell_back") else inner_state.get(p, {})
-            if key in state:
-                values.append(state[key].detach().cpu().clone())
+            if key in state:  # torch.as_tensor: some inner optimizers count steps in ints
+                values.append(torch.as_tensor(state[key]).detach().cpu().clone())
         if values:
             out[key] = values
     return out

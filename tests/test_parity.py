@@ -156,11 +156,15 @@ def test_nonfinite_gradients_fall_back_without_crashing(kernel, dtype, request):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("inner", ["sgd", "adam"])
+@pytest.mark.parametrize("inner", ["sgd", "adam", "adafactor"])
 def test_wrapper_matches_reference(cpu_backend, dtype, inner):
     def make(params, backend):
         if inner == "sgd":
             base = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        elif inner == "adafactor":  # transformers' (factored second moments, in-place updates)
+            optimization = pytest.importorskip("transformers.optimization")
+            base = optimization.Adafactor(params, lr=3e-3, relative_step=False,
+                                          scale_parameter=False, warmup_init=False)
         else:
             base = torch.optim.Adam(params, lr=3e-3, foreach=False)
         return LLaCA(base, preset="coin", backend=backend)
