@@ -171,3 +171,51 @@ def test_state_dict_from_another_layout_fails_and_changes_nothing(kind):
         (LLaCAAdamW(model.parameters()) if kind == "fused" else LLaCA(torch.optim.SGD(model.parameters(), lr=0.1))).load_state_dict(
             (LLaCAAdamW(fewer.parameters()) if kind == "fused" else LLaCA(torch.optim.SGD(fewer.parameters(), lr=0.1))).state_dict()
         )
+
+
+@pytest.mark.parametrize("missing", ["no JIT allowed", "no compiler"])
+def test_package_without_native_kernels_imports_warns_once_and_uses_the_reference(missing):
+    """STYLE 4: the extension is optional at import. Installed without llaca_optim._C (hidden here
+    by an import hook) and unable to build it, the package imports, backend="auto" warns once
+    what is missing and falls back to the reference, and backend="cpu" raises saying how."""
+    code = (
+        "import importlib.abc, sys, warnings\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'llaca_optim._C':\n"
+        "            raise ImportError('llaca_optim._C hidden by the test')\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "import torch, llaca_optim\n"
+        "ok, why = llaca_optim.backend_status()['cpu']\n"
+        "print('status', ok, why)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    model = torch.nn.Linear(4, 3)\n"
+        "    opt = llaca_optim.LLaCAAdamW(model.parameters(), backend='auto')\n"
+        "    second = llaca_optim.LLaCAAdamW(torch.nn.Linear(2, 2).parameters())\n"
+        "    for _ in range(3):\n"
+        "        model(torch.randn(8, 4)).pow(2).mean().backward()\n"
+        "        opt.step()\n"
+        "        opt.zero_grad()\n"
+        "print('backends', opt.backend, second.backend)\n"
+        "print('warnings', len([w for w in caught if 'llaca_optim' in str(w.message)]))\n"
+        "print('ema', opt.ema(model.weight) is not None)\n"
+        "try:\n"
+        "    llaca_optim.LLaCAAdamW(model.parameters(), backend='cpu')\n"
+        "except llaca_optim.BackendUnavailable as e:\n"
+        "    print('error', e)\n"
+    )
+    env = dict(os.environ)
+    if missing == "no JIT allowed":
+        env["LLACA_NO_JIT"] = "1"
+    else:
+        env.pop("LLACA_NO_JIT", None)
+        env["CXX"] = "/nonexistent/c++"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    fix = ("LLACA_NO_JIT=1 forbids building" if missing == "no JIT allowed"
+           else "no C++ compiler was found")
+    assert "status False" in out and fix in out, out
+    assert "backends reference reference" in out and "warnings 1" in out and "ema True" in out, out
+    assert "error llaca_optim: backend 'cpu' is not available" in out and "pip install" in out, out
