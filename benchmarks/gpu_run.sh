@@ -10,19 +10,20 @@
 # LLACA_GPU_BUDGET_S seconds (default 480) whatever happens: every stage runs under `timeout`
 # with the smaller of its own cap and what is left, the most valuable evidence comes first
 # (the build, then the CUDA and Triton kernels against the reference on the GPU, then the
-# SPEC section 5 figures, then memcheck, then everything else), and a stage that did not fit
+# SPEC section 5 figures, then the Triton block/warps timings, then memcheck, then everything
+# else), and a stage that did not fit
 # says so in summary.txt instead of eating the next one's time. The benchmarks write their JSON
 # after every measurement, so a stage cut short still returns what it measured.
 # The device tool brings back at most 8 files: this writes exactly the 8 below, flat in the
-# folder. The CSV and plots are redrawn here from the JSON: `python -m benchmarks --replot DIR`.
+# folder. The table, CSV and plots are redrawn from the JSON: `python -m benchmarks --replot DIR`.
 #
 #   summary.txt        device, versions, backend status, each stage's exit code and seconds,
 #                      and the closing lines of each stage (also printed last, for the reply)
 #   build.log          pip's build of the extension (nvcc for LLACA_CUDA_ARCH, default 9.0)
 #   tests_gpu.log      the CUDA and Triton kernels on the GPU: parity, graphs, AMP, sharded
 #   results.json       python -m benchmarks (full GPU sizes), with the rows left out if any
-#   results.md         the same, as the markdown table
-#   bench.log          the benchmark run's output
+#   triton_tune.json   python -m benchmarks.triton_tune: Triton's block size x warps, timed
+#   bench.log          the output of both
 #   memcheck.log       compute-sanitizer memcheck over a few small CUDA cases
 #   tests_rest.log     the rest of the suite
 #
@@ -95,9 +96,11 @@ bench_left=$((deadline - SECONDS))
 bench_limit=$((bench_cap < bench_left ? bench_cap : bench_left))
 stage bench "$bench_cap" "$out/bench.log" python3 -m benchmarks --no-progress --out "$scratch/bench" \
   --time-limit $((bench_limit > 60 ? bench_limit - 45 : bench_limit / 2))
-for f in results.json results.md; do
-  [[ -f "$scratch/bench/$f" ]] && cp "$scratch/bench/$f" "$out/$f"
-done
+[[ -f "$scratch/bench/results.json" ]] && cp "$scratch/bench/results.json" "$out/results.json"
+
+# Issue 5: Triton's block size and warps per program, chosen by measurement (set by hand after).
+stage triton_tune 90 "$out/bench.log" python3 -m benchmarks.triton_tune \
+  --out "$out/triton_tune.json" --time-limit 45
 
 # Out-of-bounds accesses and races show nothing in the results; compute-sanitizer finds them
 # (a few small cases: it slows kernels down a hundredfold).

@@ -90,3 +90,21 @@ def test_microbenchmarks_run(cpu_backend):
         capture_output=True, text=True, cwd=ROOT,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_triton_tune_quick_run_times_every_candidate(tmp_path, triton_backend):
+    """benchmarks/triton_tune.py at CI size (Triton's interpreter): each candidate is timed
+    beside the copy and the fastest is named; no timing is asserted."""
+    out = tmp_path / "tune.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.triton_tune", "--quick", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    data = json.loads(out.read_text())
+    block = data["environment"]["defaults"]["block"]
+    names = {f"LLaCAAdamW[triton] block={block} warps=4",
+             f"LLaCAAdamW[triton] block={2 * block} warps=8"}
+    assert len(data["fastest"]) == 2  # fp32 and bf16
+    for measurement, fastest in data["fastest"].items():
+        timed = {r["implementation"] for r in data["rows"]
+                 if f"{r['workload']} {r['dtype']}" == measurement}
+        assert names | {"copy"} == timed and fastest in names
+    assert all(r["median_ms"] > 0 and r["steps_timed"] >= 3 for r in data["rows"])

@@ -19,7 +19,7 @@ from llaca_optim import _build
 
 ROOT = _build.PACKAGE_DIR.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
-STAGES = ["tests_gpu", "bench", "memcheck", "tests_rest"]
+STAGES = ["tests_gpu", "bench", "triton_tune", "memcheck", "tests_rest"]
 
 
 def test_script_is_valid_bash():

@@ -233,3 +233,22 @@ def test_triton_wrapper_and_ema_dtype(triton_backend, dtype):
     kernel, ref32, ref64 = trajectories(make, dtype, kernel="triton")
     assert all(e.dtype == dtype for e in kernel["ema"])
     assert_within_rule(kernel, ref32, ref64, dtype)
+
+
+def test_triton_with_another_block_size_and_warps(triton_backend):
+    """A launcher given a block size and warp count of its own (what benchmarks/triton_tune.py
+    times) holds to the same rule: the block size changes the order of the sums, no more."""
+    from llaca_optim.backends import TritonBackend, _triton
+
+    # Under the interpreter a larger block than its default (fewer programs run in Python).
+    block = 2 * _triton.BLOCK if _triton.interpreting() else 4096
+    other = TritonBackend(kernel_device(), block=block, num_warps=8)
+
+    def make(params, backend):
+        return LLaCAAdamW(params, lr=3e-3, weight_decay=0.05, amsgrad=True,
+                          backend=other if backend == "triton" else backend)
+
+    run, ref32, ref64 = trajectories(make, torch.bfloat16, kernel="triton")
+    assert_within_rule(run, ref32, ref64, torch.bfloat16)
+    with pytest.raises(ValueError, match="power of two of at least 16 elements, got block=1000"):
+        TritonBackend(kernel_device(), block=1000)

@@ -269,11 +269,14 @@ def _shard_sums(bucket: Bucket) -> Tensor | None:
 class TritonBackend(NativeBackend):
     """The Triton kernels (backends/_triton_kernels.py): two launches per bucket with the blend
     deferred, three without. Same eligibility as the extension's kernels (dense, one layout for
-    a tensor and its state)."""
+    a tensor and its state). ``block`` (elements per program) and ``num_warps`` default to
+    the tuned choice (_triton.BLOCK, _triton.NUM_WARPS); an instance with others can be passed
+    as ``backend=`` (benchmarks/triton_tune.py does, to time them)."""
 
-    def __init__(self, device_type: str) -> None:
+    def __init__(self, device_type: str, block: int | None = None,
+                 num_warps: int | None = None) -> None:
         super().__init__("triton", device_type, defers_blend=True)
-        self._launcher = _triton.TritonLauncher(device_type)
+        self._launcher = _triton.TritonLauncher(device_type, block, num_warps)
 
     def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
         self._launcher.launch(bucket, h, adamw=True)

@@ -23,9 +23,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Elements per program of the element-wise passes. The interpreter runs programs one by one in
-# Python, so it gets fewer, larger blocks (tensors in the tests still span several).
+# Elements per program of the element-wise passes, and warps per program there. The interpreter
+# runs programs one by one in Python, so it gets fewer, larger blocks (tensors in the tests still
+# span several). A launcher can be given others (benchmarks/triton_tune.py times the choices on a
+# GPU); the block size also fixes the order of the sums, so each choice is deterministic alone.
 BLOCK = 4096 if interpreting() else 1024
+NUM_WARPS = 4
 
 
 def status() -> tuple[bool, str]:
@@ -61,14 +64,14 @@ class _Tables:
     """Block tables of one list of tensor sizes, kept between steps (they change only when the
     sizes do); the address table is rebuilt each step because gradients are new tensors."""
 
-    def __init__(self, numels: list[int], device: torch.device) -> None:
+    def __init__(self, numels: list[int], device: torch.device, block: int) -> None:
         block_tensor, block_start, first, count = [], [], [], []
         for t, n in enumerate(numels):
-            blocks = math.ceil(n / BLOCK)
+            blocks = math.ceil(n / block)
             first.append(len(block_tensor))
             count.append(blocks)
             block_tensor += [t] * blocks
-            block_start += [k * BLOCK for k in range(blocks)]
+            block_start += [k * block for k in range(blocks)]
         as_tensor = lambda xs, dt: torch.tensor(xs, dtype=dt).to(device)  # noqa: E731
         self.n_blocks = len(block_tensor)
         self.numels = as_tensor(numels, torch.int64)
@@ -81,8 +84,17 @@ class _Tables:
 
 
 class TritonLauncher:
-    def __init__(self, device_type: str) -> None:
+    def __init__(self, device_type: str, block: int | None = None,
+                 num_warps: int | None = None) -> None:
         self.device_type = device_type
+        self.block = BLOCK if block is None else block
+        self.num_warps = NUM_WARPS if num_warps is None else num_warps
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError("llaca_optim: the Triton block must be a power of two of at least "
+                             f"16 elements, got block={self.block}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError("llaca_optim: num_warps must be a power of two up to 32, got "
+                             f"num_warps={self.num_warps}")
         self._tables: dict[tuple[torch.device, tuple[int, ...]], _Tables] = {}
 
     def tables(self, params: list[Tensor]) -> _Tables:
@@ -91,7 +103,7 @@ class TritonLauncher:
         if tables is None:
             if len(self._tables) > 64:  # a changing model: do not keep every old layout
                 self._tables.clear()
-            tables = self._tables[key] = _Tables(list(key[1]), params[0].device)
+            tables = self._tables[key] = _Tables(list(key[1]), params[0].device, self.block)
         return tables
 
     @staticmethod
@@ -152,8 +164,8 @@ class TritonLauncher:
                 h.grad_scale if h.grad_scale is not None else dummy,
                 PDT=pdt, EDT=edt, ADAMW=adamw, AMSGRAD=adamw and h.amsgrad, MAXIMIZE=h.maximize,
                 LLACA=llaca, HAS_LR_PTR=lr_ptr is not None,
-                HAS_GRAD_SCALE=h.grad_scale is not None, ALIGNED=aligned, DEFER=defer, BLOCK=BLOCK,
-                **common,
+                HAS_GRAD_SCALE=h.grad_scale is not None, ALIGNED=aligned, DEFER=defer,
+                BLOCK=self.block, num_warps=self.num_warps, **common,
             )
         sharded = llaca and bucket.shard is not None
         K._finish_tensors[(n,)](
@@ -165,7 +177,8 @@ class TritonLauncher:
         if llaca and not defer and not sharded and tables.n_blocks:
             K._blend_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, tables.fresh, n,
-                PDT=pdt, EDT=edt, ALIGNED=aligned, BLOCK=BLOCK, **common,
+                PDT=pdt, EDT=edt, ALIGNED=aligned, BLOCK=self.block, num_warps=self.num_warps,
+                **common,
             )
 
     def flush(self, bucket) -> None:
@@ -184,6 +197,6 @@ class TritonLauncher:
             K._flush_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, n,
                 PDT=_tl_dtype(params[0].dtype), EDT=_tl_dtype(bucket.emas[0].dtype), ALIGNED=aligned,
-                BLOCK=BLOCK, enable_fp_fusion=False,
+                BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
             )
         K._clear_pending[(n,)](table, n)
