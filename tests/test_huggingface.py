@@ -122,14 +122,17 @@ class _RecordEMA(TrainerCallback):
         self.emas = [inner.ema(p).clone() for g in inner.param_groups for p in g["params"]]
 
 
-@pytest.mark.parametrize("wrapper", [False, True], ids=["LLaCAAdamW", "LLaCA(AdamW)"])
-def test_callback_ends_each_task_with_the_ema_in_the_weights(tmp_path, cpu_backend, wrapper):
+@pytest.mark.parametrize("kind", ["LLaCAAdamW", "LLaCA(AdamW)", "one LLaCAAdamW for both tasks"])
+def test_callback_ends_each_task_with_the_ema_in_the_weights(tmp_path, cpu_backend, kind):
     model = tiny_llama(0)
+    shared = LLaCAAdamW(model.parameters(), lr=3e-3)
     for task in range(2):
-        if wrapper:
+        if kind == "LLaCA(AdamW)":
             optimizer = LLaCA(torch.optim.AdamW(model.parameters(), lr=3e-3))
-        else:
+        elif kind == "LLaCAAdamW":
             optimizer = LLaCAAdamW(model.parameters(), lr=3e-3)
+        else:  # end_task left it as a fresh one; the second Trainer's schedule starts again
+            optimizer = shared
         recorder = _RecordEMA()
         trainer = Trainer(model=model, args=training_args(str(tmp_path / str(task)), steps=6),
                           train_dataset=Tokens(), optimizers=(optimizer, None),
@@ -143,6 +146,8 @@ def test_callback_ends_each_task_with_the_ema_in_the_weights(tmp_path, cpu_backe
 
         logged = [e for e in trainer.state.log_history if "llaca/alpha_median" in e]
         assert [e["step"] for e in logged if "loss" in e] == [2, 4, 6]  # every logging step
+        lrs = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+        assert lrs[0] == pytest.approx(3e-3 * 5 / 6)  # linear decay from the full rate again
         for entry in logged:
             assert 0 < entry["llaca/alpha_median"] < 1
             assert 0 <= entry["llaca/alpha_fallback_fraction"] <= 1
