@@ -67,7 +67,8 @@ def run(argv: list[str] | None = None) -> dict:
         plan, candidates, steps, warmup = [workloads.full(2, 128)], QUICK_CANDIDATES, 3, 1
     else:
         if device.type != "cuda":
-            raise SystemExit("triton_tune times a GPU; on a CPU only --quick runs (the interpreter)")
+            raise SystemExit("triton_tune times a GPU; on a CPU only --quick runs "
+                             "(through Triton's interpreter)")
         plan, candidates, steps, warmup = ([workloads.full(16, 4096), workloads.lora_llama(32)],
                                            CANDIDATES, 20, 3)
     env = report.environment(device)

@@ -12,7 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments)
 
 from llaca_optim import LLaCA, LLaCAAdamW  # noqa: E402
 from llaca_optim.huggingface import LLaCACallback, alpha_summary, llaca_optimizer  # noqa: E402
@@ -104,7 +105,8 @@ def test_checkpoint_resume_continues_bit_for_bit(tmp_path, cpu_backend):
     resumed_model = tiny_llama(1)  # other initial weights: the checkpoint must overwrite them all
     resumed = LLaCAAdamW(resumed_model.parameters(), lr=3e-3)
     Trainer(model=resumed_model, args=training_args(out), train_dataset=data,
-            optimizers=(resumed, None)).train(resume_from_checkpoint=os.path.join(out, "checkpoint-4"))
+            optimizers=(resumed, None)).train(
+                resume_from_checkpoint=os.path.join(out, "checkpoint-4"))
 
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)
