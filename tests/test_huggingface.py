@@ -182,3 +182,29 @@ def test_callback_refuses_another_optimizer_before_the_first_step(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     with pytest.raises(TypeError, match="keep_moments must be True or False"):
         LLaCACallback(keep_moments="yes")
+
+
+def test_peft_lora_task_end_puts_the_ema_into_the_adapters_only(tmp_path, cpu_backend):
+    """A PEFT LoRA model in the Trainer: only the adapters train and get an EMA; at the end of the
+    task the adapters hold their EMA and the frozen base weights are untouched."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    recorder = _RecordEMA()
+    trainer = Trainer(model=model, args=training_args(str(tmp_path), steps=4),
+                      train_dataset=Tokens(), callbacks=[recorder, LLaCACallback()],
+                      optimizer_cls_and_kwargs=(LLaCAAdamW, {}))
+    trainer.train()
+    optimizer = llaca_optimizer(trainer.optimizer)
+    in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in in_optimizer} == {id(p) for p in trainable}
+    for p, ema in zip(in_optimizer, recorder.emas):
+        assert torch.equal(p, ema)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    # The adapters are what save_pretrained writes: the EMA weights.
+    model.save_pretrained(str(tmp_path / "adapter"))
+    assert any(f.name.startswith("adapter_model") for f in (tmp_path / "adapter").iterdir())
