@@ -69,6 +69,15 @@ def resolve_llaca_knobs(group: dict[str, Any], where: str) -> tuple[float, float
 
 
 def validate_adamw_group(group: dict[str, Any], where: str) -> None:
+    if group.get("differentiable", False):
+        raise ValueError(
+            "llaca_optim: differentiable=True is not supported: the fused kernels update the "
+            f"parameters in place outside autograd ({where}); use torch.optim.AdamW("
+            "differentiable=True) where the optimizer step must be differentiated")
+    for name in ("foreach", "fused"):
+        if group.get(name) not in (None, True, False):
+            raise TypeError(f"llaca_optim: {name} must be None, True or False, got "
+                            f"{group[name]!r} ({where})")
     if not isinstance(group["defer_blend"], bool):
         raise TypeError(
             f"llaca_optim: defer_blend must be True or False, got {group['defer_blend']!r} ({where})"

@@ -47,6 +47,11 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             you change parameters in place between steps, call :meth:`flush_ema` first, or pass
             ``False``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+        foreach, capturable, fused: accepted as ``torch.optim.AdamW`` accepts them, so that code
+            which passes them runs unchanged; like torch's, they choose an implementation and
+            change no result. Ours is chosen by ``backend`` and is always fused and always
+            capturable (the step counter lives on the device), whatever they say.
+        differentiable: only ``False``: the kernels update in place outside autograd.
 
     All of ``preset``, ``scale``, ``base_weight``, ``llaca``, ``ema_dtype`` and ``defer_blend`` are
     per param group.
@@ -70,6 +75,10 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         preset: str = "coin",
         scale: float | None = None,
         base_weight: float | None = None,
@@ -80,14 +89,18 @@ class LLaCAAdamW(LLaCAOptimizerBase):
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, foreach=None, capturable=False, differentiable=False, fused=None,
-            decoupled_weight_decay=True,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
             preset=preset, scale=scale, base_weight=base_weight, llaca=llaca, ema_dtype=ema_dtype,
             defer_blend=defer_blend,
         )
         # Validate the defaults before torch builds any group, so the error names the argument.
         V.validate_adamw_group(defaults, "constructor arguments")
         V.resolve_llaca_knobs(defaults, "constructor arguments")
+        if fused and backend == "reference":
+            raise ValueError(
+                "llaca_optim: fused=True asks for a fused implementation but backend='reference' "
+                "is the per-tensor one; leave backend='auto' (or name cpu, cuda or triton)")
         super().__init__(params, defaults)
         self._setup_backend(backend)
 

@@ -127,3 +127,48 @@ def test_tensor_learning_rate_equals_float(backend, request):
         assert torch.equal(p, q)
         if p in as_float.state:
             assert torch.equal(as_float.ema(p), as_tensor.ema(q))
+
+
+def test_signature_is_adamws_with_the_llaca_knobs_after_it():
+    """Code written for torch.optim.AdamW (``fused=True``, ``foreach=False``, ...) runs
+    unchanged: every AdamW parameter is accepted, in the same position or keyword, with the
+    same default."""
+    import inspect
+
+    ours = inspect.signature(LLaCAAdamW.__init__).parameters
+    for name, theirs in inspect.signature(torch.optim.AdamW.__init__).parameters.items():
+        assert name in ours, f"LLaCAAdamW does not take AdamW's {name!r}"
+        assert ours[name].kind == theirs.kind and ours[name].default == theirs.default, name
+    torch_names = list(inspect.signature(torch.optim.AdamW.__init__).parameters)
+    assert list(ours)[: len(torch_names)] == torch_names  # the LLaCA knobs come after
+
+
+def test_implementation_flags_change_nothing(cpu_backend):
+    """fused, foreach and capturable pick an implementation in torch and change no result;
+    here the backend picks it, so the trajectory is the same to the bit."""
+    torch.manual_seed(0)
+    base = small_model()
+    runs = []
+    for flags in ({}, {"fused": True, "capturable": True}, {"foreach": False, "fused": False}):
+        model = small_model()
+        model.load_state_dict(base.state_dict())
+        optimizer = LLaCAAdamW(model.parameters(), lr=1e-2, backend=cpu_backend, **flags)
+        torch.manual_seed(1)
+        train(model, optimizer, steps=6)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_unsupported_implementation_flags_are_refused():
+    params = list(small_model().parameters())
+    with pytest.raises(ValueError, match=r"differentiable=True is not supported.*constructor"):
+        LLaCAAdamW(params, differentiable=True)
+    with pytest.raises(ValueError, match=r"fused=True .* backend='reference'"):
+        LLaCAAdamW(params, fused=True, backend="reference")
+    with pytest.raises(TypeError, match=r"foreach must be None, True or False, got 'yes'"):
+        LLaCAAdamW(params, foreach="yes")
+    optimizer = LLaCAAdamW(params[:2])
+    with pytest.raises(ValueError, match=r"differentiable=True .*param_groups\[1\]"):
+        optimizer.add_param_group({"params": params[2:], "differentiable": True})
+    assert len(optimizer.param_groups) == 1
