@@ -80,6 +80,9 @@ else
   stage build 240 "$out/build.log" \
     python3 -m pip install --no-deps --no-build-isolation --no-index -v -e .
 fi
+# A failed build must not be retried on first use by every later process, outside any stage's
+# time limit: what did not build stays unavailable, and the stages say so.
+export LLACA_NO_JIT=1
 python3 -c "import llaca_optim; [print(k, ok, why) for k, (ok, why) in llaca_optim.backend_status().items()]" >> "$summary" 2>&1
 
 # The kernels on the GPU against the reference, graph capture and replay, GradScaler, deferred
