@@ -27,7 +27,7 @@ def test_script_is_valid_bash():
 
 
 def test_script_keeps_to_its_budget_and_the_device_tools_file_limits(tmp_path):
-    budget = 20
+    budget = 12
     env = dict(os.environ, LLACA_GPU_BUDGET_S=str(budget), LLACA_GPU_SKIP_BUILD="1")
     start = time.monotonic()
     done = subprocess.run(["bash", str(SCRIPT), str(tmp_path)], env=env, capture_output=True,
