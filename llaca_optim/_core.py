@@ -38,6 +38,17 @@ def _capturing(t: Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def eager_under_compile(fn):
+    """``torch.compiler.disable`` with the reason that dynamo shows (NOTE [torch.compile])."""
+    reason = ("llaca_optim runs its optimizer step eagerly under torch.compile (one fused op per "
+              "bucket: nothing to compile); with fullgraph=True, call optimizer.step() outside "
+              "the compiled function")
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # torch before 2.6 takes no reason
+        return torch.compiler.disable(fn)
+
+
 @dataclass
 class _GroupPlan:
     """A param group's buckets from the last full planning, and what they assumed."""
@@ -179,14 +190,15 @@ class LLaCAOptimizerBase(Optimizer):
 
     # NOTE [torch.compile] Under torch.compile (of `optimizer.step`, or of a training step that
     # calls it) our step runs eagerly: the plan, the kernels' launches and the deferred-blend
-    # bookkeeping are excluded from tracing with torch.compiler.disable, so dynamo breaks the
-    # graph there and the step gives the eager step's bits. There is nothing for the compiler
+    # bookkeeping are excluded from tracing (eager_under_compile), so dynamo breaks the graph
+    # there and the step gives the eager step's bits; fullgraph=True therefore refuses a region
+    # that contains the step, saying why. There is nothing for the compiler
     # to fuse (each bucket is one op already), and tracing it cost: the op was functionalized,
     # and a compiled step measured 1.6x the eager one on the CPU (it copied every parameter,
     # a model's worth of allocation per step); torch.compile also dropped the step's writes to
     # the optimizer's own attributes, so a deferred blend was never flushed and the EMA read
     # after it was stale. tests/test_torch_compile.py holds compiled steps to the eager bits.
-    @torch.compiler.disable
+    @eager_under_compile
     def _plan_step(self) -> list[tuple[dict[str, Any], list[tuple[Backend, Bucket]], float, float]]:
         """Every (group, buckets, scale, base_weight) of this step. All groups are validated
         before any state is created or any tensor touched (SPEC section 6)."""

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import _sharded
 from . import _validation as V
-from ._core import LLACA_STATE_KEYS, LLaCAOptimizerBase
+from ._core import LLACA_STATE_KEYS, LLaCAOptimizerBase, eager_under_compile
 from .backends import Backend, Bucket, StepHyper
 
 __all__ = ["LLaCAAdamW"]
@@ -146,7 +146,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         self._fused_step()
         return loss
 
-    @torch.compiler.disable  # NOTE [torch.compile] in _core.py
+    @eager_under_compile  # NOTE [torch.compile] in _core.py
     def _fused_step(self) -> None:
         self._check_not_swapped("step")
         plan = self._plan_step()

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from . import _sharded
 from . import _validation as V
-from ._core import LLaCAOptimizerBase
+from ._core import LLaCAOptimizerBase, eager_under_compile
 from .backends import Backend, Bucket, StepHyper
 
 __all__ = ["LLaCA"]
@@ -98,7 +98,7 @@ class LLaCA(LLaCAOptimizerBase):
 
     # The inner step is the inner optimizer's, compiled when the caller compiles it; the LLaCA
     # update is not (NOTE [torch.compile] in _core.py).
-    @torch.compiler.disable
+    @eager_under_compile
     @torch.no_grad()
     def _update(self, plan) -> None:
         for group, buckets, scale, base_weight in plan:

@@ -78,3 +78,14 @@ def test_compiled_step_is_the_eager_step(cpu_backend, kind, dtype):
         eager_bytes, compiled_bytes = allocated(optimizer.step), allocated(step)
         model_bytes = sum(p.numel() * p.element_size() for p in params)
         assert compiled_bytes < eager_bytes + model_bytes / 20, (compiled_bytes, eager_bytes)
+
+
+def test_fullgraph_refuses_the_step_saying_why(cpu_backend):
+    p = nn.Parameter(torch.randn(10))
+    p.grad = torch.randn(10)
+    optimizer = LLaCAAdamW([p], backend=cpu_backend)
+    before = p.detach().clone()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="call optimizer.step\\(\\) outside the compiled function"):
+        torch.compile(optimizer.step, fullgraph=True)()
+    assert torch.equal(p, before) and not optimizer.state
