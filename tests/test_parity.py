@@ -252,3 +252,23 @@ def test_triton_with_another_block_size_and_warps(triton_backend):
     assert_within_rule(run, ref32, ref64, torch.bfloat16)
     with pytest.raises(ValueError, match="power of two of at least 16 elements, got block=1000"):
         TritonBackend(kernel_device(), block=1000)
+
+
+def test_triton_address_table_and_alignment(triton_backend):
+    """The address table holds every column's addresses in order (zeros for an absent one),
+    and 16-byte vector accesses are allowed only when every element array is 16-byte aligned:
+    a view one element in (a dense tensor the kernels accept) turns them off; the per-tensor
+    scalars after the element arrays do not count."""
+    from llaca_optim.backends import _triton, _triton_kernels as K
+
+    base = torch.zeros(4 * 1024 + 1)
+    aligned_views, odd_view = [base[:1024], base[1024:2048]], base[1:1025]
+    scalars = list(torch.zeros(3)[1:])  # 4 and 8 bytes in: misaligned, and beside the point
+    n_element = int(K.STEP)
+    for arrays, expect in ((aligned_views, True), ([aligned_views[0], odd_view], False)):
+        columns = [arrays] + [None] * (n_element - 1) + [scalars]
+        table, aligned = _triton.TritonLauncher.addresses(columns, 2, torch.device("cpu"))
+        assert aligned is expect
+        expected = [t.data_ptr() for t in arrays] + [0] * 2 * (n_element - 1) + \
+            [s.data_ptr() for s in scalars]
+        assert table.tolist() == expected
