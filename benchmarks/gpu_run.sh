@@ -86,12 +86,13 @@ export LLACA_NO_JIT=1
 python3 -c "import llaca_optim; [print(k, ok, why) for k, (ok, why) in llaca_optim.backend_status().items()]" >> "$summary" 2>&1
 
 # The kernels on the GPU against the reference, graph capture and replay, GradScaler, deferred
-# blends, and the sharded GPU jobs (one rank over NCCL, the real kernels' sums-out mode).
+# blends, a tensor past 2^31 elements, and the sharded GPU jobs (one rank over NCCL, the real
+# kernels' sums-out mode).
 # `-k "cuda or triton or gpu"` keeps test_parity.py to the GPU backends' cases.
 pytest_q=(python3 -m pytest -q -p no:cacheprovider)
 stage tests_gpu 170 "$out/tests_gpu.log" "${pytest_q[@]}" \
   tests/test_cuda_gpu.py tests/test_cuda_backend.py tests/test_deferred_blend.py \
-  tests/test_sharded.py tests/test_parity.py -k "cuda or triton or gpu"
+  tests/test_large_tensors.py tests/test_sharded.py tests/test_parity.py -k "cuda or triton or gpu"
 
 # SPEC section 5: every workload at GPU size, fp32 and bf16; the sweeps get what time is left.
 bench_cap=170
@@ -120,7 +121,8 @@ fi
 stage tests_rest 9999 "$out/tests_rest.log" "${pytest_q[@]}" \
   --ignore tests/test_gpu_script.py \
   --ignore tests/test_cuda_gpu.py --ignore tests/test_cuda_backend.py \
-  --ignore tests/test_deferred_blend.py --ignore tests/test_sharded.py
+  --ignore tests/test_deferred_blend.py --ignore tests/test_sharded.py \
+  --ignore tests/test_large_tensors.py
 
 # The reply shows the end of the output: the least telling first, the GPU tests last.
 tail_into_summary build.log 5
