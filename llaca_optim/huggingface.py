@@ -26,7 +26,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+
+try:
+    from transformers import TrainerCallback
+except ImportError as err:  # say what is missing, not only that an import failed
+    raise ImportError("llaca_optim.huggingface needs transformers (and accelerate, which its "
+                      "Trainer uses): pip install transformers accelerate") from err
 
 from ._core import LLaCAOptimizerBase
 
