@@ -118,6 +118,11 @@ def run(argv: list[str] | None = None) -> Path:
         results = harness.measure(cs, params, warmup=warmup, steps=steps, budget_s=budget,
                                   memory=main_workload)
         rows += report.rows_for(workload, dtype, params, cs, results)
+        failed = report.failures(workload, dtype, results)
+        if failed:
+            env.setdefault("failed", {}).update(failed)
+            for what, why in failed.items():
+                print(f"FAILED {what}: {why}", file=sys.stderr)
         report.write_json(out_dir, env, rows)
         del params, results
     written = report.write_all(out_dir, env, rows)

@@ -228,7 +228,7 @@ def contenders(device: torch.device, model_bytes: int, include_published: bool =
         out.append(Contender(f"LLaCA(AdamW(fused))[{b}]", "ours", b, "llaca",
                              lambda ps, b=b: OptimizerStepper(
                                  llaca_optim.LLaCA(torch.optim.AdamW(ps, fused=True), backend=b))))
-        if b == "cuda":  # SPEC section 5 measures lora_llama graph-replayed
+        if device.type == "cuda" and b in ("cuda", "triton"):  # SPEC 5: lora_llama graph-replayed
             out.append(Contender(f"LLaCAAdamW[{b}] graph", "ours", b, "llaca",
                                  lambda ps, b=b: GraphReplay(OptimizerStepper(
                                      llaca_optim.LLaCAAdamW(ps, backend=b)))))

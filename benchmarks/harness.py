@@ -41,6 +41,7 @@ class Measurement:
     times_s: list[float]
     state_bytes: int
     step_alloc_bytes: int | None
+    error: str | None = None  # why the contender could not be built or stepped (then no times)
 
     @property
     def median_s(self) -> float:
@@ -89,32 +90,47 @@ def measure_cpu(contenders: list[Contender], params: list[torch.Tensor], warmup:
     # optimizer the others changed them: its in-place warning is right, and beside the point of
     # a timing (the values do not change the work).
     warnings.filterwarnings("ignore", message="llaca_optim: parameters were changed in place")
-    steppers = {c.name: c.build(params) for c in contenders}
+    errors: dict[str, str] = {}
+
+    def guarded(name: str, action) -> None:  # one contender failing must not end the run
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001
+            errors[name] = f"{type(err).__name__}: {err}"[:300]
+
+    steppers: dict[str, Stepper] = {}
+    for c in contenders:
+        guarded(c.name, lambda c=c: steppers.__setitem__(c.name, c.build(params)))
     for _ in range(warmup):
-        for s in steppers.values():
-            s.step()
+        for name, s in steppers.items():
+            if name not in errors:
+                guarded(name, s.step)
     times: dict[str, list[float]] = {name: [] for name in steppers}
     spent: dict[str, float] = {name: 0.0 for name in steppers}
     order = random.Random(0)
     for _ in range(steps):
-        active = [n for n in steppers if len(times[n]) < 3 or spent[n] < budget_s]
+        active = [n for n in steppers
+                  if n not in errors and (len(times[n]) < 3 or spent[n] < budget_s)]
         if not active:
             break
         order.shuffle(active)
         for name in active:
             start = time.perf_counter()
-            steppers[name].step()
+            guarded(name, steppers[name].step)
             elapsed = time.perf_counter() - start
+            if name in errors:
+                continue
             times[name].append(elapsed)
             spent[name] += elapsed
         if on_progress:
             on_progress()
-    return {
-        name: Measurement(times[name], _state_bytes(s),
-                          _cpu_step_alloc_bytes(s) if memory and _cheap_to_profile(times[name])
-                          else None)
-        for name, s in steppers.items()
-    }
+    out = {name: Measurement([], 0, None, error=why) for name, why in errors.items()}
+    for name, s in steppers.items():
+        if name not in errors:
+            out[name] = Measurement(
+                times[name], _state_bytes(s),
+                _cpu_step_alloc_bytes(s) if memory and _cheap_to_profile(times[name]) else None)
+    return out
 
 
 def measure_cuda(contenders: list[Contender], params: list[torch.Tensor], warmup: int, steps: int,
@@ -122,23 +138,30 @@ def measure_cuda(contenders: list[Contender], params: list[torch.Tensor], warmup
     device = params[0].device
     out = {}
     for c in contenders:
-        stepper = c.build(params)
-        for _ in range(warmup):
-            stepper.step()
-        torch.cuda.synchronize(device)
-        events = []
-        wall = time.perf_counter()
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            stepper.step()
-            end.record()
-            events.append((start, end))
-            if len(events) >= 3 and time.perf_counter() - wall > budget_s:
-                break
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) / 1e3 for s, e in events]
-        out[c.name] = Measurement(times, _state_bytes(stepper), _cuda_step_alloc_bytes(stepper, device))
+        stepper = None
+        try:
+            stepper = c.build(params)
+            for _ in range(warmup):
+                stepper.step()
+            torch.cuda.synchronize(device)
+            events = []
+            wall = time.perf_counter()
+            for _ in range(steps):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                stepper.step()
+                end.record()
+                events.append((start, end))
+                if len(events) >= 3 and time.perf_counter() - wall > budget_s:
+                    break
+            torch.cuda.synchronize(device)
+            times = [s.elapsed_time(e) / 1e3 for s, e in events]
+            out[c.name] = Measurement(times, _state_bytes(stepper),
+                                      _cuda_step_alloc_bytes(stepper, device))
+        except Exception as err:  # noqa: BLE001 - one contender failing must not end the run
+            # (a first run on a new GPU, or a capture that fails): its row says why instead.
+            out[c.name] = Measurement([], 0, None, error=f"{type(err).__name__}: {err}"[:300])
         del stepper
         torch.cuda.empty_cache()
         if on_progress:

@@ -86,7 +86,13 @@ def run(argv: list[str] | None = None) -> dict:
                                       memory=False)
             measured = report.rows_for(workload, dtype, params, cs, results)
             rows += measured
+            failed = report.failures(workload, dtype, results)
+            env.setdefault("failed", {}).update(failed)
+            for what, why in failed.items():
+                print(f"FAILED {what}: {why}", flush=True)
             ours = [r for r in measured if r["kind"] == "ours"]
+            if not ours:
+                continue
             fastest = min(ours, key=lambda r: r["median_ms"])
             best[f"{workload.name} {measured[0]['dtype']}"] = fastest["implementation"]
             print(f"{workload.name} {measured[0]['dtype']}: " + ", ".join(

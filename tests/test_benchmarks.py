@@ -140,3 +140,38 @@ def test_spec_targets_are_read_from_the_rows():
     assert found[("full", "bfloat16", "LLaCAAdamW[cuda]", "fraction_of_copy")] is None
     assert not report.targets({"device_type": "cpu"}, rows) == []  # the CPU targets, unmeasured
     assert all(t["met"] is None for t in report.targets({"device_type": "cpu"}, rows))
+
+
+def test_a_failing_contender_costs_its_row_only(cpu_backend):
+    """On a first run on a new GPU any of our contenders may fail (a capture, a launch): the run
+    goes on, the other rows are measured, and the failure is said instead of a row."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import contenders as C, harness, report, workloads
+    finally:
+        sys.path.remove(str(ROOT))
+    import torch
+
+    class FailsOnSecondStep(C.Stepper):
+        calls = 0
+
+        def step(self):
+            FailsOnSecondStep.calls += 1
+            if FailsOnSecondStep.calls == 2:
+                raise RuntimeError("stepped wrong")
+
+    def cannot_build(params):
+        raise ValueError("cannot build")
+
+    workload = workloads.full(2, 64)
+    params = workload.make_params(torch.float32, "cpu")
+    cs = [C.Contender(C.COPY, "baseline", "torch", "copy",
+                      lambda ps: C.DeviceCopy(C.model_bytes("llaca", params), torch.device("cpu"))),
+          C.Contender("bad build", "ours", "cpu", "llaca", cannot_build),
+          C.Contender("bad step", "ours", "cpu", "llaca", lambda ps: FailsOnSecondStep())]
+    results = harness.measure(cs, params, warmup=1, steps=4, budget_s=1.0, memory=False)
+    rows = report.rows_for(workload, torch.float32, params, cs, results)
+    assert [r["implementation"] for r in rows] == [C.COPY]
+    failed = report.failures(workload, torch.float32, results)
+    assert failed == {f"{workload.name} float32 bad build": "ValueError: cannot build",
+                      f"{workload.name} float32 bad step": "RuntimeError: stepped wrong"}
