@@ -192,12 +192,12 @@ class LLaCAOptimizerBase(Optimizer):
     # calls it) our step runs eagerly: the plan, the kernels' launches and the deferred-blend
     # bookkeeping are excluded from tracing (eager_under_compile), so dynamo breaks the graph
     # there and the step gives the eager step's bits; fullgraph=True therefore refuses a region
-    # that contains the step, saying why. There is nothing for the compiler
-    # to fuse (each bucket is one op already), and tracing it cost: the op was functionalized,
-    # and a compiled step measured 1.6x the eager one on the CPU (it copied every parameter,
-    # a model's worth of allocation per step); torch.compile also dropped the step's writes to
-    # the optimizer's own attributes, so a deferred blend was never flushed and the EMA read
-    # after it was stale. tests/test_torch_compile.py holds compiled steps to the eager bits.
+    # that contains the step, saying why. There is nothing for the compiler to fuse (each bucket
+    # is one op already), and tracing it cost: the op was functionalized, and a compiled step
+    # measured 1.6x the eager one on the CPU (it copied every parameter, a model's worth of
+    # allocation per step); torch.compile also dropped the step's writes to the optimizer's own
+    # attributes, so a deferred blend was never flushed and the EMA read after it was stale.
+    # tests/test_torch_compile.py holds compiled steps to the eager bits.
     @eager_under_compile
     def _plan_step(self) -> list[tuple[dict[str, Any], list[tuple[Backend, Bucket]], float, float]]:
         """Every (group, buckets, scale, base_weight) of this step. All groups are validated
