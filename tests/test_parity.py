@@ -61,8 +61,17 @@ def assert_within_rule(kernel, ref32, ref64, dtype, steps=STEPS):
         for index, (k, r32, r64) in enumerate(zip(kernel[key], ref32[key], ref64[key])):
             what = f"{key}[{index}] (shape {tuple(r64.shape)})"
             assert k.dtype == r64.dtype and k.shape == r64.shape, f"{what}: dtype/shape differ"
-            if key in ("step", "alpha_fell_back"):
+            if key == "step":
                 assert torch.equal(k, r64), f"{what}: {k} != {r64}"
+                continue
+            if key == "alpha_fell_back":
+                # Exact, as the fp64 oracle's flag or as plain fp32 PyTorch's: with 16-bit
+                # parameters the drift |p - ema| lies below one 16-bit ulp, so fp32 and fp64
+                # arithmetic can round p apart and put a candidate alpha on either side of 1
+                # (seed 3500128448: 0.85 in fp64, past 1 in fp32, for the reference backend
+                # itself). The flash-attention rule again: no worse than fp32 PyTorch.
+                assert torch.equal(k, r64) or torch.equal(k, r32), \
+                    f"{what}: {k} != {r64} (fp32 reference: {r32})"
                 continue
             if key == "alpha":
                 relative = 1e-4 if dtype == torch.float32 else 1e-2
