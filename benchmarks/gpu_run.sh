@@ -7,13 +7,12 @@
 #
 # NOTE [fitting the lease]: a session gets 15 minutes of device time in all, the machine's start
 # (a minute or more) included, and one command may run 10 minutes. So the script keeps to
-# LLACA_GPU_BUDGET_S seconds (default 480) whatever happens: every stage runs under `timeout`
-# with the smaller of its own cap and what is left, the most valuable evidence comes first
-# (the build, then the CUDA and Triton kernels against the reference on the GPU, then the
-# SPEC section 5 figures, then the Triton block/warps timings, then memcheck, then everything
-# else), and a stage that did not fit
-# says so in summary.txt instead of eating the next one's time. The benchmarks write their JSON
-# after every measurement, so a stage cut short still returns what it measured.
+# LLACA_GPU_BUDGET_S seconds (default 480) whatever happens: every stage runs under `timeout` with
+# the smaller of its own cap and what is left, the most valuable evidence comes first (the build,
+# then the CUDA and Triton kernels against the reference on the GPU, then the SPEC section 5
+# figures, then the Triton block/warps timings, then memcheck, then everything else), and a stage
+# that did not fit says so in summary.txt instead of eating the next one's time. The benchmarks
+# write their JSON after every measurement, so a stage cut short still returns what it measured.
 # The device tool brings back at most 8 files: this writes exactly the 8 below, flat in the
 # folder. The table, CSV and plots are redrawn from the JSON: `python -m benchmarks --replot DIR`.
 #
