@@ -89,9 +89,11 @@ python3 -c "import llaca_optim; [print(k, ok, why) for k, (ok, why) in llaca_opt
 # kernels' sums-out mode).
 # `-k "cuda or triton or gpu"` keeps test_parity.py to the GPU backends' cases.
 pytest_q=(python3 -m pytest -q -p no:cacheprovider)
+# pytest keeps this order of files: the SPEC section 3 cases first, should the stage be cut.
 stage tests_gpu 170 "$out/tests_gpu.log" "${pytest_q[@]}" \
-  tests/test_cuda_gpu.py tests/test_cuda_backend.py tests/test_deferred_blend.py \
-  tests/test_large_tensors.py tests/test_sharded.py tests/test_parity.py -k "cuda or triton or gpu"
+  tests/test_parity.py tests/test_cuda_backend.py tests/test_cuda_gpu.py \
+  tests/test_deferred_blend.py tests/test_large_tensors.py tests/test_sharded.py \
+  -k "cuda or triton or gpu"
 
 # SPEC section 5: every workload at GPU size, fp32 and bf16; the sweeps get what time is left.
 bench_cap=170
