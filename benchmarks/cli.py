@@ -103,8 +103,7 @@ def run(argv: list[str] | None = None) -> Path:
     for i, (workload, dtype) in enumerate(bar):
         if args.time_limit is not None and time.monotonic() - started > args.time_limit:
             # The main workloads come first in the plan, so what a limit cuts is the sweeps.
-            env["not_measured"] = [f"{w.name} {str(d).replace('torch.', '')}"
-                                   for w, d in jobs[i:]]
+            env["not_measured"] = [report.label(w, d) for w, d in jobs[i:]]
             print(f"--time-limit {args.time_limit:g} s reached: {len(jobs) - i} measurements "
                   "left out (listed in results.json)", file=sys.stderr)
             break
@@ -118,11 +117,7 @@ def run(argv: list[str] | None = None) -> Path:
         results = harness.measure(cs, params, warmup=warmup, steps=steps, budget_s=budget,
                                   memory=main_workload)
         rows += report.rows_for(workload, dtype, params, cs, results)
-        failed = report.failures(workload, dtype, results)
-        if failed:
-            env.setdefault("failed", {}).update(failed)
-            for what, why in failed.items():
-                print(f"FAILED {what}: {why}", file=sys.stderr)
+        report.note_failures(env, workload, dtype, results)
         report.write_json(out_dir, env, rows)
         del params, results
     written = report.write_all(out_dir, env, rows)

@@ -110,11 +110,26 @@ def rows_for(workload: Workload, dtype: torch.dtype, params: list[torch.Tensor],
     return rows
 
 
+def label(workload: Workload, dtype: torch.dtype) -> str:
+    """One measurement's name, as results.json lists measurements left out or failed."""
+    return f"{workload.name} {str(dtype).removeprefix('torch.')}"
+
+
 def failures(workload: Workload, dtype: torch.dtype,
              results: dict[str, Measurement]) -> dict[str, str]:
     """``"<workload> <dtype> <contender>" -> why`` for the contenders that could not run."""
-    what = f"{workload.name} {str(dtype).removeprefix('torch.')}"
+    what = label(workload, dtype)
     return {f"{what} {name}": m.error for name, m in results.items() if m.error is not None}
+
+
+def note_failures(env: dict[str, Any], workload: Workload, dtype: torch.dtype,
+                  results: dict[str, Measurement]) -> None:
+    """Records the contenders that could not run in ``env["failed"]`` and says so on stderr."""
+    failed = failures(workload, dtype, results)
+    if failed:
+        env.setdefault("failed", {}).update(failed)
+        for what, why in failed.items():
+            print(f"FAILED {what}: {why}", file=sys.stderr, flush=True)
 
 
 def _fmt(value: Any, digits: int = 2) -> str:

@@ -77,8 +77,7 @@ def run(argv: list[str] | None = None) -> dict:
     for workload in plan:
         for dtype in (torch.float32, torch.bfloat16):
             if args.time_limit is not None and time.monotonic() - started > args.time_limit:
-                env.setdefault("not_measured", []).append(
-                    f"{workload.name} {str(dtype).removeprefix('torch.')}")
+                env.setdefault("not_measured", []).append(report.label(workload, dtype))
                 continue
             params = workload.make_params(dtype, device)
             cs = candidate_contenders(candidates, device, C.model_bytes("llaca", params))
@@ -86,18 +85,17 @@ def run(argv: list[str] | None = None) -> dict:
                                       memory=False)
             measured = report.rows_for(workload, dtype, params, cs, results)
             rows += measured
-            failed = report.failures(workload, dtype, results)
-            env.setdefault("failed", {}).update(failed)
-            for what, why in failed.items():
-                print(f"FAILED {what}: {why}", flush=True)
+            report.note_failures(env, workload, dtype, results)
             ours = [r for r in measured if r["kind"] == "ours"]
             if not ours:
                 continue
             fastest = min(ours, key=lambda r: r["median_ms"])
-            best[f"{workload.name} {measured[0]['dtype']}"] = fastest["implementation"]
-            print(f"{workload.name} {measured[0]['dtype']}: " + ", ".join(
+            what = report.label(workload, dtype)
+            best[what] = fastest["implementation"]
+            # fraction_of_copy is None when the copy itself failed: report._fmt prints "–".
+            print(f"{what}: " + ", ".join(
                 f"{r['implementation'].split('] ')[1]} {r['median_ms']:.3f} ms "
-                f"({r['fraction_of_copy']:.2f} of copy)" for r in ours) + f"; fastest: "
+                f"({report._fmt(r['fraction_of_copy'])} of copy)" for r in ours) + "; fastest: "
                 f"{fastest['implementation'].split('] ')[1]}", flush=True)
             del params, results
     data = {"environment": env, "rows": rows, "fastest": best}
