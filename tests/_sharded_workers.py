@@ -9,7 +9,9 @@ every parameter and state tensor gathered whole, to be compared with an unsharde
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 from typing import Any
 
 import torch
@@ -206,6 +208,9 @@ def load_plain_state_dict(seed: int, mesh) -> tuple[str, bool]:
 
 def rank_main(rank: int, world: int, store_path: str, out_dir: str, jobs: list[dict[str, Any]]) -> None:
     """Entry point of each spawned rank: runs every job and saves rank 0's results."""
+    # A rank that dies in C++ (an abort, a segfault) then prints every thread's Python stack to
+    # its stderr, which the test's report captures; otherwise it only says "signal SIGABRT".
+    faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     # The ranks talk over loopback: without this, gloo binds to the address the host name
     # resolves to, which a sandboxed CI machine may not have.
@@ -240,5 +245,17 @@ def rank_main(rank: int, world: int, store_path: str, out_dir: str, jobs: list[d
                 results.append(fsdp_model_run(job["seed"], job["steps"], True, job["backend"], mesh))
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
+        # No rank tears its connections down while another still talks over them.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A spawned process ends with sys.exit, so the interpreter's teardown would then free what
+    # still holds the gloo group (device meshes, DTensor and FSDP caches) in no set order, while
+    # gloo's C++ threads run: a CI machine saw a rank abort there after all its jobs had
+    # passed ("terminate called without an active exception", signal SIGABRT; pytorch/pytorch
+    # PR 179291 describes the same teardown race). Everything is saved and the group is
+    # destroyed, so the rank leaves without that teardown. An exception above skips this and
+    # reaches torch.multiprocessing, which reports its traceback to the test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
