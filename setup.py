@@ -44,11 +44,13 @@ class BuildPyWithSources(build_py):
 def native_extensions():
     if os.environ.get("LLACA_SKIP_NATIVE", "0") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-
     build = _load_build_description()
     root = build.source_root()
     with_cuda, why = build.build_cuda()
+    if with_cuda:  # before torch's build reads CUDA_HOME (_build.cuda_home says why)
+        build.use_cuda_toolkit()
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
     print(f"llaca_optim: CUDA kernels {'included' if with_cuda else 'skipped'} ({why})")
     sources = build.cpu_sources(root) + (build.cuda_sources(root) if with_cuda else [])
     kind = CUDAExtension if with_cuda else CppExtension

@@ -49,14 +49,59 @@ def include_dirs(root: Path) -> list[str]:
     return [str(root / "include")]
 
 
-def nvcc_path() -> str | None:
-    """nvcc from CUDA_HOME / CUDA_PATH, /usr/local/cuda or PATH, as torch's build looks for it."""
+# Where a toolkit lives when neither CUDA_HOME nor CUDA_PATH says (torch's own last guess too).
+DEFAULT_CUDA_HOMES = ("/usr/local/cuda",)
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit to build with: CUDA_HOME or CUDA_PATH when set, else the first folder
+    with both ``bin/nvcc`` and ``include/cuda_runtime.h`` among /usr/local/cuda and the toolkit
+    that the nvcc on PATH resolves into (through symbolic links).
+
+    torch's build guesses the toolkit as the folder above the first nvcc on PATH. Where that
+    nvcc is a wrapper script (``/usr/local/bin/nvcc`` running ``/usr/local/cuda-13.0/bin/nvcc``,
+    as on the machines this project is built on), the guess is ``/usr/local``: nvcc itself still
+    works, but the host compiler is given ``/usr/local/include`` and cannot find
+    ``cuda_runtime.h``, and the link looks for libcudart in ``/usr/local/lib64``."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(name):
+            return os.environ[name]
     import shutil
 
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            return str(Path(home) / "bin" / "nvcc")
+    candidates = list(DEFAULT_CUDA_HOMES)
+    on_path = shutil.which("nvcc")
+    if on_path:
+        candidates.append(str(Path(on_path).resolve().parent.parent))
+    for home in candidates:
+        if (Path(home) / "bin" / "nvcc").is_file() and (Path(home) / "include" / "cuda_runtime.h").is_file():
+            return home
+    return None
+
+
+def nvcc_path() -> str | None:
+    """The toolkit's nvcc (cuda_home), else the first nvcc on PATH."""
+    import shutil
+
+    home = cuda_home()
+    if home and (Path(home) / "bin" / "nvcc").is_file():
+        return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")
+
+
+def use_cuda_toolkit() -> str | None:
+    """Points torch's extension build at cuda_home() (its include and library folders, its
+    nvcc) and returns it. Call before a CUDA build: CUDA_HOME is set for torch.utils.cpp_extension
+    to read when it is imported, and its already-imported guess is replaced."""
+    home = cuda_home()
+    if home is None:
+        return None
+    os.environ["CUDA_HOME"] = home
+    import sys
+
+    cpp_extension = sys.modules.get("torch.utils.cpp_extension")
+    if cpp_extension is not None:
+        cpp_extension.CUDA_HOME = home
+    return home
 
 
 def build_cuda() -> tuple[bool, str]:
@@ -69,7 +114,7 @@ def build_cuda() -> tuple[bool, str]:
         return False, f"this torch ({torch.__version__}) is a CPU-only build"
     if nvcc_path() is None:
         return False, "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
-    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda} and {nvcc_path()}"
+    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit {cuda_home() or nvcc_path()}"
 
 
 def nvcc_flags(with_arch: bool = True) -> list[str]:
@@ -116,7 +161,8 @@ def link_flags() -> list[str]:
 
 def cmake_settings() -> str:
     """This description as CMake ``set()`` lines (paths absolute, lists ;-separated). Only the
-    architectures stay CMake's: LLACA_CUDA_ARCH becomes CMAKE_CUDA_ARCHITECTURES there."""
+    architectures stay CMake's: LLACA_CUDA_ARCH becomes CMAKE_CUDA_ARCHITECTURES there.
+    LLACA_CUDA_HOME is cuda_home(), empty when no toolkit is found."""
     root = source_root()
     settings = {
         "LLACA_CPU_SOURCES": cpu_sources(root),
@@ -126,6 +172,7 @@ def cmake_settings() -> str:
         "LLACA_NVCC_FLAGS": nvcc_flags(with_arch=False),
         "LLACA_LINK_FLAGS": link_flags(),
         "LLACA_CUDA_ARCHITECTURES": cuda_archs(),
+        "LLACA_CUDA_HOME": [home] if (home := cuda_home()) else [],
     }
     return "".join(f'set({name} "{";".join(values)}")\n' for name, values in settings.items())
 

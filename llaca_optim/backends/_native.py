@@ -17,12 +17,14 @@ _result: tuple[bool, str] | None = None
 
 
 def _build_on_first_use() -> None:
-    from torch.utils import cpp_extension
-
     from .. import _build
 
     root = _build.source_root()
     with_cuda, _ = _build.build_cuda()
+    if with_cuda:
+        _build.use_cuda_toolkit()
+    from torch.utils import cpp_extension
+
     cpp_extension.load(
         name="llaca_optim_jit_cuda_C" if with_cuda else "llaca_optim_jit_C",
         sources=_build.cpu_sources(root) + (_build.cuda_sources(root) if with_cuda else []),

@@ -243,13 +243,18 @@ def _finish_tensors(
         acc_a = tl.zeros([RBLOCK], dtype=tl.float64)
         acc_b = tl.zeros([RBLOCK], dtype=tl.float64)
         acc_c = tl.zeros([RBLOCK], dtype=tl.float64)
-        for k0 in range(0, count, RBLOCK):
+        # A while loop, not `for k0 in range(0, count, RBLOCK)`: Triton 3.6's interpreter holds
+        # a loaded scalar as a one-element array, which range() cannot take; compiled, the two
+        # are the same loop.
+        k0 = tl.zeros([], dtype=tl.int64)
+        while k0 < count:
             ks = k0 + tl.arange(0, RBLOCK).to(tl.int64)
             kmask = ks < count
             rows = 3 * (first + ks)
             acc_a += tl.load(partials + rows + 0, mask=kmask, other=0.0).to(tl.float64)
             acc_b += tl.load(partials + rows + 1, mask=kmask, other=0.0).to(tl.float64)
             acc_c += tl.load(partials + rows + 2, mask=kmask, other=0.0).to(tl.float64)
+            k0 += RBLOCK
         a = tl.sum(acc_a, axis=0)
         b = tl.sum(acc_b, axis=0)
         c = tl.sum(acc_c, axis=0)
