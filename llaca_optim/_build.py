@@ -117,11 +117,25 @@ def build_cuda() -> tuple[bool, str]:
     return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit {cuda_home() or nvcc_path()}"
 
 
+def cxx_standard() -> int:
+    """The C++ standard that torch's headers are written for, as torch's CMake package declares
+    it (``CXX_STANDARD`` in TorchConfig.cmake: 17 in torch 2.11, 20 in 2.13 and 2.14, whose
+    torch.utils.cpp_extension passes the same); 17 where it declares none. Every compile that
+    torch's build does not flag itself takes it from here: nvcc, CMake, the tests' compiles."""
+    import re
+
+    import torch.utils
+
+    config = Path(torch.utils.cmake_prefix_path) / "Torch" / "TorchConfig.cmake"
+    found = re.search(r"CXX_STANDARD\s+(\d+)", config.read_text()) if config.is_file() else None
+    return int(found.group(1)) if found else 17
+
+
 def nvcc_flags(with_arch: bool = True) -> list[str]:
     """``with_arch=False``: without the -gencode flags (CMake sets CMAKE_CUDA_ARCHITECTURES)."""
     # --fmad=false: no a*b+c contraction, so the GPU rounds as the CPU kernels (-ffp-contract=off)
     # and torch's element-wise ops do; -prec-div / -prec-sqrt stay at their IEEE defaults.
-    flags = ["-O3", "-DNDEBUG", "--fmad=false", "-std=c++17", "-lineinfo"]
+    flags = ["-O3", "-DNDEBUG", "--fmad=false", f"-std=c++{cxx_standard()}", "-lineinfo"]
     return flags + (cuda_arch_flags() if with_arch else [])
 
 
@@ -173,6 +187,7 @@ def cmake_settings() -> str:
         "LLACA_LINK_FLAGS": link_flags(),
         "LLACA_CUDA_ARCHITECTURES": cuda_archs(),
         "LLACA_CUDA_HOME": [home] if (home := cuda_home()) else [],
+        "LLACA_CXX_STANDARD": [str(cxx_standard())],
     }
     return "".join(f'set({name} "{";".join(values)}")\n' for name, values in settings.items())
 

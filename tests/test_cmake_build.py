@@ -66,5 +66,5 @@ def test_build_description_for_cmake_names_every_setting():
     names = [line.split("(", 1)[1].split(" ", 1)[0] for line in done.stdout.splitlines()]
     assert names == ["LLACA_CPU_SOURCES", "LLACA_CUDA_SOURCES", "LLACA_INCLUDE_DIRS",
                      "LLACA_CXX_FLAGS", "LLACA_NVCC_FLAGS", "LLACA_LINK_FLAGS",
-                     "LLACA_CUDA_ARCHITECTURES", "LLACA_CUDA_HOME"]
+                     "LLACA_CUDA_ARCHITECTURES", "LLACA_CUDA_HOME", "LLACA_CXX_STANDARD"]
     assert "--fmad=false" in done.stdout and "-ffp-contract=off" in done.stdout

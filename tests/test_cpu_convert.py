@@ -28,7 +28,7 @@ def test_conversions_match_c10_bit_for_bit(tmp_path):
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     flags = [f for f in _build.cxx_flags() if f != "-fopenmp"]
     build = subprocess.run(
-        [compiler, "-std=c++17", *flags, *includes, f"-I{ROOT / 'csrc' / 'cpu'}",
+        [compiler, f"-std=c++{_build.cxx_standard()}", *flags, *includes, f"-I{ROOT / 'csrc' / 'cpu'}",
          str(ROOT / "tests" / "cpp" / "check_convert.cpp"), "-o", str(exe)],
         capture_output=True, text=True,
     )

@@ -90,7 +90,7 @@ def test_host_code_compiles(include_flags, tmp_path):
     if compiler is None:
         pytest.skip("no C++ compiler")
     for source in (s for s in _build.cuda_sources(CSRC) if s.endswith(".cpp")):
-        run = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", *include_flags, source],
+        run = subprocess.run([compiler, f"-std=c++{_build.cxx_standard()}", "-fsyntax-only", *include_flags, source],
                              capture_output=True, text=True)
         assert run.returncode == 0, f"{source}:\n{run.stderr[-6000:]}"
 
