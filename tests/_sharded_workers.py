@@ -251,10 +251,10 @@ def rank_main(rank: int, world: int, store_path: str, out_dir: str, jobs: list[d
         dist.destroy_process_group()
     # A spawned process ends with sys.exit, so the interpreter's teardown would then free what
     # still holds the gloo group (device meshes, DTensor and FSDP caches) in no set order, while
-    # gloo's C++ threads run: a CI machine saw a rank abort there after all its jobs had
-    # passed ("terminate called without an active exception", signal SIGABRT; pytorch/pytorch
-    # PR 179291 describes the same teardown race). Everything is saved and the group is
-    # destroyed, so the rank leaves without that teardown. An exception above skips this and
+    # gloo's C++ threads run (pytorch/pytorch PR 179291 describes this race). A CI machine saw
+    # a rank abort with no Python error ("terminate called without an active exception",
+    # signal SIGABRT), which matches it; it did not happen here. Everything is saved and the
+    # group is destroyed by now, so the rank leaves without that teardown. An exception above skips this and
     # reaches torch.multiprocessing, which reports its traceback to the test.
     sys.stdout.flush()
     sys.stderr.flush()
