@@ -112,9 +112,10 @@ def build_cuda() -> tuple[bool, str]:
 
     if torch.version.cuda is None:
         return False, f"this torch ({torch.__version__}) is a CPU-only build"
-    if nvcc_path() is None:
+    nvcc = nvcc_path()
+    if nvcc is None:
         return False, "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
-    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit {cuda_home() or nvcc_path()}"
+    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda}, toolkit {cuda_home() or nvcc}"
 
 
 def cxx_standard() -> int:

@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 ARCHS = ("80", "90")
 
+TOOLKIT = _build.cuda_home()
 NVCC = _build.nvcc_path()
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (the CUDA toolkit) is not installed")
+pytestmark = pytest.mark.skipif(TOOLKIT is None, reason="no CUDA toolkit (nvcc and its headers)")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def include_flags(tmp_path_factory) -> list[str]:
     macros.parent.mkdir(parents=True)
     macros.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     dirs = [*_build.include_dirs(CSRC), str(shim), *cpp_extension.include_paths()]
-    toolkit = Path(NVCC).resolve().parent.parent / "include"
+    toolkit = Path(TOOLKIT) / "include"
     return [f"-I{d}" for d in [*dirs, toolkit]] + [
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
