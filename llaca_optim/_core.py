@@ -4,6 +4,7 @@ task API (SPEC section 2) and state-dict loading that keeps EMA precision and fa
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from torch.optim import Optimizer
 
 from . import _sharded
 from . import _validation as V
+from ._state import StateMap, counting
 from .backends import BACKEND_NAMES, Backend, Bucket, ReferenceBackend, resolve_backend
 
 # Per-parameter LLaCA state. "alpha" holds the last balance weight, or -1 before the first LLaCA
@@ -54,6 +56,7 @@ class _GroupPlan:
     """A param group's buckets from the last full planning, and what they assumed."""
 
     params: list[Tensor]             # the group's params list object itself
+    param_list: list[Tensor]         # and a copy of it, for a list changed in place
     options: tuple[Any, ...]         # group options that change which state exists
     has_grad: list[bool]
     grad_layouts: list[tuple[Any, ...]]  # (shape, dtype, device, stride) of each gradient
@@ -85,6 +88,7 @@ class LLaCAOptimizerBase(Optimizer):
         self._requested_backend = backend
         self._backends: dict[str, Backend] = {}
         self._ema_swap: list[tuple[Tensor, Tensor, Tensor | None]] | None = None
+        self.state = counting(self.state)  # see _state.py
         self._invalidate_plans()
         for group in self.param_groups:
             for p in group["params"]:
@@ -103,6 +107,23 @@ class LLaCAOptimizerBase(Optimizer):
         if len(names) == 1:
             return next(iter(names.values()))
         return names
+
+    # Pickling and copy.deepcopy: torch's Optimizer keeps only defaults, state and param_groups,
+    # so the backend choice travels too and the backends are resolved again on arrival; blends
+    # are applied first, so the EMAs that travel are up to date.
+    def __getstate__(self) -> dict[str, Any]:
+        self.flush_ema()
+        state = super().__getstate__()
+        state["_requested_backend"] = self._requested_backend
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict also ends here, with a plain defaultdict as the state.
+        super().__setstate__(state)
+        self.state = counting(self.state)
+        if not hasattr(self, "_backends"):  # unpickled
+            self._setup_backend(self._requested_backend)
+        self._invalidate_plans()
 
     # ------------------------------------------------------------------ param groups
 
@@ -140,10 +161,17 @@ class LLaCAOptimizerBase(Optimizer):
     # the same parameters have gradients with the same shape, dtype, device and strides (one
     # comparison per gradient) and puts this step's gradients into the buckets. Anything else
     # (a parameter without a gradient this time, a gradient of another layout, new groups, a new
-    # task, a loaded state dict) plans again from scratch, with the full checks.
+    # task, a loaded state dict, any change to ``self.state`` or its entries, which _state.py
+    # makes countable) plans again from scratch, with the full checks.
 
     def _invalidate_plans(self) -> None:
         self._plans: dict[int, _GroupPlan] = {}
+        self._planned_state: tuple[StateMap, int] | None = None
+
+    def _state_changed(self) -> bool:
+        """Whether ``self.state`` was replaced or changed since the plans were made."""
+        planned = self._planned_state
+        return planned is None or self.state is not planned[0] or planned[0].changes != planned[1]
 
     def _group_options(self, group: dict[str, Any]) -> tuple[Any, ...]:
         return (group.get("llaca"), group.get("amsgrad"), group.get("ema_dtype"),
@@ -156,6 +184,8 @@ class LLaCAOptimizerBase(Optimizer):
             return None
         grads = [p.grad for p in params]
         if [g is not None for g in grads] != plan.has_grad:  # also catches a changed length
+            return None
+        if not all(map(operator.is_, params, plan.param_list)):
             return None
         present = [g for g in grads if g is not None]
         strided = torch.strided
@@ -204,6 +234,9 @@ class LLaCAOptimizerBase(Optimizer):
         before any state is created or any tensor touched (SPEC section 6)."""
         if not hasattr(self, "_plans"):
             self._invalidate_plans()
+        if self._state_changed():
+            self.state = counting(self.state)  # adopts a map or entries the user put in
+            self._invalidate_plans()
         plans: list[list[Any]] = []
         to_build = []
         for gi, group in enumerate(self.param_groups):
@@ -216,7 +249,8 @@ class LLaCAOptimizerBase(Optimizer):
         for index, gi, group, pairs in to_build:
             built = self._build_buckets(group, pairs)
             self._plans[gi] = _GroupPlan(
-                params=group["params"], options=self._group_options(group),
+                params=group["params"], param_list=list(group["params"]),
+                options=self._group_options(group),
                 has_grad=[p.grad is not None for p in group["params"]],
                 grad_layouts=[(g.shape, g.dtype, g.device, g.stride()) for _, g in pairs],
                 buckets=built,
@@ -226,6 +260,7 @@ class LLaCAOptimizerBase(Optimizer):
             # Tensors with a blend pending whose new route blends within the step (another
             # backend, or defer_blend turned off): apply it now, before that step runs.
             self._flush([(p, self._llaca_state(p)) for p in self._flush_before_replan], drop=True)
+        self._planned_state = (self.state, self.state.changes)  # after planning's own changes
         return [tuple(p) for p in plans]  # type: ignore[misc]
 
     def _init_llaca_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -459,11 +494,13 @@ class LLaCAOptimizerBase(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, taken after :meth:`flush_ema` (so every EMA is up to date) and
-        without the deferred-blend flags."""
+        without the deferred-blend flags. Its entries are plain dicts holding the state tensors
+        themselves (ours count their changes, see _state.py, and ``torch.load`` with
+        ``weights_only=True`` admits no dict subclass)."""
         self.flush_ema()
         saved = super().state_dict()
         saved["state"] = {
-            pid: {k: v for k, v in entry.items() if k != "ema_pending"} if "ema_pending" in entry else entry
+            pid: {k: v for k, v in entry.items() if k != "ema_pending"}
             for pid, entry in saved["state"].items()
         }
         return saved

@@ -78,6 +78,10 @@ class LLaCA(LLaCAOptimizerBase):
 
         self._add_group_checked(add, param_group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The inner optimizer travels with us; its param_groups list stays the one we share.
+        return {**super().__getstate__(), "optimizer": self.optimizer}
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 

@@ -8,6 +8,10 @@ that the bad step raises and changes nothing.
 
 from __future__ import annotations
 
+import collections
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -133,3 +137,137 @@ def test_state_dict_load_between_steps(cpu_backend):
             opt_a.load_state_dict(saved[0])
             opt_b.load_state_dict(saved[1])
         step_both(opt_a, opt_b, a, b, [torch.randn(s) for s in SHAPES])
+
+
+# --------------------------------------------------------------------- changes to optimizer.state
+# torch's optimizers read `state` afresh at every step, and code written for them resets or edits
+# it between steps; a reused plan must see each such change (llaca_optim/_state.py). Each case is
+# a few edits at given steps, applied to both optimizers alike (later ones to what earlier ones
+# made), and the oracle is torch.optim.AdamW itself. An edit is (optimizer, params, nth edit).
+
+def _edit_entry(key, change, index=0):
+    return lambda opt, ps, nth: opt.state[ps[index]].__setitem__(key, change(opt.state[ps[index]][key]))
+
+
+STATE_EDITS = {
+    "reassign the map": lambda opt, ps, nth: setattr(opt, "state", collections.defaultdict(dict)),
+    "clear the map": lambda opt, ps, nth: opt.state.clear(),
+    "delete an entry": lambda opt, ps, nth: opt.state.__delitem__(ps[1]),
+    "pop an entry": lambda opt, ps, nth: opt.state.pop(ps[2]),
+    "assign a plain entry": lambda opt, ps, nth: opt.state.__setitem__(
+        ps[0], {k: v * 0.5 if k == "exp_avg" else v.clone() for k, v in opt.state[ps[0]].items()}),
+    "new exp_avg tensor": _edit_entry("exp_avg", lambda t: t + 0.1),
+    "new step tensor": _edit_entry("step", lambda t: torch.tensor(1.0), index=3),
+    "update an entry": lambda opt, ps, nth: opt.state[ps[1]].update(
+        exp_avg_sq=opt.state[ps[1]]["exp_avg_sq"] * 4.0),
+    "|= an entry": lambda opt, ps, nth: opt.state[ps[2]].__ior__(
+        {"exp_avg": -opt.state[ps[2]]["exp_avg"]}),
+    # A map and an entry of the user's, then edits inside what they became.
+    "a new map, a plain entry, then edits in them": lambda opt, ps, nth: [
+        STATE_EDITS["reassign the map"],
+        lambda opt, ps, nth: opt.state.__setitem__(ps[0], {k: v * 2.0 for k, v in opt.state[ps[0]].items()}),
+        _edit_entry("exp_avg_sq", lambda t: t * 3.0),
+        STATE_EDITS["delete an entry"],
+    ][nth](opt, ps, nth),
+}
+EDIT_STEPS = {"a new map, a plain entry, then edits in them": (1, 3, 4, 5)}
+
+
+@pytest.mark.parametrize("edit", list(STATE_EDITS))
+def test_state_edits_between_steps_are_seen_as_torch_adamw_sees_them(cpu_backend, edit):
+    a, b = twin_params()
+    ours = LLaCAAdamW(a, lr=1e-2, weight_decay=0.1, llaca=False, backend=cpu_backend)
+    theirs = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
+    edit_steps = EDIT_STEPS.get(edit, (2, 4))
+    for step in range(7):
+        if step in edit_steps:
+            STATE_EDITS[edit](ours, a, edit_steps.index(step))
+            STATE_EDITS[edit](theirs, b, edit_steps.index(step))
+        set_grads(a, b, [torch.randn(s) for s in SHAPES])
+        ours.step()
+        theirs.step()
+        for i, (pa, pb) in enumerate(zip(a, b)):
+            assert_close(pa, pb, rtol=1e-5, atol=1e-6, what=f"step {step} param {i}")
+            sa, sb = ours.state.get(pa, {}), theirs.state.get(pb, {})
+            assert sorted(sa) == sorted(sb), f"step {step} param {i}: {sorted(sa)} vs {sorted(sb)}"
+            for key in sb:
+                assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6, what=f"step {step} param {i} {key}")
+
+
+def test_param_replaced_in_its_group_list_between_steps(cpu_backend):
+    a, b = twin_params()
+    ours = LLaCAAdamW(a, lr=1e-2, llaca=False, backend=cpu_backend)
+    theirs = torch.optim.AdamW(b, lr=1e-2, foreach=False)
+    for step in range(5):
+        if step == 2:  # the same list object, one element swapped for a new parameter alike
+            new = torch.randn(SHAPES[1])
+            a[1] = ours.param_groups[0]["params"][1] = torch.nn.Parameter(new.clone())
+            b[1] = theirs.param_groups[0]["params"][1] = torch.nn.Parameter(new.clone())
+        set_grads(a, b, [torch.randn(s) for s in SHAPES])
+        ours.step()
+        theirs.step()
+        for i, (pa, pb) in enumerate(zip(a, b)):
+            assert_close(pa, pb, rtol=1e-5, atol=1e-6, what=f"step {step} param {i}")
+
+
+@pytest.mark.parametrize("key", ["ema", "prev_grad", "alpha"])
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+def test_llaca_state_edits_between_steps(cpu_backend, kind, key):
+    """New LLaCA state tensors put in by the user: the oracle plans afresh at every step."""
+    a, b = twin_params()
+    opt_a, opt_b = make_pair(kind, cpu_backend, a, b)
+    for step in range(6):
+        if step in (2, 4):
+            for opt, ps in ((opt_a, a), (opt_b, b)):
+                old = opt.state[ps[0]][key]
+                opt.state[ps[0]][key] = torch.full_like(old, 0.25) if key == "alpha" else old * 0.5
+        opt_b._invalidate_plans()
+        step_both(opt_a, opt_b, a, b, [torch.randn(s) for s in SHAPES])
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+def test_state_is_one_object_and_saves_as_plain_dicts(cpu_backend, kind, tmp_path):
+    """The counting state map is the same object from construction on; state dicts and deep
+    copies of it hold plain dicts (torch.load with weights_only=True admits no other)."""
+    a, b = twin_params()
+    opt, _ = make_pair(kind, cpu_backend, a, b)
+    state = opt.state
+    for _ in range(3):
+        set_grads(a, b, [torch.randn(s) for s in SHAPES])
+        opt.step()
+    assert opt.state is state and isinstance(state, collections.defaultdict)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    entries = (loaded if kind == "fused" else loaded["llaca"])["state"].values()
+    assert len(entries) == len(SHAPES) and all(type(e) is dict for e in entries)
+    for copied in (copy.copy(state), state.copy(), state | {}):  # shallow: the same entries
+        assert type(copied) is collections.defaultdict and copied.default_factory is dict
+        assert all(copied[p] is state[p] for p in state)
+    for copied in (copy.deepcopy(state), pickle.loads(pickle.dumps(state))):
+        assert type(copied) is collections.defaultdict and copied.default_factory is dict
+        assert all(type(entry) is dict for entry in copied.values())
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+def test_copied_optimizer_steps_on_as_the_original(cpu_backend, kind, how):
+    a, b = twin_params()
+    opt, _ = make_pair(kind, cpu_backend, a, b)
+    for _ in range(3):
+        set_grads(a, b, [torch.randn(s) for s in SHAPES])
+        opt.step()
+    twin = pickle.loads(pickle.dumps(opt)) if how == "pickle" else copy.deepcopy(opt)
+    assert twin.backend == opt.backend
+    twin_ps = [p for group in twin.param_groups for p in group["params"]]
+    for _ in range(3):
+        grads = [torch.randn(s) for s in SHAPES]
+        for ps, o in ((a, opt), (twin_ps, twin)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            o.step()
+        for i, (p, q) in enumerate(zip(a, twin_ps)):
+            assert_equal(q, p, what=f"param {i} of the {how}d optimizer")
+            for key, value in opt.state[p].items():
+                assert_equal(twin.state[q][key], value, what=f"param {i} state {key}")
+    if kind == "wrapper":  # the copy's groups are still its inner optimizer's
+        assert twin.param_groups is twin.optimizer.param_groups
