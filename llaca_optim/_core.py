@@ -112,6 +112,7 @@ class LLaCAOptimizerBase(Optimizer):
     # so the backend choice travels too and the backends are resolved again on arrival; blends
     # are applied first, so the EMAs that travel are up to date.
     def __getstate__(self) -> dict[str, Any]:
+        self._check_not_swapped("pickle or copy the optimizer")  # a copy would not know to swap back
         self.flush_ema()
         state = super().__getstate__()
         state["_requested_backend"] = self._requested_backend

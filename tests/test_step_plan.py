@@ -271,3 +271,14 @@ def test_copied_optimizer_steps_on_as_the_original(cpu_backend, kind, how):
                 assert_equal(twin.state[q][key], value, what=f"param {i} state {key}")
     if kind == "wrapper":  # the copy's groups are still its inner optimizer's
         assert twin.param_groups is twin.optimizer.param_groups
+
+
+def test_optimizer_is_not_copied_while_its_ema_weights_are_swapped_in(cpu_backend):
+    a, b = twin_params()
+    opt, _ = make_pair("fused", cpu_backend, a, b)
+    set_grads(a, b, [torch.randn(s) for s in SHAPES])
+    opt.step()
+    with opt.ema_weights():
+        with pytest.raises(RuntimeError, match="cannot pickle or copy the optimizer while the EMA weights are swapped in"):
+            copy.deepcopy(opt)
+    copy.deepcopy(opt)  # and can be once they are back
