@@ -15,6 +15,8 @@ Environment switches:
 * ``LLACA_SKIP_CUDA=1``: build the CPU kernels only, even where torch has CUDA and nvcc is found.
 * ``LLACA_CUDA_ARCH``: the GPU architectures of the CUDA kernels, e.g. ``"8.0;9.0"`` (default:
   torch's own choice, ``TORCH_CUDA_ARCH_LIST`` or the GPUs of the build machine).
+* ``LLACA_SANITIZE``: GCC sanitizers for the C++ build, e.g. ``address,undefined`` (a developer
+  check, see ``sanitizer_flags``).
 """
 
 from __future__ import annotations
@@ -165,13 +167,23 @@ def cxx_flags() -> list[str]:
     arch = os.environ.get("LLACA_CPU_ARCH", "native").strip()
     if arch:
         flags.append(f"-march={arch}")
-    return flags
+    return flags + sanitizer_flags()
 
 
 def link_flags() -> list[str]:
     # libgomp resolves to the copy that torch already loaded (same soname), so the kernels share
     # torch's OpenMP thread pool and at::get_num_threads().
-    return ["-fopenmp"]
+    return ["-fopenmp"] + sanitizer_flags()[:1]
+
+
+def sanitizer_flags() -> list[str]:
+    """``LLACA_SANITIZE=address,undefined``: GCC's sanitizers in the CPU kernels' build (and in the
+    tests' build of the CUDA kernels for the CPU emulation), for tests/test_sanitizers.py. Python
+    itself is not instrumented, so the process must preload the runtime (LD_PRELOAD=libasan.so)."""
+    kinds = os.environ.get("LLACA_SANITIZE", "").strip()
+    if not kinds:
+        return []
+    return [f"-fsanitize={kinds}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 
 def cmake_settings() -> str:

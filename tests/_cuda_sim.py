@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from llaca_optim import _build as _build_flags
 from llaca_optim import _ops
 from llaca_optim.backends import NativeBackend
 
@@ -28,13 +29,15 @@ def _build() -> None:
     for schema in _ops.SCHEMAS:
         library.define(schema)
     _build.library = library  # keep the definitions alive
+    sanitize = _build_flags.sanitizer_flags()  # tests/test_sanitizers.py
     cpp_extension.load(
-        name="llaca_optim_cuda_sim",
+        name="llaca_optim_cuda_sim" + ("_sanitized" if sanitize else ""),
         sources=[str(ROOT / "tests" / "cuda_sim" / "ops_sim.cpp")],
         extra_include_paths=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc" / "cuda"),
                              str(ROOT / "tests" / "cuda_sim")],
         # -ffp-contract=off: as the GPU build's --fmad=false (and the CPU kernels' flag).
-        extra_cflags=["-O2", "-ffp-contract=off"],
+        extra_cflags=["-O2", "-ffp-contract=off", *sanitize],
+        extra_ldflags=sanitize[:1],
         is_python_module=False,
     )
 

@@ -132,10 +132,15 @@ inline void build_image(const std::vector<int64_t>& key, int64_t chunk_elems, ui
   const int64_t n_split = static_cast<int64_t>(split_tensors.size());
   layout = WorkspaceLayout(n, n_split, chunk_begin[n]);
   std::memset(image, 0, layout.upload_bytes);
-  std::memcpy(image + layout.metas, metas.data(), n * sizeof(TensorMeta));
-  std::memcpy(image + layout.chunk_begin, chunk_begin.data(), (n + 1) * sizeof(int64_t));
-  std::memcpy(image + layout.split_tensors, split_tensors.data(), n_split * sizeof(int32_t));
-  std::memcpy(image + layout.split_chunk_begin, split_chunk_begin.data(), (n_split + 1) * sizeof(int64_t));
+  // An empty vector's data() may be null, and memcpy from null is undefined even for zero bytes
+  // (UBSan's finding in tests/test_sanitizers.py: a call with no split tensor).
+  auto put = [image](int64_t offset, const void* source, size_t bytes) {
+    if (bytes > 0) std::memcpy(image + offset, source, bytes);
+  };
+  put(layout.metas, metas.data(), n * sizeof(TensorMeta));
+  put(layout.chunk_begin, chunk_begin.data(), (n + 1) * sizeof(int64_t));
+  put(layout.split_tensors, split_tensors.data(), n_split * sizeof(int32_t));
+  put(layout.split_chunk_begin, split_chunk_begin.data(), (n_split + 1) * sizeof(int64_t));
   shape.chunks = chunk_begin[n];
   shape.split_chunks = split_chunk_begin.back();
 }
