@@ -123,9 +123,10 @@ else
     | tee "$out/memcheck.log" >> "$summary"
 fi
 
-# Everything else, whatever time is left (on a CPU machine this is most of the suite).
+# Everything else, whatever time is left (on a CPU machine this is most of the suite), less the
+# sanitizer rerun: CPU-only, minutes long, and run by CI.
 stage tests_rest 9999 "$out/tests_rest.log" "${pytest_q[@]}" \
-  --ignore tests/test_gpu_script.py \
+  --ignore tests/test_gpu_script.py --ignore tests/test_sanitizers.py \
   --ignore tests/test_cuda_gpu.py --ignore tests/test_cuda_backend.py \
   --ignore tests/test_deferred_blend.py --ignore tests/test_sharded.py \
   --ignore tests/test_large_tensors.py

@@ -4,14 +4,16 @@ A step's plan (``_core.py``) holds the state tensors of every parameter in its b
 optimizers read ``self.state`` afresh at every step, and code written for them relies on that: it
 resets an optimizer with ``optimizer.state = defaultdict(dict)`` or ``optimizer.state.clear()``,
 drops one parameter's entry, or puts a new tensor under ``state[p]["exp_avg"]``. A reused plan
-would go on updating the old tensors, unseen. Checking every entry at every step costs about a
-microsecond per parameter in Python, which is what the plan saves; so the optimizer's state map and
-its entries are dicts that bump one shared counter whenever they change, and a plan is reused only
-while that counter and the map's identity are what they were when it was made.
+would go on updating the old tensors, unseen. Checking every entry and its values at every step
+costs about 0.45 us per parameter in Python (measured for 448), as much again as reusing the plan;
+so the optimizer's state map and its entries are dicts that bump one shared counter whenever they
+change, and a plan is reused only while that counter and the map's identity are what they were
+when it was made.
 
 Reads are plain dict reads (no method here is on the read path). The counting types never leave
-the optimizer: pickling or copying them gives a plain ``defaultdict(dict)`` of plain dicts, so
-state dicts and saved optimizers load without this module. A map or entry that the user puts in
+the optimizer: pickling or deep-copying them gives a plain ``defaultdict(dict)`` of plain dicts
+(a shallow copy, a plain ``defaultdict`` of the same entries), and state dicts hold plain dicts,
+so they load without this module. A map or entry that the user puts in
 place of ours is adopted at the next step: its contents move into counting dicts (new dict
 objects; the tensors are the same), because a plain dict cannot tell us when it changes.
 """
@@ -98,8 +100,8 @@ class StateMap(_Counting, defaultdict):
         return self._changes.count
 
     def adopt(self, entry: Any) -> Any:
-        """``entry`` if it counts into this map, else a counting copy of it (non-dicts as given:
-        they are the user's business, and a step's validation reports them)."""
+        """``entry`` if it counts into this map, else a counting copy of it (anything but a dict
+        as given: torch's optimizers fail on such an entry too)."""
         if type(entry) is StateEntry and entry._changes is self._changes:
             return entry
         if isinstance(entry, dict):
