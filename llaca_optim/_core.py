@@ -204,12 +204,19 @@ class LLaCAOptimizerBase(Optimizer):
             bucket.grads = [_sharded.local(present[i]) for i in positions]
         return [(backend, bucket) for backend, bucket, _ in plan.buckets]
 
+    # Whether this optimizer's own state holds AdamW's entries (LLaCAAdamW) or only LLaCA's.
+    _holds_adamw_state = False
+
     def _validated_pairs(self, gi: int, group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
         pairs = []
         for pi, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            V.check_gradient(p, p.grad, V.param_label(group, gi, pi))
+            label = V.param_label(group, gi, pi)
+            V.check_gradient(p, p.grad, label)
+            if p in self.state:  # what the user may have put there (see _state.py)
+                V.check_state(p, self.state[p], label, adamw=self._holds_adamw_state,
+                              llaca=bool(group["llaca"]))
             pairs.append((p, p.grad))
         return pairs
 

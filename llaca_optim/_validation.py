@@ -142,3 +142,55 @@ def check_gradient(param: Tensor, grad: Tensor, label: str) -> None:
             f"llaca_optim: the gradient of {label} is on {grad.device} but the parameter is on "
             f"{param.device}; move the gradient to the parameter's device"
         )
+
+
+# optimizer.state entries (see _core.LLACA_STATE_KEYS): the one-element slots, with their dtype;
+# every other entry is shaped like the parameter, in its dtype (the EMA: in an EMA dtype).
+_SLOT_DTYPES = {"step": torch.float32, "alpha": torch.float32,
+                "alpha_fell_back": torch.bool, "ema_pending": torch.bool}
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+LLACA_STATE = ("ema", "prev_grad", "alpha", "alpha_fell_back")
+
+
+def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bool) -> None:
+    """The state a step will use for ``param``, which the user may have edited between steps
+    (torch's optimizers read ``optimizer.state`` afresh at every step, and so does ours): each
+    entry the step reads must be what the kernels take, checked before any tensor is touched."""
+    afresh = "or delete the entry (del optimizer.state[param]) to start this parameter's state afresh"
+    if not isinstance(state, dict):
+        raise TypeError(f"llaca_optim: optimizer.state[param] of {label} is a "
+                        f"{type(state).__name__}, not a dict; put a dict there, {afresh}")
+    used = ((ADAMW_STATE + ("max_exp_avg_sq",) if adamw else ())
+            + (LLACA_STATE + ("ema_pending",) if llaca else ()))
+    for keys, on in ((ADAMW_STATE, adamw), (LLACA_STATE, llaca)):
+        present = [k for k in keys if k in state]
+        if on and present and len(present) < len(keys):
+            missing = [k for k in keys if k not in state]
+            raise RuntimeError(
+                f"llaca_optim: optimizer.state of {label} has {present} but not {missing}, which "
+                f"come with them; restore those, {afresh}")
+    for key in used:
+        if key not in state:
+            continue  # made by the step (amsgrad turned on, say)
+        value = state[key]
+        where = f"llaca_optim: optimizer.state[param][{key!r}] of {label}"
+        if key in _SLOT_DTYPES:
+            dtype = _SLOT_DTYPES[key]
+            if (not isinstance(value, Tensor) or value.numel() != 1 or value.dtype != dtype
+                    or value.device != param.device):
+                got = (f"{value.numel()} elements of {value.dtype} on {value.device}"
+                       if isinstance(value, Tensor) else f"a {type(value).__name__}")
+                raise RuntimeError(
+                    f"{where} must be a one-element {dtype} tensor on {param.device}, got {got}; "
+                    f"put one there (torch.tensor(value, dtype={dtype}, device=param.device)), "
+                    f"{afresh}")
+            continue
+        dtypes = _EMA_DTYPES if key == "ema" else (param.dtype,)
+        if (not isinstance(value, Tensor) or value.shape != param.shape
+                or value.device != param.device or value.dtype not in dtypes):
+            got = (f"shape {tuple(value.shape)}, {value.dtype} on {value.device}"
+                   if isinstance(value, Tensor) else f"a {type(value).__name__}")
+            want = "one of " + ", ".join(map(str, dtypes)) if key == "ema" else str(param.dtype)
+            raise RuntimeError(
+                f"{where} must be a tensor of the parameter's shape {tuple(param.shape)} on "
+                f"{param.device}, of dtype {want}; got {got}. Put one there, {afresh}")

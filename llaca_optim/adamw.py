@@ -64,6 +64,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
 
     # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
     _step_supports_amp_scaling = True
+    _holds_adamw_state = True
 
     def __init__(
         self,

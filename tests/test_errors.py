@@ -219,3 +219,98 @@ def test_package_without_native_kernels_imports_warns_once_and_uses_the_referenc
     assert "status False" in out and fix in out, out
     assert "backends reference reference" in out and "warnings 1" in out and "ema True" in out, out
     assert "error llaca_optim: backend 'cpu' is not available" in out and "pip install" in out, out
+
+
+# Edits of optimizer.state between steps that no step can use (the next step reads the state
+# afresh, as torch's optimizers do). Each is made to a bf16 parameter, whose bucket runs after the
+# float32 one: a check made per bucket would have stepped the float32 parameters already.
+BAD_STATE = {
+    "exp_avg of another shape": (lambda st, p: st.__setitem__("exp_avg", torch.zeros(p.numel() + 1)),
+                                 r"\['exp_avg'\] of parameter 'd' \(param_groups\[0\]\['params'\]\[3\]\) must be a tensor of the parameter's shape \(3, 2\).*got shape \(7,\)"),
+    "exp_avg on another device": (lambda st, p: st.__setitem__("exp_avg", torch.zeros_like(p, device="meta")),
+                                  r"\['exp_avg'\].*on cpu.*got shape \(3, 2\), torch.bfloat16 on meta"),
+    "exp_avg_sq in float64": (lambda st, p: st.__setitem__("exp_avg_sq", st["exp_avg_sq"].double()),
+                              r"\['exp_avg_sq'\].*of dtype torch.bfloat16; got shape \(3, 2\), torch.float64"),
+    "exp_avg as None": (lambda st, p: st.__setitem__("exp_avg", None), r"\['exp_avg'\].*got a NoneType"),
+    "step as a float": (lambda st, p: st.__setitem__("step", 3.0),
+                        r"\['step'\].*must be a one-element torch.float32 tensor on cpu, got a float"),
+    "step as an int tensor": (lambda st, p: st.__setitem__("step", torch.tensor(3)),
+                              r"\['step'\].*got 1 elements of torch.int64"),
+    "alpha of two elements": (lambda st, p: st.__setitem__("alpha", torch.zeros(2)),
+                              r"\['alpha'\].*got 2 elements"),
+    "ema of another shape": (lambda st, p: st.__setitem__("ema", torch.zeros(6)), r"\['ema'\].*got shape \(6,\)"),
+    "ema in an integer dtype": (lambda st, p: st.__setitem__("ema", torch.zeros(3, 2, dtype=torch.int32)),
+                                r"\['ema'\].*of dtype one of torch.float32.*got shape \(3, 2\), torch.int32"),
+    "prev_grad in float32": (lambda st, p: st.__setitem__("prev_grad", st["prev_grad"].float()),
+                             r"\['prev_grad'\].*of dtype torch.bfloat16; got"),
+    "exp_avg_sq dropped": (lambda st, p: st.pop("exp_avg_sq"),
+                           r"has \['step', 'exp_avg'\] but not \['exp_avg_sq'\], which come with them"),
+    "prev_grad dropped": (lambda st, p: st.pop("prev_grad"), r"but not \['prev_grad'\]"),
+}
+LLACA_ONLY = ("ema of another shape", "ema in an integer dtype", "prev_grad in float32",
+              "prev_grad dropped", "alpha of two elements")
+
+
+def _snapshot(params, opt):
+    return ([p.detach().clone() for p in params],
+            [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+             for p in params])
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+@pytest.mark.parametrize("edit", list(BAD_STATE) + ["entry not a dict"])
+def test_bad_state_edits_raise_and_change_nothing(kind, edit):
+    if kind == "wrapper" and edit not in LLACA_ONLY + ("entry not a dict",):
+        pytest.skip("the wrapper's state holds only the LLaCA entries")
+    shapes_dtypes = [((4,), torch.float32), ((5,), torch.float32), ((2, 2), torch.bfloat16), ((3, 2), torch.bfloat16)]
+    params = [nn.Parameter(torch.randn(s, dtype=d)) for s, d in shapes_dtypes]
+    named = list(zip("abcd", params))
+    opt = (LLaCAAdamW(named, lr=1e-2) if kind == "fused"
+           else LLaCA(torch.optim.SGD(named, lr=0.1)))
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    target = params[3]
+    if edit == "entry not a dict":
+        opt.state[target] = 5
+        pattern = r"optimizer.state\[param\] of parameter 'd' .* is a int, not a dict"
+    else:
+        change, pattern = BAD_STATE[edit]
+        change(opt.state[target], target)
+    kept = [p for p in params if p is not target]
+    before = _snapshot(kept, opt)
+    before_target = target.detach().clone()
+    with pytest.raises((RuntimeError, TypeError), match=pattern):
+        opt.step()
+    after = _snapshot(kept, opt)
+    assert torch.equal(target.detach(), before_target)
+    for i, (x, y) in enumerate(zip(before[0], after[0])):
+        assert torch.equal(x, y), f"param {i} changed"
+    for i, (x, y) in enumerate(zip(before[1], after[1])):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f"state {i} changed"
+    del opt.state[target]  # what the message says: the parameter starts afresh, the step runs
+    opt.step()
+    assert "ema" in opt.state[target]
+
+
+@pytest.mark.parametrize("ema_dtype", [torch.float64, torch.float16])
+def test_ema_dtype_the_kernels_lack_runs_through_the_reference(cpu_backend, ema_dtype):
+    """An EMA neither float32 nor in the parameter's dtype (ema_dtype=torch.float64 for float32
+    parameters, float16 for bfloat16 ones) is updated by the reference, bit for bit."""
+    dtype = torch.float32 if ema_dtype == torch.float64 else torch.bfloat16
+    a = [nn.Parameter(torch.randn(s, dtype=dtype)) for s in [(6, 3), (7,)]]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    ours = LLaCAAdamW(a, lr=1e-2, ema_dtype=ema_dtype, backend=cpu_backend)
+    oracle = LLaCAAdamW(b, lr=1e-2, ema_dtype=ema_dtype, backend="reference")
+    for _ in range(4):
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        ours.step()
+        oracle.step()
+    for p, q in zip(a, b):
+        assert ours.state[p]["ema"].dtype == ema_dtype
+        assert torch.equal(p, q)
+        for key, value in oracle.state[q].items():
+            assert torch.equal(ours.state[p][key], value), key

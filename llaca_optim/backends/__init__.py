@@ -230,12 +230,15 @@ class NativeBackend(Backend):
         return self.defers_blend and (limit is None or any(p.numel() > limit for p in params))
 
     def accepts(self, param: Tensor, companions: list[Tensor]) -> bool:
+        # Companions in the parameter's dtype, or float32 (the EMA of a 16-bit parameter): an EMA
+        # of another dtype (ema_dtype=torch.float64, say) goes to the reference.
         return (
             param.device.type == self.device_type
             and param.dtype in self._DTYPES
             and param.layout == torch.strided
             and is_dense(param)
             and all(same_layout(param, t) for t in companions)
+            and all(t.dtype == param.dtype or t.dtype == torch.float32 for t in companions)
         )
 
     def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
