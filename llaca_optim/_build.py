@@ -173,17 +173,19 @@ def cxx_flags() -> list[str]:
 def link_flags() -> list[str]:
     # libgomp resolves to the copy that torch already loaded (same soname), so the kernels share
     # torch's OpenMP thread pool and at::get_num_threads().
-    return ["-fopenmp"] + sanitizer_flags()[:1]
+    return ["-fopenmp"] + sanitizer_flags(link=True)
 
 
-def sanitizer_flags() -> list[str]:
+def sanitizer_flags(link: bool = False) -> list[str]:
     """``LLACA_SANITIZE=address,undefined``: GCC's sanitizers in the CPU kernels' build (and in the
-    tests' build of the CUDA kernels for the CPU emulation), for tests/test_sanitizers.py. Python
-    itself is not instrumented, so the process must preload the runtime (LD_PRELOAD=libasan.so)."""
+    tests' build of the CUDA kernels for the CPU emulation), for tests/test_sanitizers.py; ``link``:
+    the linker's part. Python itself is not instrumented, so the process must preload the runtime
+    (LD_PRELOAD=libasan.so)."""
     kinds = os.environ.get("LLACA_SANITIZE", "").strip()
     if not kinds:
         return []
-    return [f"-fsanitize={kinds}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+    compile_only = [] if link else ["-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+    return [f"-fsanitize={kinds}", *compile_only]
 
 
 def cmake_settings() -> str:

@@ -24,7 +24,8 @@ from .backends import BACKEND_NAMES, Backend, Bucket, ReferenceBackend, resolve_
 # step of the tensor (the "fresh" mark the kernels read, see _ops.py). "ema_pending" exists only
 # for tensors of a backend that defers the blend: set on the device while the EMA lacks the blend
 # of the last step (see flush_ema); state dicts never hold it, since they are taken after a flush.
-LLACA_STATE_KEYS = ("ema", "prev_grad", "alpha", "alpha_fell_back", "ema_pending")
+# The key lists and the slots' dtypes live in _validation.py, whose checks read them too.
+LLACA_STATE_KEYS = V.LLACA_STATE_KEYS
 # State entries shaped like their parameter: a state dict must match them to load.
 SHAPED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_grad")
 
@@ -55,8 +56,7 @@ def eager_under_compile(fn):
 class _GroupPlan:
     """A param group's buckets from the last full planning, and what they assumed."""
 
-    params: list[Tensor]             # the group's params list object itself
-    param_list: list[Tensor]         # and a copy of it, for a list changed in place
+    params: list[Tensor]             # a copy of the group's params list (replaced or edited)
     options: tuple[Any, ...]         # group options that change which state exists
     has_grad: list[bool]
     grad_layouts: list[tuple[Any, ...]]  # (shape, dtype, device, stride) of each gradient
@@ -181,12 +181,12 @@ class LLaCAOptimizerBase(Optimizer):
     def _reuse_plan(self, gi: int, group: dict[str, Any]) -> list[tuple[Backend, Bucket]] | None:
         plan = self._plans.get(gi)
         params = group["params"]
-        if plan is None or plan.params is not params or plan.options != self._group_options(group):
+        if plan is None or plan.options != self._group_options(group):
             return None
         grads = [p.grad for p in params]
         if [g is not None for g in grads] != plan.has_grad:  # also catches a changed length
             return None
-        if not all(map(operator.is_, params, plan.param_list)):
+        if not all(map(operator.is_, params, plan.params)):
             return None
         present = [g for g in grads if g is not None]
         strided = torch.strided
@@ -257,8 +257,7 @@ class LLaCAOptimizerBase(Optimizer):
         for index, gi, group, pairs in to_build:
             built = self._build_buckets(group, pairs)
             self._plans[gi] = _GroupPlan(
-                params=group["params"], param_list=list(group["params"]),
-                options=self._group_options(group),
+                params=list(group["params"]), options=self._group_options(group),
                 has_grad=[p.grad is not None for p in group["params"]],
                 grad_layouts=[(g.shape, g.dtype, g.device, g.stride()) for _, g in pairs],
                 buckets=built,
@@ -573,10 +572,8 @@ class LLaCAOptimizerBase(Optimizer):
                     continue
                 if key == "ema":
                     dtype = V.ema_dtype_for(p, group_of[p]["ema_dtype"])
-                elif key in ("alpha", "step"):
-                    dtype = torch.float32
-                elif key in ("alpha_fell_back", "ema_pending"):
-                    dtype = torch.bool
+                elif key in V.SLOT_DTYPES:
+                    dtype = V.SLOT_DTYPES[key]
                 else:
                     continue
                 state[key] = value.to(device=p.device, dtype=dtype)  # value is our deep copy

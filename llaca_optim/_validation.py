@@ -144,12 +144,14 @@ def check_gradient(param: Tensor, grad: Tensor, label: str) -> None:
         )
 
 
-# optimizer.state entries (see _core.LLACA_STATE_KEYS): the one-element slots, with their dtype;
-# every other entry is shaped like the parameter, in its dtype (the EMA: in an EMA dtype).
-_SLOT_DTYPES = {"step": torch.float32, "alpha": torch.float32,
-                "alpha_fell_back": torch.bool, "ema_pending": torch.bool}
+# optimizer.state entries. Those made together (a step adds all or none of them); the LLaCA
+# entries as a whole, with the deferred-blend flag (see _core.py); the one-element slots with their
+# dtype. Every other entry is shaped like its parameter, in its dtype (the EMA: an EMA dtype).
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
 LLACA_STATE = ("ema", "prev_grad", "alpha", "alpha_fell_back")
+LLACA_STATE_KEYS = (*LLACA_STATE, "ema_pending")
+SLOT_DTYPES = {"step": torch.float32, "alpha": torch.float32,
+               "alpha_fell_back": torch.bool, "ema_pending": torch.bool}
 
 
 def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bool) -> None:
@@ -161,7 +163,7 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
         raise TypeError(f"llaca_optim: optimizer.state[param] of {label} is a "
                         f"{type(state).__name__}, not a dict; put a dict there, {afresh}")
     used = ((ADAMW_STATE + ("max_exp_avg_sq",) if adamw else ())
-            + (LLACA_STATE + ("ema_pending",) if llaca else ()))
+            + (LLACA_STATE_KEYS if llaca else ()))
     for keys, on in ((ADAMW_STATE, adamw), (LLACA_STATE, llaca)):
         present = [k for k in keys if k in state]
         if on and present and len(present) < len(keys):
@@ -174,8 +176,8 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
             continue  # made by the step (amsgrad turned on, say)
         value = state[key]
         where = f"llaca_optim: optimizer.state[param][{key!r}] of {label}"
-        if key in _SLOT_DTYPES:
-            dtype = _SLOT_DTYPES[key]
+        if key in SLOT_DTYPES:
+            dtype = SLOT_DTYPES[key]
             if (not isinstance(value, Tensor) or value.numel() != 1 or value.dtype != dtype
                     or value.device != param.device):
                 got = (f"{value.numel()} elements of {value.dtype} on {value.device}"

@@ -37,7 +37,7 @@ def _build() -> None:
                              str(ROOT / "tests" / "cuda_sim")],
         # -ffp-contract=off: as the GPU build's --fmad=false (and the CPU kernels' flag).
         extra_cflags=["-O2", "-ffp-contract=off", *sanitize],
-        extra_ldflags=sanitize[:1],
+        extra_ldflags=_build_flags.sanitizer_flags(link=True),
         is_python_module=False,
     )
 
