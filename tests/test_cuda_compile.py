@@ -52,18 +52,81 @@ def _nvcc(source: str, include_flags: list[str], out: Path, *extra: str) -> subp
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_every_cu_file_compiles_for_sm80_and_sm90_without_spills(include_flags, tmp_path):
+@pytest.fixture(scope="module")
+def objects(include_flags, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Every .cu file compiled for sm_80 and sm_90 (in parallel): {source: (object, nvcc log)}."""
     sources = [s for s in _build.cuda_sources(CSRC) if s.endswith(".cu")]
     assert {Path(s).name for s in sources} == {"step_fp32.cu", "step_bf16.cu", "step_fp16.cu"}
-    runs = {s: _nvcc(s, include_flags, tmp_path / (Path(s).stem + ".o")) for s in sources}
-    for source, run in runs.items():
+    out = tmp_path_factory.mktemp("objects")
+    runs = {s: (out / (Path(s).stem + ".o"), _nvcc(s, include_flags, out / (Path(s).stem + ".o")))
+            for s in sources}
+    built = {}
+    for source, (obj, run) in runs.items():
         log = run.communicate()[0]
         assert run.returncode == 0, f"nvcc failed on {source}:\n{log[-6000:]}"
+        built[source] = (obj, log)
+    return built
+
+
+def test_every_cu_file_compiles_for_sm80_and_sm90_without_spills(objects):
+    for source, (_, log) in objects.items():
         kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", log)
         # 5 step kernels (2 EMA dtypes for fp32 collapse into one) + blend kernels, per arch
         assert len(kernels) >= 2 * 6, f"{source}: fewer kernels than expected:\n{log[-3000:]}"
         spills = re.findall(r"(\d+) bytes spill stores", log)
         assert spills and all(int(n) == 0 for n in spills), f"{source} spills registers:\n{log[-3000:]}"
+
+
+def _cuobjdump() -> str | None:
+    """The toolkit's cuobjdump, else the one Triton's wheel ships (CI has Triton, not cuobjdump)."""
+    found = shutil.which("cuobjdump") or (TOOLKIT and shutil.which("cuobjdump", path=f"{TOOLKIT}/bin"))
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    shipped = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(shipped) if shipped.exists() else None
+
+
+def _elements_per_thread() -> int:
+    return int(re.search(r"constexpr int kElemsPerThread = (\d+);",
+                         (CSRC / "cuda" / "layout.h").read_text()).group(1))
+
+
+def test_every_fragment_issues_its_loads_before_its_stores(objects):
+    """NOTE [CUDA loads before stores] in csrc/cuda/layout.h, read off the machine code: in each
+    kernel, the global loads between two stores ("load runs", memory round trips in a row) number
+    one per 16-byte fragment a thread handles (kElemsPerThread / elements per 16 bytes), plus one
+    for the partial sums of a tensor's last block; amsgrad kernels load the previous gradient
+    after their stores (one more run per fragment). The blend and flush kernels load every
+    fragment first: one run. Loads interleaved with stores would each wait a round trip more."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel) to read the machine code")
+    per_thread = _elements_per_thread()
+    checked = 0
+    for source, (obj, _) in objects.items():
+        sass = subprocess.run([tool, "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+        element_bytes = 4 if "fp32" in source else 2
+        fragments = per_thread // (16 // element_bytes)
+        for body in re.split(r"\n\s*Function : ", sass)[1:]:
+            name = body.split("\n", 1)[0].strip()
+            accesses = "".join("L" if op == "LDG" else "S" for op in re.findall(r"\b(LDG|STG)\.", body))
+            load_runs = len(re.findall("L+", accesses))
+            step = re.search(r"step_chunks.*Lb(\d)ELb(\d)ELb(\d)E", name)
+            if step:
+                _, amsgrad, llaca = (flag == "1" for flag in step.groups())
+                allowed = fragments * (2 if amsgrad and llaca else 1) + (1 if llaca else 0)
+            else:
+                allowed = 1
+            assert load_runs <= allowed, (
+                f"{Path(source).name} {name}: {load_runs} runs of loads between stores, at most "
+                f"{allowed} expected (NOTE [CUDA loads before stores]): {accesses}")
+            checked += 1
+    # fp32: 7 kernels; bf16 and fp16: 7 per EMA dtype (fp32 or their own); two archs each
+    assert checked == 2 * (7 + 14 + 14), f"{checked} kernels found in the machine code, not 70"
 
 
 def test_ptx_has_128_bit_accesses_and_no_local_memory(include_flags, tmp_path):

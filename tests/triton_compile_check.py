@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import os
+import re
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
@@ -48,6 +49,15 @@ def compile_for_hopper(kernel, constexprs):
         ptx = compiled.asm["ptx"]
         assert "ld.global.v4" in ptx and "st.global.v4" in ptx, (
             f"{kernel.fn.__name__}: no 16-byte vector loads/stores in the PTX")
+    if kernel is K._step_blocks:
+        # NOTE [CUDA loads before stores] in csrc/cuda/layout.h: every load (address table
+        # included) before the first store, in each of the two paths (a full block, a tensor's
+        # masked last block), so one run of loads per path. Interleaved, each run after a store
+        # waits one memory round trip more.
+        accesses = "".join("L" if op == "ld" else "S"
+                           for op in re.findall(r"\b(ld|st)\.global", compiled.asm["ptx"]))
+        runs = len(re.findall("L+", accesses))
+        assert runs <= 2, f"_step_blocks: {runs} runs of loads between stores: {accesses}"
     print(f"compiled {kernel.fn.__name__} {sorted((k, str(v)) for k, v in constexprs.items())}")
     return compiled
 

@@ -246,27 +246,34 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
     const int64_t e0 = start + (int64_t(j) * kThreads + threadIdx.x) * W;
     const int64_t left = numel - e0;
     const int valid = left <= 0 ? 0 : (left >= W ? W : static_cast<int>(left));
-    float g[W], p[W], e[W];
+    // Every load of the fragment is issued before its first store: the arrays come from a table,
+    // so the compiler must assume a store may alias a later load and would otherwise wait for the
+    // stores (NOTE [CUDA loads before stores] in layout.h).
+    float g[W], p[W], e[W], m[W], v[W], vmax[W], gp[W];
     load<param_t, W>(g, meta.grad, e0, valid, vec);
     load<param_t, W>(p, meta.param, e0, valid, vec);
-#pragma unroll
-    for (int k = 0; k < W; ++k) g[k] = g[k] / grad_scale;  // as torch's unscale_: a division
-    if (LLACA && !fresh) {
-      load<ema_t, W>(e, meta.ema, e0, valid, vec);
-      if (pending) {
-        // The last step's blend, from p_t before the AdamW update below replaces it; rounded as
-        // it would have been stored.
-#pragma unroll
-        for (int k = 0; k < W; ++k) e[k] = round_trip<ema_t>(e[k] + pending_alpha * (p[k] - e[k]));
-        // A tensor finished here stores its EMA once, after this step's blend.
-        if (!single || sharded) store<ema_t, W>(meta.ema, e, e0, valid, vec);
-      }
-    }
     if (ADAMW) {
-      float m[W], v[W], vmax[W];
       load<param_t, W>(m, meta.exp_avg, e0, valid, vec);
       load<param_t, W>(v, meta.exp_avg_sq, e0, valid, vec);
       if (AMSGRAD) load<param_t, W>(vmax, meta.max_exp_avg_sq, e0, valid, vec);
+    }
+    if (LLACA && !fresh) {
+      load<ema_t, W>(e, meta.ema, e0, valid, vec);
+      // amsgrad's extra array leaves no registers for this one here in the 16-bit kernels
+      // (ptxas keeps them to 128, two blocks per SM, and spilled): it is loaded after the stores.
+      if (!AMSGRAD) load<param_t, W>(gp, meta.prev_grad, e0, valid, vec);
+    }
+#pragma unroll
+    for (int k = 0; k < W; ++k) g[k] = g[k] / grad_scale;  // as torch's unscale_: a division
+    if (LLACA && !fresh && pending) {
+      // The last step's blend, from p_t before the AdamW update below replaces it; rounded as it
+      // would have been stored.
+#pragma unroll
+      for (int k = 0; k < W; ++k) e[k] = round_trip<ema_t>(e[k] + pending_alpha * (p[k] - e[k]));
+      // A tensor finished here stores its EMA once, after this step's blend.
+      if (!single || sharded) store<ema_t, W>(meta.ema, e, e0, valid, vec);
+    }
+    if (ADAMW) {
 #pragma unroll
       for (int k = 0; k < W; ++k) {
         adamw_element<AMSGRAD>(p[k], sign * g[k], m[k], v[k], vmax[k], s);
@@ -281,8 +288,7 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
       if (fresh) {
         store<ema_t, W>(meta.ema, p, e0, valid, vec);
       } else {
-        float gp[W];
-        load<param_t, W>(gp, meta.prev_grad, e0, valid, vec);
+        if (AMSGRAD) load<param_t, W>(gp, meta.prev_grad, e0, valid, vec);
 #pragma unroll
         for (int k = 0; k < W; ++k) {
           // Elements past the end load as zeros on every side, so they add nothing.
@@ -391,18 +397,27 @@ LLACA_DEVICE void blend_chunk(const TensorMeta& meta, int64_t start) {
   const bool vec = meta.vectorized != 0;
   LLACA_ASSUME_GLOBAL(meta.alpha);
   const float alpha = *meta.alpha;
+  // Two fragments per vector slot, all loaded before the first store (NOTE [CUDA loads before
+  // stores] in layout.h); elements past the end load as zeros and are never stored.
+  constexpr int kVecs = kVecsPerThread<param_t>;
+  float p[kVecs][W], e[kVecs][W];
 #pragma unroll
-  for (int j = 0; j < kVecsPerThread<param_t>; ++j) {
+  for (int j = 0; j < kVecs; ++j) {
+    const int64_t e0 = start + (int64_t(j) * kThreads + threadIdx.x) * W;
+    const int64_t left = meta.numel - e0;
+    const int valid = left <= 0 ? 0 : (left >= W ? W : static_cast<int>(left));
+    load<param_t, W>(p[j], meta.param, e0, valid, vec);
+    load<ema_t, W>(e[j], meta.ema, e0, valid, vec);
+  }
+#pragma unroll
+  for (int j = 0; j < kVecs; ++j) {
     const int64_t e0 = start + (int64_t(j) * kThreads + threadIdx.x) * W;
     const int64_t left = meta.numel - e0;
     if (left <= 0) break;
     const int valid = left >= W ? W : static_cast<int>(left);
-    float p[W], e[W];
-    load<param_t, W>(p, meta.param, e0, valid, vec);
-    load<ema_t, W>(e, meta.ema, e0, valid, vec);
 #pragma unroll
-    for (int k = 0; k < W; ++k) e[k] = e[k] + alpha * (p[k] - e[k]);
-    store<ema_t, W>(meta.ema, e, e0, valid, vec);
+    for (int k = 0; k < W; ++k) e[j][k] = e[j][k] + alpha * (p[j][k] - e[j][k]);
+    store<ema_t, W>(meta.ema, e[j], e0, valid, vec);
   }
 }
 

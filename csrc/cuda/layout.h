@@ -47,6 +47,21 @@
 // blend kernel is not launched. A blend pending on entry is applied as always (and stored, even
 // by a single-chunk tensor). The caller reduces the rows, sets alphas and pending flags, and the
 // next step or llaca_flush_ blends.
+//
+// NOTE [CUDA loads before stores]
+// Every array is reached through the per-tensor table, so the compiler cannot tell that a store
+// to one array leaves another unchanged: it keeps the program's order of loads and stores, and a
+// load written after a store is issued only after it. That store waits for the values computed
+// from the loads before it, so each group of loads that follows a store costs one more memory
+// round trip. A thread therefore issues all loads of a 16-byte fragment (g, p, m, v, ema, g_prev)
+// before the fragment's first store: ptxas then fetches them in one round trip per fragment (the
+// step kernel had up to three: g, p, m, v; then g_prev after the AdamW stores; with a pending
+// blend, m and v after the EMA store). The exception is amsgrad: with max_exp_avg_sq loaded up
+// front too, the 16-bit kernels need more than the 128 registers that keep two blocks per SM
+// and spilled, so amsgrad kernels load g_prev after their stores. The blend and flush kernels
+// load all fragments of a thread first. tests/test_cuda_compile.py counts the runs of loads
+// between stores in the machine code (cuobjdump -sass) of every kernel. The Triton step kernel
+// does the same, address-table reads included (tests/triton_compile_check.py).
 #pragma once
 
 #include <cstdint>
@@ -66,9 +81,10 @@ constexpr int kWarp = 32;
 constexpr int kWarps = kThreads / kWarp;
 static_assert(kWarps <= kWarp, "the block reductions finish the per-warp sums in one warp");
 constexpr int kVecBytes = 16;  // one 128-bit load or store
-// Elements per thread and chunk, whatever the dtype: 4 (fp32) or 2 (16-bit) independent 16-byte
-// accesses in flight per array and thread, and a register budget (a single-chunk tensor keeps p
-// and ema of all of them until its alpha is known) that leaves room for two blocks per SM.
+// Elements per thread and chunk, whatever the dtype: 4 (fp32) or 2 (16-bit) 16-byte fragments per
+// array and thread, one after the other (NOTE [CUDA loads before stores]), and a register budget
+// (a single-chunk tensor keeps p and ema of all of them until its alpha is known) that leaves
+// room for two blocks per SM.
 constexpr int kElemsPerThread = 16;
 
 template <typename param_t>

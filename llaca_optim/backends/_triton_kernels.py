@@ -136,21 +136,52 @@ def _step_block(
     HAS_GRAD_SCALE: tl.constexpr, ALIGNED: tl.constexpr, DEFER: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """Pass 1 on one block (see the module docstring); MASKED only for a tensor's last block."""
+    """Pass 1 on one block (see the module docstring); MASKED only for a tensor's last block.
+
+    Every address and every load comes before the first store: the arrays are reached through
+    the address table, so the compiler must assume that a store may alias any later load (the
+    table included) and would wait for the stores before issuing it, one memory round trip more
+    per group of loads (NOTE [CUDA loads before stores] in csrc/cuda/layout.h). On a tensor's
+    first LLaCA step the EMA and previous gradient are read too (they exist from the state's
+    creation: a copy of p and zeros) and go unused."""
     p_ptr = _array(table, P, t, n_tensors, PDT, ALIGNED)
     g_ptr = _array(table, G, t, n_tensors, PDT, ALIGNED)
-    g = _ld(g_ptr + offs, mask, MASKED).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        g = g / tl.load(grad_scale_ptr).to(tl.float32)
-    p = _ld(p_ptr + offs, mask, MASKED).to(tl.float32)
-    p_before = p  # p_t, which a pending blend of the last step needs
-
     if ADAMW:
+        m_ptr = _array(table, M, t, n_tensors, PDT, ALIGNED)
+        v_ptr = _array(table, V, t, n_tensors, PDT, ALIGNED)
         step_ptr = _addr(table, STEP, t, n_tensors).to(tl.pointer_type(tl.float32))
+        if AMSGRAD:
+            vmax_ptr = _array(table, VMAX, t, n_tensors, PDT, ALIGNED)
+    if LLACA:
+        ema_ptr = _array(table, EMA, t, n_tensors, EDT, ALIGNED)
+        gprev_ptr = _array(table, GPREV, t, n_tensors, PDT, ALIGNED)
+        alpha_ptr = _addr(table, ALPHA, t, n_tensors).to(tl.pointer_type(tl.float32))
+        if DEFER:
+            pending_ptr = _addr(table, PENDING, t, n_tensors).to(tl.pointer_type(tl.int8))
+
+    g = _ld(g_ptr + offs, mask, MASKED).to(tl.float32)
+    p = _ld(p_ptr + offs, mask, MASKED).to(tl.float32)
+    if ADAMW:
         step = tl.load(step_ptr).to(tl.float64) + 1.0
         if HAS_LR_PTR:
             lr_now = tl.load(lr_ptr).to(tl.float64)
-        else:
+        m = _ld(m_ptr + offs, mask, MASKED).to(tl.float32)
+        v = _ld(v_ptr + offs, mask, MASKED).to(tl.float32)
+        if AMSGRAD:
+            vmax = _ld(vmax_ptr + offs, mask, MASKED).to(tl.float32)
+    if LLACA:
+        alpha_in = tl.load(alpha_ptr)
+        fresh = alpha_in < 0.0
+        e = _ld(ema_ptr + offs, mask, MASKED).to(tl.float32)
+        gp = _ld(gprev_ptr + offs, mask, MASKED).to(tl.float32)
+        if DEFER:
+            pending = tl.load(pending_ptr) != 0
+    if HAS_GRAD_SCALE:
+        g = g / tl.load(grad_scale_ptr).to(tl.float32)
+    p_before = p  # p_t, which a pending blend of the last step needs
+
+    if ADAMW:
+        if not HAS_LR_PTR:
             # Float scalars arrive as fp32: a float lr comes as two of them (hi + lo) and is put
             # back together in fp64, so it equals the same lr given as a float64 tensor.
             lr_now = tl.cast(lr_hi, tl.float64) + tl.cast(lr_lo, tl.float64)
@@ -165,18 +196,12 @@ def _step_block(
         b2f = beta2
         bc2 = bias_correction2_sqrt.to(tl.float32)
 
-        m_ptr = _array(table, M, t, n_tensors, PDT, ALIGNED)
-        v_ptr = _array(table, V, t, n_tensors, PDT, ALIGNED)
-        m = _ld(m_ptr + offs, mask, MASKED).to(tl.float32)
-        v = _ld(v_ptr + offs, mask, MASKED).to(tl.float32)
         gd = -g if MAXIMIZE else g
         p = p * decay
         m = b1f * m + one_minus_beta1 * gd
         v = b2f * v + one_minus_beta2 * gd * gd
         second = v
         if AMSGRAD:
-            vmax_ptr = _array(table, VMAX, t, n_tensors, PDT, ALIGNED)
-            vmax = _ld(vmax_ptr + offs, mask, MASKED).to(tl.float32)
             vmax = tl.maximum(vmax, v)
             _st(vmax_ptr + offs, _narrow(vmax, PDT), mask, MASKED)
             second = vmax
@@ -189,25 +214,17 @@ def _step_block(
         p = p_stored.to(tl.float32)  # LLaCA sees the parameter as stored, rounding included
 
     if LLACA:
-        ema_ptr = _array(table, EMA, t, n_tensors, EDT, ALIGNED)
-        gprev_ptr = _array(table, GPREV, t, n_tensors, PDT, ALIGNED)
-        alpha_ptr = _addr(table, ALPHA, t, n_tensors).to(tl.pointer_type(tl.float32))
-        fresh = tl.load(alpha_ptr) < 0.0
         if fresh:
             _st(ema_ptr + offs, _narrow(p, EDT), mask, MASKED)
             sum_a = 0.0
             sum_b = 0.0
             sum_c = 0.0
         else:
-            e = _ld(ema_ptr + offs, mask, MASKED).to(tl.float32)
             if DEFER:
-                pending_ptr = _addr(table, PENDING, t, n_tensors).to(tl.pointer_type(tl.int8))
-                pending = tl.load(pending_ptr) != 0
-                blended = _narrow(e + tl.load(alpha_ptr) * (p_before - e), EDT)
+                blended = _narrow(e + alpha_in * (p_before - e), EDT)
                 e = tl.where(pending, blended.to(tl.float32), e)
                 if pending:
                     _st(ema_ptr + offs, blended, mask, MASKED)
-            gp = _ld(gprev_ptr + offs, mask, MASKED).to(tl.float32)
             sum_a = tl.sum(tl.where(mask, tl.abs(p - e), 0.0), axis=0)
             sum_b = tl.sum(tl.where(mask, tl.abs(g), 0.0), axis=0)
             sum_c = tl.sum(tl.where(mask, tl.abs(g - gp), 0.0), axis=0)
