@@ -172,3 +172,34 @@ def test_unsupported_implementation_flags_are_refused():
     with pytest.raises(ValueError, match=r"differentiable=True .*param_groups\[1\]"):
         optimizer.add_param_group({"params": params[2:], "differentiable": True})
     assert len(optimizer.param_groups) == 1
+
+
+def test_steps_run_without_gradient_recording():
+    """As torch's optimizers do: the kernels run under no_grad, so our ops never pass through
+    torch's autograd fallback for ops without a derivative (which walks every parameter: about a
+    fifth of a small-tensor step's host time), and nothing a step does is recorded."""
+    from llaca_optim import LLaCA
+    from llaca_optim.backends import ReferenceBackend
+
+    class Recording(ReferenceBackend):
+        def __init__(self):
+            super().__init__()
+            self.grad_modes = []
+
+        def adamw_llaca(self, bucket, h):
+            self.grad_modes.append(torch.is_grad_enabled())
+            super().adamw_llaca(bucket, h)
+
+        def llaca_update(self, bucket, h):
+            self.grad_modes.append(torch.is_grad_enabled())
+            super().llaca_update(bucket, h)
+
+    for make in (lambda ps, b: LLaCAAdamW(ps, backend=b),
+                 lambda ps, b: LLaCA(torch.optim.SGD(ps, lr=0.1), backend=b)):
+        model = small_model()
+        backend = Recording()
+        optimizer = make(model.parameters(), backend)
+        train(model, optimizer, steps=3)
+        assert backend.grad_modes and not any(backend.grad_modes), backend.grad_modes
+        assert torch.is_grad_enabled()
+        assert all(p.is_leaf and p.grad_fn is None for p in model.parameters())
