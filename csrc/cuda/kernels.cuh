@@ -397,8 +397,8 @@ LLACA_DEVICE void blend_chunk(const TensorMeta& meta, int64_t start) {
   const bool vec = meta.vectorized != 0;
   LLACA_ASSUME_GLOBAL(meta.alpha);
   const float alpha = *meta.alpha;
-  // Two fragments per vector slot, all loaded before the first store (NOTE [CUDA loads before
-  // stores] in layout.h); elements past the end load as zeros and are never stored.
+  // p and ema of every fragment of the thread, all loaded before the first store (NOTE [CUDA
+  // loads before stores] in layout.h); elements past the end load as zeros and are never stored.
   constexpr int kVecs = kVecsPerThread<param_t>;
   float p[kVecs][W], e[kVecs][W];
 #pragma unroll
