@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _sharded
+from . import _deepspeed, _sharded
 from . import _validation as V
 from ._state import StateMap, counting
 from .backends import BACKEND_NAMES, Backend, Bucket, ReferenceBackend, resolve_backend
@@ -27,7 +27,7 @@ from .backends import BACKEND_NAMES, Backend, Bucket, ReferenceBackend, resolve_
 # The key lists and the slots' dtypes live in _validation.py, whose checks read them too.
 LLACA_STATE_KEYS = V.LLACA_STATE_KEYS
 # State entries shaped like their parameter: a state dict must match them to load.
-SHAPED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_grad")
+SHAPED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_grad", V.LIVE_PARAM)
 
 _REFERENCE = ReferenceBackend()
 
@@ -90,7 +90,9 @@ class LLaCAOptimizerBase(Optimizer):
         self._ema_swap: list[tuple[Tensor, Tensor, Tensor | None]] | None = None
         self.state = counting(self.state)  # see _state.py
         self._invalidate_plans()
+        self._given_params = _deepspeed.GivenParams()
         for group in self.param_groups:
+            self._given_params.add(group["params"])
             for p in group["params"]:
                 self._backend_for(p.device.type)
 
@@ -133,10 +135,14 @@ class LLaCAOptimizerBase(Optimizer):
 
     def _add_group_checked(self, add: Any, param_group: dict[str, Any]) -> None:
         """Adds a group through ``add`` and validates it; on error the group is removed again."""
-        add(param_group)
+        with warnings.catch_warnings():
+            # torch warns of a parameter listed twice and keeps it; we refuse it just below.
+            warnings.filterwarnings("ignore", message=".*duplicate parameters.*")
+            add(param_group)
         self._invalidate_plans()
         index = len(self.param_groups) - 1
         try:
+            V.check_each_param_once(self.param_groups)
             self._validate_group(self.param_groups[index], f"param_groups[{index}]")
             if hasattr(self, "_backends"):
                 for p in self.param_groups[index]["params"]:
@@ -144,6 +150,8 @@ class LLaCAOptimizerBase(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        if hasattr(self, "_given_params"):
+            self._given_params.add(self.param_groups[index]["params"])
 
     # ------------------------------------------------------------------ one step
 
@@ -245,6 +253,7 @@ class LLaCAOptimizerBase(Optimizer):
         if self._state_changed():
             self.state = counting(self.state)  # adopts a map or entries the user put in
             self._invalidate_plans()
+        self._complete_groups()
         plans: list[list[Any]] = []
         to_build = []
         for gi, group in enumerate(self.param_groups):
@@ -253,6 +262,8 @@ class LLaCAOptimizerBase(Optimizer):
             if buckets is None:
                 to_build.append((len(plans), gi, group, self._validated_pairs(gi, group)))
             plans.append([group, buckets, scale, base_weight])
+        if to_build:
+            self._check_step_tensors()
         self._flush_before_replan: list[Tensor] = []
         for index, gi, group, pairs in to_build:
             built = self._build_buckets(group, pairs)
@@ -269,6 +280,30 @@ class LLaCAOptimizerBase(Optimizer):
             self._flush([(p, self._llaca_state(p)) for p in self._flush_before_replan], drop=True)
         self._planned_state = (self.state, self.state.changes)  # after planning's own changes
         return [tuple(p) for p in plans]  # type: ignore[misc]
+
+    def _complete_groups(self) -> None:
+        """Fills what a group added behind the optimizer's back lacks (the wrapper's)."""
+
+    def _check_step_tensors(self) -> None:
+        """Checks across all groups, made whenever a group is planned anew, before any state is
+        made: a step over DeepSpeed's flat partitions is refused (``_deepspeed.py``); each
+        parameter stands once; no tensor the step writes shares memory with another one it
+        touches (the fused kernels would race on it, threads updating one tensor twice)."""
+        stepped = [(gi, pi, group, p) for gi, group in enumerate(self.param_groups)
+                   for pi, p in enumerate(group["params"]) if p.grad is not None]
+        kind = self._given_params.partitioning(p for _, _, _, p in stepped)
+        if kind is not None:
+            raise RuntimeError(_deepspeed.refusal(type(self).__name__, kind))
+        V.check_each_param_once(self.param_groups)
+        items = []
+        for gi, pi, group, p in stepped:
+            label = V.param_label(group, gi, pi)
+            items.append((_sharded.local(p), "the parameter", label, True))
+            items.append((_sharded.local(p.grad), "its gradient", label, False))
+            for key, value in self.state.get(p, {}).items():
+                if isinstance(value, Tensor):
+                    items.append((_sharded.local(value), f"optimizer.state[param][{key!r}]", label, True))
+        V.check_no_shared_memory(items)
 
     def _init_llaca_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if "ema" in state:
@@ -499,17 +534,40 @@ class LLaCAOptimizerBase(Optimizer):
 
     # ------------------------------------------------------------------ state dicts
 
+    # NOTE [state dicts inside the EMA swap] Inside `with optimizer.ema_weights():` each
+    # parameter holds its EMA, and a same-dtype EMA's slot in `state` holds the live weights. A
+    # checkpoint is often saved there: the Hugging Face Trainer saves after evaluating, and one
+    # that evaluates the EMA may save with it swapped in, the model's file then holding the EMA
+    # weights (what one deploys). Such a state dict still holds the true state: the EMA under
+    # "ema", and the live weights, which the state belongs to and the model's file no longer
+    # holds, under "live_param". Loading it puts them back into the parameters, after the model's
+    # own weights were loaded (the Trainer, torch.distributed.checkpoint and the usual
+    # model-then-optimizer order all do so); training then resumes bit for bit, as from a
+    # checkpoint saved outside the block. A state dict taken outside the block has no
+    # "live_param", and loading it leaves the parameters alone.
+
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, taken after :meth:`flush_ema` (so every EMA is up to date) and
         without the deferred-blend flags. Its entries are plain dicts holding the state tensors
         themselves (ours count their changes, see _state.py, and ``torch.load`` with
-        ``weights_only=True`` admits no dict subclass)."""
+        ``weights_only=True`` admits no dict subclass). Taken inside :meth:`ema_weights`, it
+        holds copies of the true EMAs and of the live weights (NOTE [state dicts inside the EMA
+        swap])."""
         self.flush_ema()
         saved = super().state_dict()
         saved["state"] = {
             pid: {k: v for k, v in entry.items() if k != "ema_pending"}
             for pid, entry in saved["state"].items()
         }
+        if self._ema_swap is not None:
+            ids = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            with torch.no_grad():
+                for p, ema, backup in self._ema_swap:
+                    entry = saved["state"][ids[id(p)]]
+                    if backup is None:  # p holds the EMA, the EMA's slot the live weights
+                        entry["ema"], entry[V.LIVE_PARAM] = p.detach().clone(), ema.clone()
+                    else:  # the EMA is in place; p holds it rounded, backup the live weights
+                        entry[V.LIVE_PARAM] = backup.clone()
         return saved
 
     def _check_layout(self, state_dict: dict[str, Any], owner: str) -> dict[int, Tensor]:
@@ -526,6 +584,7 @@ class LLaCAOptimizerBase(Optimizer):
                 "over the same parameters in the same groups and order"
             )
         id_map: dict[int, Tensor] = {}
+        labels: dict[int, str] = {}
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -534,17 +593,24 @@ class LLaCAOptimizerBase(Optimizer):
                     f"{len(group['params'])}; build the optimizer over the same parameters"
                 )
             id_map.update(zip(saved["params"], group["params"]))
+            labels.update((pid, V.param_label(group, gi, pi)) for pi, pid in enumerate(saved["params"]))
         for pid, entry in saved_state.items():
             if pid not in id_map:
                 raise ValueError(f"llaca_optim: the state dict ({owner}) has state for unknown parameter id {pid!r}")
+            if not isinstance(entry, dict):
+                raise ValueError(
+                    f"llaca_optim: state_dict['state'][{pid!r}] of the state dict ({owner}), for "
+                    f"{labels[pid]}, is a {type(entry).__name__}, not a dict of state tensors; fix "
+                    "or drop it before loading; nothing was loaded")
             p = id_map[pid]
             for key in SHAPED_STATE_KEYS:
                 value = entry.get(key)
                 if isinstance(value, Tensor) and value.shape != p.shape:
                     raise ValueError(
                         f"llaca_optim: the state dict ({owner}) holds {key} of shape "
-                        f"{tuple(value.shape)} for a parameter of shape {tuple(p.shape)} "
-                        f"(saved id {pid}); it was saved from a different model layout"
+                        f"{tuple(value.shape)} for {labels[pid]} of shape {tuple(p.shape)} "
+                        f"(saved id {pid}); it was saved from a different model layout, or its "
+                        "entries were mixed up; nothing was loaded"
                     )
                 p_sharded = _sharded.is_sharded(p)
                 if isinstance(value, Tensor) and _sharded.is_sharded(value) != p_sharded:
@@ -560,14 +626,27 @@ class LLaCAOptimizerBase(Optimizer):
         return id_map
 
     def _restore_llaca_entries(self, state_dict: dict[str, Any], id_map: dict[int, Tensor],
-                               target: dict[Tensor, dict[str, Any]]) -> None:
+                               target: dict[Tensor, dict[str, Any]]) -> dict[Tensor, Tensor]:
         """torch's loader casts every floating state tensor to its parameter's dtype; put the
-        LLaCA entries and the step counters back in their own dtypes, on the parameter's device."""
+        LLaCA entries and the step counters back in their own dtypes, on the parameter's device
+        (a counter saved as a number, as torch's optimizers once saved ``step``, becomes a
+        tensor). Takes the live weights of a state dict saved inside ``ema_weights()`` out of
+        the state and returns them by parameter (NOTE [state dicts inside the EMA swap])."""
         group_of = {p: group for group in self.param_groups for p in group["params"]}
+        live: dict[Tensor, Tensor] = {}
         for pid, entry in state_dict["state"].items():
             p = id_map[pid]
             state = target[p]
+            if V.LIVE_PARAM in state:
+                live[p] = state.pop(V.LIVE_PARAM)
+                if not isinstance(live[p], Tensor):
+                    raise ValueError(
+                        f"llaca_optim: state_dict['state'][{pid!r}][{V.LIVE_PARAM!r}] of the state "
+                        f"dict is a {type(live[p]).__name__}, not the parameter's live weights; "
+                        "fix or drop it before loading; nothing was loaded")
             for key, value in entry.items():
+                if key in V.SLOT_DTYPES and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    value = torch.tensor(float(value))
                 if not isinstance(value, Tensor):
                     continue
                 if key == "ema":
@@ -577,6 +656,44 @@ class LLaCAOptimizerBase(Optimizer):
                 else:
                     continue
                 state[key] = value.to(device=p.device, dtype=dtype)  # value is our deep copy
+        return live
+
+    def _check_loaded(self, state_dict: dict[str, Any], id_map: dict[int, Tensor], owner: str,
+                      group_keys: tuple[str, ...]) -> None:
+        """Checks what a load put in place, as the next step would read it: every group (its
+        options, ``group_keys`` among them) and every state entry. Raises naming the group or the
+        parameter and its saved id; the caller then puts the old state back."""
+        for gi, group in enumerate(self.param_groups):
+            where = f"param_groups[{gi}] of the state dict ({owner})"
+            V.check_group_keys(group, group_keys, where)
+            self._validate_group(group, where)
+        labels = {id(p): V.param_label(group, gi, pi) for gi, group in enumerate(self.param_groups)
+                  for pi, p in enumerate(group["params"])}
+        llaca_of = {id(p): bool(group["llaca"]) for group in self.param_groups for p in group["params"]}
+        for pid in state_dict["state"]:
+            p = id_map[pid]
+            V.check_state(p, self.state[p], labels[id(p)], adamw=self._holds_adamw_state,
+                          llaca=llaca_of[id(p)], source=V.loaded_state(owner, pid))
+
+    @contextmanager
+    def _restored_on_error(self, *optimizers: Optimizer) -> Iterator[None]:
+        """Puts the state and groups of ``optimizers`` back if the block raises. torch's
+        ``load_state_dict`` builds new ``state`` and ``param_groups`` objects rather than changing
+        the old ones, so keeping the old objects is keeping what they held."""
+        kept = [(o, o.state, o.param_groups) for o in optimizers]
+        try:
+            yield
+        except BaseException:
+            for o, state, groups in kept:
+                o.state, o.param_groups = state, groups
+            self._invalidate_plans()
+            raise
+
+    @staticmethod
+    @torch.no_grad()
+    def _put_back_live_weights(live: dict[Tensor, Tensor]) -> None:
+        for p, value in live.items():
+            p.copy_(value)
 
     @staticmethod
     def _copy_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:

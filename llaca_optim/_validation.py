@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .backends import is_dense
 from .reference import PRESETS
 
 LLACA_GROUP_DEFAULTS: dict[str, Any] = {
@@ -152,16 +153,61 @@ LLACA_STATE = ("ema", "prev_grad", "alpha", "alpha_fell_back")
 LLACA_STATE_KEYS = (*LLACA_STATE, "ema_pending")
 SLOT_DTYPES = {"step": torch.float32, "alpha": torch.float32,
                "alpha_fell_back": torch.bool, "ema_pending": torch.bool}
+# The entry a state dict taken inside ``ema_weights()`` adds: the live weights, which the
+# parameter does not hold while its EMA is swapped in (NOTE [state dicts inside the EMA swap] in
+# _core.py). Loading puts them back into the parameter; the state never keeps them.
+LIVE_PARAM = "live_param"
+# The group options an AdamW step reads that no default can stand in for when a loaded group
+# lacks them (the others take their defaults, as torch.optim.AdamW's loader gives them).
+ADAMW_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
-def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bool) -> None:
-    """The state a step will use for ``param``, which the user may have edited between steps
-    (torch's optimizers read ``optimizer.state`` afresh at every step, and so does ours): each
-    entry the step reads must be what the kernels take, checked before any tensor is touched."""
-    afresh = "or delete the entry (del optimizer.state[param]) to start this parameter's state afresh"
+def check_group_keys(group: dict[str, Any], keys: tuple[str, ...], where: str,
+                     saved_by: str = "LLaCAAdamW or torch.optim.AdamW") -> None:
+    """Raises unless ``group`` has every key in ``keys`` (a loaded group lacking ``lr`` would
+    otherwise fail at the next step with a bare KeyError)."""
+    missing = [key for key in keys if key not in group]
+    if missing:
+        raise ValueError(
+            f"llaca_optim: {where} has no {', '.join(map(repr, missing))}, which every param "
+            f"group saved by {saved_by} holds: load a state dict that it saved, or add the "
+            "missing options to that param group; nothing was loaded")
+
+
+class StateSource:
+    """Where state entries come from, for the words of an error: the optimizer's own state
+    (which the user may have edited between steps) or a state dict being loaded. ``entry`` and
+    ``item`` name a parameter's entry and one of its keys (formatted with ``label`` and ``key``);
+    ``fix`` says what to do."""
+
+    def __init__(self, entry: str, item: str, fix: str) -> None:
+        self.entry, self.item, self.fix = entry, item, fix
+
+
+LIVE_STATE = StateSource(
+    "optimizer.state[param] of {label}", "optimizer.state[param][{key!r}] of {label}",
+    "put that right, or delete the entry (del optimizer.state[param]) to start this parameter's "
+    "state afresh")
+
+
+def loaded_state(owner: str, pid: Any) -> StateSource:
+    """A state dict's entry of saved id ``pid``, being loaded into ``owner``."""
+    return StateSource(
+        f"state_dict['state'][{pid!r}] of the state dict ({owner}), for {{label}},",
+        f"state_dict['state'][{pid!r}][{{key!r}}] of the state dict ({owner}), for {{label}},",
+        f"fix or drop state_dict['state'][{pid!r}] before loading; nothing was loaded")
+
+
+def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bool,
+                source: StateSource = LIVE_STATE) -> None:
+    """The state a step will use for ``param``: what the user may have put into
+    ``optimizer.state`` between steps (torch's optimizers read it afresh at every step, and so
+    does ours), or what a state dict is loading. Each entry the step reads must be what the
+    kernels take, checked before any tensor is touched."""
+    entry = source.entry.format(label=label)
     if not isinstance(state, dict):
-        raise TypeError(f"llaca_optim: optimizer.state[param] of {label} is a "
-                        f"{type(state).__name__}, not a dict; put a dict there, {afresh}")
+        raise TypeError(f"llaca_optim: {entry} is a {type(state).__name__}, not a dict; "
+                        f"{source.fix}")
     used = ((ADAMW_STATE + ("max_exp_avg_sq",) if adamw else ())
             + (LLACA_STATE_KEYS if llaca else ()))
     for keys, on in ((ADAMW_STATE, adamw), (LLACA_STATE, llaca)):
@@ -169,13 +215,13 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
         if on and present and len(present) < len(keys):
             missing = [k for k in keys if k not in state]
             raise RuntimeError(
-                f"llaca_optim: optimizer.state of {label} has {present} but not {missing}, which "
-                f"come with them; restore those, {afresh}")
+                f"llaca_optim: {entry} has {present} but not {missing}, which come with them; "
+                f"{source.fix}")
     for key in used:
         if key not in state:
             continue  # made by the step (amsgrad turned on, say)
         value = state[key]
-        where = f"llaca_optim: optimizer.state[param][{key!r}] of {label}"
+        where = f"llaca_optim: {source.item.format(key=key, label=label)}"
         if key in SLOT_DTYPES:
             dtype = SLOT_DTYPES[key]
             if (not isinstance(value, Tensor) or value.numel() != 1 or value.dtype != dtype
@@ -183,9 +229,9 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
                 got = (f"{value.numel()} elements of {value.dtype} on {value.device}"
                        if isinstance(value, Tensor) else f"a {type(value).__name__}")
                 raise RuntimeError(
-                    f"{where} must be a one-element {dtype} tensor on {param.device}, got {got}; "
-                    f"put one there (torch.tensor(value, dtype={dtype}, device=param.device)), "
-                    f"{afresh}")
+                    f"{where} must be a one-element {dtype} tensor on {param.device}, got {got} "
+                    f"(torch.tensor(value, dtype={dtype}, device=param.device) makes one); "
+                    f"{source.fix}")
             continue
         dtypes = _EMA_DTYPES if key == "ema" else (param.dtype,)
         if (not isinstance(value, Tensor) or value.shape != param.shape
@@ -195,4 +241,57 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
             want = "one of " + ", ".join(map(str, dtypes)) if key == "ema" else str(param.dtype)
             raise RuntimeError(
                 f"{where} must be a tensor of the parameter's shape {tuple(param.shape)} on "
-                f"{param.device}, of dtype {want}; got {got}. Put one there, {afresh}")
+                f"{param.device}, of dtype {want}; got {got}; {source.fix}")
+
+
+def check_each_param_once(groups: list[dict[str, Any]]) -> None:
+    """Raises if one tensor stands twice in the param groups. torch's optimizers warn and step it
+    twice; the fused kernels would update it from several threads at once, a different result
+    on every run, so it is refused, as torch plans to refuse it too."""
+    seen: dict[int, tuple[int, int]] = {}
+    for gi, group in enumerate(groups):
+        for pi, p in enumerate(group["params"]):
+            first = seen.setdefault(id(p), (gi, pi))
+            if first != (gi, pi):
+                raise ValueError(
+                    f"llaca_optim: {param_label(group, gi, pi)} is the same tensor as "
+                    f"{param_label(groups[first[0]], *first)}; pass each parameter once (a "
+                    "parameter listed twice would be stepped twice per step)")
+
+
+def check_no_shared_memory(items: list[tuple[Tensor, str, str, bool]]) -> None:
+    """Raises if a tensor the step writes shares memory with another tensor of the step.
+
+    ``items`` holds ``(tensor, what, label, written)``: the tensor, what it is ("the parameter",
+    "its gradient", a state key), the parameter's label, and whether the step writes it. Two
+    tensors that share memory would be read and written through each other, by several threads
+    in the fused kernels (a race), so no written tensor may overlap another; read-only tensors
+    (gradients) may overlap each other. Only dense tensors are compared, whose elements span
+    exactly one block of memory: those with gaps go to the reference backend, one at a time.
+    One sort of the tensors' address ranges, on each replanning of the step only."""
+    spans = []
+    for tensor, what, label, written in items:
+        if tensor.numel() == 0 or tensor.device.type == "meta" or not is_dense(tensor):
+            continue
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        device = tensor.device
+        spans.append(((device.type, -1 if device.index is None else device.index), start, end,
+                      written, what, label))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    widest = widest_written = None  # the spans reaching furthest so far, on this device
+    for span in spans:
+        if widest is not None and widest[0] != span[0]:
+            widest = widest_written = None
+        for other in ((widest if span[3] else None), widest_written):
+            if other is not None and span[1] < other[2]:
+                raise RuntimeError(
+                    f"llaca_optim: {span[4]} of {span[5]} shares memory with {other[4]} of "
+                    f"{other[5]}, and the step writes {'both' if span[3] and other[3] else 'one'}"
+                    " of them: it would read and write one through the other. Give each its "
+                    "own tensor (.clone() the one that was assigned from the other)")
+        if widest is None or span[2] > widest[2]:
+            widest = span
+        if span[3] and (widest_written is None or span[2] > widest_written[2]):
+            widest_written = span
+

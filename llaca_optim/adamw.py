@@ -109,9 +109,12 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         super().__setstate__(state)
         self._invalidate_plans()
         # Also what lets an AdamW state dict load into LLaCAAdamW: missing knobs take defaults.
+        # The options torch's AdamW loader fills in too (state dicts of older torch lack them).
         for group in self.param_groups:
             for key, value in {**V.LLACA_GROUP_DEFAULTS, "maximize": False, "amsgrad": False,
-                               "decoupled_weight_decay": True, "defer_blend": True}.items():
+                               "decoupled_weight_decay": True, "defer_blend": True,
+                               "foreach": None, "capturable": False, "differentiable": False,
+                               "fused": None}.items():
                 group.setdefault(key, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -214,13 +217,19 @@ class LLaCAAdamW(LLaCAOptimizerBase):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict saved by LLaCAAdamW (or by torch.optim.AdamW: the EMA then starts
-        afresh). A dict from another parameter layout raises and leaves this optimizer unchanged;
-        EMAs keep their own dtype instead of being cast to the parameter's."""
+        afresh). EMAs keep their own dtype instead of being cast to the parameter's. A dict from
+        another parameter layout, a group without its options, or an entry the next step could
+        not use raises, naming it, and leaves this optimizer unchanged. A dict saved inside
+        :meth:`ema_weights` also puts the live weights back into the parameters (NOTE [state
+        dicts inside the EMA swap])."""
         self._check_not_swapped("load a state dict")
         state_dict = self._copy_state_dict(state_dict)
         id_map = self._check_layout(state_dict, "LLaCAAdamW")
-        super().load_state_dict(state_dict)
-        self._restore_llaca_entries(state_dict, id_map, self.state)
+        with self._restored_on_error(self):
+            super().load_state_dict(state_dict)
+            live = self._restore_llaca_entries(state_dict, id_map, self.state)
+            self._check_loaded(state_dict, id_map, "LLaCAAdamW", V.ADAMW_GROUP_KEYS)
+        self._put_back_live_weights(live)
         self._invalidate_plans()
         # Our state dicts hold no pending blends, but one copied from `state` itself may.
         self._blend_pending = any("ema_pending" in entry for entry in self.state.values())

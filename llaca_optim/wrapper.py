@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 
 from . import _sharded
 from . import _validation as V
+from ._inner_check import check_inner_state_dict
 from ._core import LLaCAOptimizerBase, eager_under_compile
 from .backends import Backend, Bucket, StepHyper
 
@@ -49,6 +50,7 @@ class LLaCA(LLaCAOptimizerBase):
             )
         knobs = dict(preset=preset, scale=scale, base_weight=base_weight, llaca=llaca, ema_dtype=ema_dtype)
         V.resolve_llaca_knobs(knobs, "constructor arguments")
+        V.check_each_param_once(optimizer.param_groups)
         for gi, group in enumerate(optimizer.param_groups):  # validate all before changing any
             V.resolve_llaca_knobs({**knobs, **{k: group[k] for k in knobs if k in group}}, f"param_groups[{gi}]")
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -59,12 +61,33 @@ class LLaCA(LLaCAOptimizerBase):
         self._link_groups()
         self._setup_backend(backend)
 
+    # The groups are the inner optimizer's, always: read through to its current list, so that
+    # whatever replaces that list (its own load_state_dict, DeepSpeed) is seen here too, and
+    # what is assigned here goes there. Before the inner optimizer is known (Optimizer.__init__)
+    # they are our own.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        inner = self.__dict__.get("optimizer")
+        return inner.param_groups if inner is not None else self.__dict__["param_groups"]
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        inner = self.__dict__.get("optimizer")
+        if inner is not None:
+            inner.param_groups = groups
+        else:
+            self.__dict__["param_groups"] = groups
+
     def _link_groups(self) -> None:
-        self.param_groups = self.optimizer.param_groups
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                if key in V.LLACA_GROUP_DEFAULTS:
-                    group.setdefault(key, value)
+        self.__dict__.pop("param_groups", None)  # from here on, the inner optimizer's
+        self._complete_groups()
+
+    def _complete_groups(self) -> None:
+        # A group added through the inner optimizer (inner.add_param_group) after wrapping has
+        # none of the LLaCA knobs: it takes the wrapper's, as one added here does.
+        for group in self.optimizer.param_groups:
+            for key in V.LLACA_GROUP_DEFAULTS:
+                group.setdefault(key, self.defaults[key])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not hasattr(self, "optimizer"):  # called by Optimizer.__init__ for its temporary group
@@ -147,8 +170,12 @@ class LLaCA(LLaCAOptimizerBase):
         state_dict = self._copy_state_dict(state_dict)
         self._check_layout(state_dict["inner"], "inner optimizer")
         id_map = self._check_layout(state_dict["llaca"], "LLaCA")
-        self.optimizer.load_state_dict(state_dict["inner"])
-        super().load_state_dict(state_dict["llaca"])
-        self._link_groups()
-        self._restore_llaca_entries(state_dict["llaca"], id_map, self.state)
+        check_inner_state_dict(self.optimizer, state_dict["inner"])
+        with self._restored_on_error(self.optimizer, self):
+            self.optimizer.load_state_dict(state_dict["inner"])
+            super().load_state_dict(state_dict["llaca"])
+            self._link_groups()
+            live = self._restore_llaca_entries(state_dict["llaca"], id_map, self.state)
+            self._check_loaded(state_dict["llaca"], id_map, "LLaCA", ())
+        self._put_back_live_weights(live)
         self._invalidate_plans()

@@ -179,9 +179,30 @@ class ReferenceBackend(Backend):
         bucket.alphas[i].fill_(alpha)
         bucket.fell_back[i].fill_(fell_back)
 
+    @staticmethod
+    def _on_meta(bucket: Bucket, h: StepHyper, adamw: bool) -> bool:
+        """Steps a bucket of meta tensors, which carry shapes and no values (deferred
+        initialisation and shape tracing make them; torch's optimizers step them). There is
+        nothing to compute or read back: the step counts, and writes each state tensor from a
+        tensor of its shape, as a step on a real device would."""
+        if not bucket.params or not bucket.params[0].is_meta:
+            return False
+        for i, param in enumerate(bucket.params):
+            if adamw:
+                bucket.state_steps[i].add_(1)
+                bucket.exp_avgs[i].copy_(bucket.grads[i])
+                bucket.exp_avg_sqs[i].copy_(bucket.grads[i])
+                param.copy_(bucket.grads[i])
+            if h.llaca:
+                bucket.emas[i].copy_(param)
+                bucket.prev_grads[i].copy_(bucket.grads[i])
+                bucket.alphas[i].fill_(h.base_weight)
+                bucket.fell_back[i].fill_(True)
+        return True
+
     @torch.no_grad()
     def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
-        if self._overflowed(h):
+        if self._on_meta(bucket, h, adamw=True) or self._overflowed(h):
             return
         lr = float(h.lr)
         for i, param in enumerate(bucket.params):
@@ -197,7 +218,7 @@ class ReferenceBackend(Backend):
 
     @torch.no_grad()
     def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
-        if self._overflowed(h):
+        if self._on_meta(bucket, h, adamw=False) or self._overflowed(h):
             return
         for i in range(len(bucket.params)):
             grad = bucket.grads[i].to(self._compute_dtype(bucket.params[i]))
