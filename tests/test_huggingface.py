@@ -116,6 +116,50 @@ def test_checkpoint_resume_continues_bit_for_bit(tmp_path, cpu_backend):
             assert torch.equal(s[key], r[key]), key
 
 
+class _SavesWithTheEMA(Trainer):
+    """Saves every checkpoint with the EMA weights swapped in, so that the checkpoint's model file
+    holds the EMA (the weights one evaluates and deploys); records them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saved_emas: dict[int, list[torch.Tensor]] = {}
+
+    def _save_checkpoint(self, model, trial):
+        with llaca_optimizer(self.optimizer).ema_weights():
+            self.saved_emas[self.state.global_step] = [p.detach().clone() for p in model.parameters()]
+            super()._save_checkpoint(model, trial)
+
+
+def test_checkpoint_saved_inside_ema_weights_resumes_bit_for_bit(tmp_path, cpu_backend):
+    """A checkpoint saved with the EMA swapped in holds the EMA as the model's weights, and its
+    optimizer.pt the true state with the live weights (NOTE [state dicts inside the EMA swap]):
+    a run resumed from it ends where the uninterrupted run ends, to the bit."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    data = Tokens()
+    out = str(tmp_path)
+    model = tiny_llama(0)
+    optimizer = LLaCAAdamW(model.parameters(), lr=3e-3)
+    trainer = _SavesWithTheEMA(model=model, args=training_args(out, save_strategy="steps", save_steps=4),
+                               train_dataset=data, optimizers=(optimizer, None))
+    trainer.train()
+    saved = safetensors.load_file(os.path.join(out, "checkpoint-4", "model.safetensors"))
+    for (name, _), ema in zip(model.named_parameters(), trainer.saved_emas[4]):
+        assert torch.equal(saved[name], ema), name
+
+    resumed_model = tiny_llama(1)
+    resumed = LLaCAAdamW(resumed_model.parameters(), lr=3e-3)
+    Trainer(model=resumed_model, args=training_args(out), train_dataset=data,
+            optimizers=(resumed, None)).train(
+                resume_from_checkpoint=os.path.join(out, "checkpoint-4"))
+
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    for s, r in zip(llaca_state(optimizer), llaca_state(resumed)):
+        assert s.keys() == r.keys() and {"ema", "prev_grad", "alpha"} <= s.keys()
+        for key in s:
+            assert torch.equal(s[key], r[key]), key
+
+
 class _RecordEMA(TrainerCallback):
     """Placed before LLaCACallback: what the EMAs were when training ended."""
 
