@@ -295,15 +295,20 @@ class LLaCAOptimizerBase(Optimizer):
         if kind is not None:
             raise RuntimeError(_deepspeed.refusal(type(self).__name__, kind))
         V.check_each_param_once(self.param_groups)
+        local = _sharded.local if _sharded.any_sharded() else _as_is
         items = []
-        for gi, pi, group, p in stepped:
-            label = V.param_label(group, gi, pi)
-            items.append((_sharded.local(p), "the parameter", label, True))
-            items.append((_sharded.local(p.grad), "its gradient", label, False))
+        for owner, (_, _, _, p) in enumerate(stepped):
+            items.append((local(p), "the parameter", owner, True))
+            items.append((local(p.grad), "its gradient", owner, False))
             for key, value in self.state.get(p, {}).items():
                 if isinstance(value, Tensor):
-                    items.append((_sharded.local(value), f"optimizer.state[param][{key!r}]", label, True))
-        V.check_no_shared_memory(items)
+                    items.append((local(value), f"optimizer.state[param][{key!r}]", owner, True))
+
+        def describe(owner: int) -> str:
+            gi, pi, group, _ = stepped[owner]
+            return V.param_label(group, gi, pi)
+
+        V.check_no_shared_memory(items, describe)
 
     def _init_llaca_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if "ema" in state:

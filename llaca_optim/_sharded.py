@@ -45,6 +45,11 @@ def is_sharded(t: Tensor) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+def any_sharded() -> bool:
+    """Whether any DTensor can exist in this process (see is_sharded)."""
+    return "torch.distributed.tensor" in sys.modules
+
+
 def local(t: Tensor) -> Tensor:
     """The shard of ``t`` this rank holds (``t`` itself for a plain tensor): a view of the same
     memory, so the kernels update the DTensor in place."""

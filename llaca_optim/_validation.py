@@ -4,6 +4,7 @@ the fix, and is raised before any state is changed."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -259,25 +260,26 @@ def check_each_param_once(groups: list[dict[str, Any]]) -> None:
                     "parameter listed twice would be stepped twice per step)")
 
 
-def check_no_shared_memory(items: list[tuple[Tensor, str, str, bool]]) -> None:
+def check_no_shared_memory(items: list[tuple[Tensor, str, Any, bool]],
+                           describe: Callable[[Any], str]) -> None:
     """Raises if a tensor the step writes shares memory with another tensor of the step.
 
-    ``items`` holds ``(tensor, what, label, written)``: the tensor, what it is ("the parameter",
-    "its gradient", a state key), the parameter's label, and whether the step writes it. Two
-    tensors that share memory would be read and written through each other, by several threads
-    in the fused kernels (a race), so no written tensor may overlap another; read-only tensors
-    (gradients) may overlap each other. Only dense tensors are compared, whose elements span
-    exactly one block of memory: those with gaps go to the reference backend, one at a time.
-    One sort of the tensors' address ranges, on each replanning of the step only."""
+    ``items`` holds ``(tensor, what, owner, written)``: the tensor, what it is ("the parameter",
+    "its gradient", a state key), whose it is (``describe(owner)`` names the parameter), and
+    whether the step writes it. Two tensors that share memory would be read and written through
+    each other, by several threads in the fused kernels (a race), so no written tensor may
+    overlap another; read-only tensors (gradients) may overlap each other. Only dense tensors
+    are compared, whose elements span exactly one block of memory: those with gaps go to the
+    reference backend, one at a time. One sort of the tensors' address ranges, made whenever the
+    step is planned anew (a first step, a changed state or layout), not at every step."""
     spans = []
-    for tensor, what, label, written in items:
-        if tensor.numel() == 0 or tensor.device.type == "meta" or not is_dense(tensor):
-            continue
+    for tensor, what, owner, written in items:
+        numel = tensor.numel()
+        if not numel or tensor.is_meta or not (tensor.is_contiguous() or is_dense(tensor)):
+            continue  # is_contiguous first: it is the cheaper test and the usual answer
         start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
-        device = tensor.device
-        spans.append(((device.type, -1 if device.index is None else device.index), start, end,
-                      written, what, label))
+        spans.append((tensor.get_device(), start, start + numel * tensor.element_size(), written,
+                      what, owner))
     spans.sort(key=lambda s: (s[0], s[1]))
     widest = widest_written = None  # the spans reaching furthest so far, on this device
     for span in spans:
@@ -286,12 +288,12 @@ def check_no_shared_memory(items: list[tuple[Tensor, str, str, bool]]) -> None:
         for other in ((widest if span[3] else None), widest_written):
             if other is not None and span[1] < other[2]:
                 raise RuntimeError(
-                    f"llaca_optim: {span[4]} of {span[5]} shares memory with {other[4]} of "
-                    f"{other[5]}, and the step writes {'both' if span[3] and other[3] else 'one'}"
-                    " of them: it would read and write one through the other. Give each its "
-                    "own tensor (.clone() the one that was assigned from the other)")
+                    f"llaca_optim: {span[4]} of {describe(span[5])} shares memory with {other[4]} "
+                    f"of {describe(other[5])}, and the step writes "
+                    f"{'both' if span[3] and other[3] else 'one'} of them: it would read and write "
+                    "one through the other. Give each its own tensor (.clone() the one that was "
+                    "assigned from the other)")
         if widest is None or span[2] > widest[2]:
             widest = span
         if span[3] and (widest_written is None or span[2] > widest_written[2]):
             widest_written = span
-
