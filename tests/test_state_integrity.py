@@ -299,7 +299,8 @@ def _parameter_shaped_key(state_dict, pid):
 
 
 @pytest.mark.parametrize("inner", list(INNER))
-@pytest.mark.parametrize("corruption", ["wrong shape", "swapped between parameters", "group without lr"])
+@pytest.mark.parametrize("corruption", ["wrong shape", "swapped between parameters", "a moment dropped",
+                                        "group without lr"])
 def test_inner_state_the_next_step_cannot_use_is_refused_at_load(inner, corruption):
     """Whatever the inner optimizer calls its state, a loaded tensor of the wrong shape would
     fail in the middle of its next step: half a step, with no LLaCA update. The load refuses
@@ -315,9 +316,14 @@ def test_inner_state_the_next_step_cannot_use_is_refused_at_load(inner, corrupti
         states = saved["inner"]["state"]
         states[0][key], states[2][key] = states[2][key], states[0][key]
         pattern = rf"{key}.* of shape \(5, 3\) for parameter \(param_groups\[0\]\['params'\]\[0\]\)"
+    elif corruption == "a moment dropped":
+        if inner == "SGD(momentum)":
+            pytest.skip("SGD starts a missing momentum buffer afresh, as after a reset")
+        del saved["inner"]["state"][2][key]
+        pattern = rf"step from it fails at parameter \(param_groups\[0\]\['params'\]\[2\]\) \(saved id 2\) with KeyError: '{key}'"
     else:
         del saved["inner"]["param_groups"][0]["lr"]
-        pattern = r"step from it fails at parameter \(param_groups\[0\]\['params'\]\[0\]\) with KeyError: 'lr'"
+        pattern = r"step from it fails at parameter \(param_groups\[0\]\['params'\]\[0\]\) \(saved id 0\) with KeyError: 'lr'"
     before = everything(model, optimizer)
     with pytest.raises(ValueError, match=pattern + ".*[Nn]othing was loaded"):
         optimizer.load_state_dict(saved)
@@ -325,6 +331,20 @@ def test_inner_state_the_next_step_cannot_use_is_refused_at_load(inner, corrupti
     grads = train(model, optimizer, 2)
     train(twin_model, twin, 2, grads)
     assert_same(everything(twin_model, twin), everything(model, optimizer))
+
+
+@pytest.mark.parametrize("inner", list(INNER))
+def test_a_good_inner_state_dict_loads_as_saved(inner):
+    """The check steps stand-ins, never the state dict being loaded: every loaded tensor (step
+    counts included) is the saved one, and training continues as it would have."""
+    model, optimizer = _wrapped(inner)
+    saved = copy.deepcopy(optimizer.state_dict())
+    twin_model, twin = copy.deepcopy((model, optimizer))
+    twin.load_state_dict(saved)
+    assert_same(everything(model, optimizer), everything(twin_model, twin))
+    grads = train(model, optimizer, 2)
+    train(twin_model, twin, 2, grads)
+    assert_same(everything(model, optimizer), everything(twin_model, twin))
 
 
 def test_inner_optimizer_that_cannot_step_on_meta_still_needs_its_group_options():
