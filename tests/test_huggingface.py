@@ -91,31 +91,6 @@ def test_optimizer_cls_and_kwargs_builds_llaca_with_the_trainers_groups(tmp_path
     assert all(optimizer.ema(p) is not None for g in optimizer.param_groups for p in g["params"])
 
 
-def test_checkpoint_resume_continues_bit_for_bit(tmp_path, cpu_backend):
-    """Trainer's optimizer.pt is our state dict, EMA and previous gradients included: a run
-    resumed from step 4 ends where the uninterrupted run ends, to the bit."""
-    data = Tokens()
-    out = str(tmp_path)
-    model = tiny_llama(0)
-    optimizer = LLaCAAdamW(model.parameters(), lr=3e-3)
-    Trainer(model=model, args=training_args(out, save_strategy="steps", save_steps=4),
-            train_dataset=data, optimizers=(optimizer, None)).train()
-    assert os.path.isdir(os.path.join(out, "checkpoint-4"))
-
-    resumed_model = tiny_llama(1)  # other initial weights: the checkpoint must overwrite them all
-    resumed = LLaCAAdamW(resumed_model.parameters(), lr=3e-3)
-    Trainer(model=resumed_model, args=training_args(out), train_dataset=data,
-            optimizers=(resumed, None)).train(
-                resume_from_checkpoint=os.path.join(out, "checkpoint-4"))
-
-    for p, q in zip(model.parameters(), resumed_model.parameters()):
-        assert torch.equal(p, q)
-    for s, r in zip(llaca_state(optimizer), llaca_state(resumed)):
-        assert s.keys() == r.keys() and {"ema", "prev_grad", "alpha"} <= s.keys()
-        for key in s:
-            assert torch.equal(s[key], r[key]), key
-
-
 class _SavesWithTheEMA(Trainer):
     """Saves every checkpoint with the EMA weights swapped in, so that the checkpoint's model file
     holds the EMA (the weights one evaluates and deploys); records them."""
@@ -130,23 +105,28 @@ class _SavesWithTheEMA(Trainer):
             super()._save_checkpoint(model, trial)
 
 
-def test_checkpoint_saved_inside_ema_weights_resumes_bit_for_bit(tmp_path, cpu_backend):
-    """A checkpoint saved with the EMA swapped in holds the EMA as the model's weights, and its
-    optimizer.pt the true state with the live weights (NOTE [state dicts inside the EMA swap]):
-    a run resumed from it ends where the uninterrupted run ends, to the bit."""
-    safetensors = pytest.importorskip("safetensors.torch")
+@pytest.mark.parametrize("saved", ["as trained", "inside ema_weights"])
+def test_checkpoint_resume_continues_bit_for_bit(tmp_path, cpu_backend, saved):
+    """Trainer's optimizer.pt is our state dict, EMA and previous gradients included: a run
+    resumed from step 4 ends where the uninterrupted run ends, to the bit. A checkpoint saved
+    with the EMA swapped in holds the EMA as the model's weights and, in optimizer.pt, the true
+    state with the live weights (NOTE [state dicts inside the EMA swap]): it resumes as well."""
     data = Tokens()
     out = str(tmp_path)
     model = tiny_llama(0)
     optimizer = LLaCAAdamW(model.parameters(), lr=3e-3)
-    trainer = _SavesWithTheEMA(model=model, args=training_args(out, save_strategy="steps", save_steps=4),
-                               train_dataset=data, optimizers=(optimizer, None))
+    trainer = (Trainer if saved == "as trained" else _SavesWithTheEMA)(
+        model=model, args=training_args(out, save_strategy="steps", save_steps=4),
+        train_dataset=data, optimizers=(optimizer, None))
     trainer.train()
-    saved = safetensors.load_file(os.path.join(out, "checkpoint-4", "model.safetensors"))
-    for (name, _), ema in zip(model.named_parameters(), trainer.saved_emas[4]):
-        assert torch.equal(saved[name], ema), name
+    assert os.path.isdir(os.path.join(out, "checkpoint-4"))
+    if saved == "inside ema_weights":
+        safetensors = pytest.importorskip("safetensors.torch")
+        weights = safetensors.load_file(os.path.join(out, "checkpoint-4", "model.safetensors"))
+        for (name, _), ema in zip(model.named_parameters(), trainer.saved_emas[4]):
+            assert torch.equal(weights[name], ema), name
 
-    resumed_model = tiny_llama(1)
+    resumed_model = tiny_llama(1)  # other initial weights: the checkpoint must overwrite them all
     resumed = LLaCAAdamW(resumed_model.parameters(), lr=3e-3)
     Trainer(model=resumed_model, args=training_args(out), train_dataset=data,
             optimizers=(resumed, None)).train(
