@@ -9,10 +9,12 @@ train without an error into an EMA far from the unsharded one. Until the partiti
 back to their tensors, a step over them is refused.
 
 How they are recognised: DeepSpeed marks the model parameters it takes over (``ds_id`` in stage
-3; ``_hp_mapping``, the link to the fp32 partition, in stages 1 and 2 and in its bf16 optimizer),
-and the tensors in the optimizer's groups are then not the parameters it was built with. Both
-must hold, so that a model merely built under DeepSpeed, whose own parameters an optimizer
-steps, is not refused. Nothing here imports DeepSpeed: without it loaded there is nothing to find.
+3; ``_hp_mapping``, the link to the fp32 partition, in stages 1 and 2 and in its bf16 optimizer)
+or, in its fused fp16 optimizer (GPU only), makes them views of one flat buffer; and the tensors
+in the optimizer's groups are then not the parameters it was built with. Both must hold, so that
+a model merely built under DeepSpeed, whose own parameters an optimizer steps, is not refused,
+nor are DeepSpeed's unfused fp16 optimizer's fp32 copies, one per parameter (per-tensor LLaCA is
+right on them). Nothing here imports DeepSpeed: without it loaded there is nothing to find.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class GivenParams:
             return None
         if all(self._given(t) for t in stepped):
             return None
+        storages = set()
         for ref in self._refs.values():
             p = ref()
             if p is None:
@@ -55,6 +58,11 @@ class GivenParams:
             for mark, kind in _MARKS:
                 if hasattr(p, mark):
                     return kind
+            if p.numel() and not p.is_meta:
+                storage = (p.device, p.untyped_storage().data_ptr())
+                if storage in storages:
+                    return "fp16 optimizer (parameters flattened into one buffer)"
+                storages.add(storage)
         return None
 
     def _given(self, t: Tensor) -> bool:

@@ -1,6 +1,7 @@
 """One process (world size 1, gloo on the CPU) that hands LLaCAAdamW or LLaCA to DeepSpeed at
-ZeRO stages 0 to 3 and reports, as JSON on stdout, what each first step did: whether it raised
-(and what), and whether anything changed (the parameters DeepSpeed holds, our state).
+ZeRO stages 0 to 3, and does to LLaCAAdamW what DeepSpeed's fp16 optimizers (GPU only) do to
+their client, and reports, as JSON on stdout, what each first step did: whether it raised (and
+what), and whether anything changed (the weights DeepSpeed holds, our state).
 
 Run by tests/test_deepspeed.py in a subprocess, so that DeepSpeed's process group and globals
 stay out of the test process."""
@@ -13,6 +14,7 @@ import os
 import sys
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed  # noqa: E402
@@ -72,9 +74,35 @@ def run(stage: int, kind: str) -> dict:
     return result
 
 
+def fp16_optimizer(kind: str) -> dict:
+    """What DeepSpeed's fp16 optimizers (GPU only) do to their client, done here: the fused one
+    makes the parameters views of one flat buffer and steps one flat fp32 copy per group; the
+    unfused one steps an fp32 copy of each parameter."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = llaca_optim.LLaCAAdamW(model.parameters(), lr=1e-2)
+    params = list(model.parameters())
+    if kind == "flattened":
+        flat = _flatten_dense_tensors([p.detach().clone() for p in params])
+        for p, view in zip(params, _unflatten_dense_tensors(flat, params)):
+            p.data = view.data
+        masters = [flat.clone().float().requires_grad_()]
+    else:
+        masters = [p.detach().clone().float().requires_grad_() for p in params]
+    optimizer.param_groups[0]["params"] = masters
+    for p in masters:
+        p.grad = torch.randn_like(p)
+    try:
+        optimizer.step()
+        error = None
+    except RuntimeError as err:
+        error = str(err)
+    return {"stage": "fp16", "kind": kind, "error": error, "state_entries": len(optimizer.state)}
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     results = [run(stage, kind) for stage in (0, 1, 2, 3) for kind in ("LLaCAAdamW", "LLaCA")]
+    results += [fp16_optimizer(kind) for kind in ("flattened", "unfused")]
     sys.stdout.write("RESULTS " + json.dumps(results) + "\n")
 
 

@@ -7,6 +7,7 @@ DeepSpeed runs in a subprocess (tests/_deepspeed_worker.py): one rank, gloo on t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -16,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import deepspeed  # noqa: F401
-except ImportError as err:
+# Imported in the worker only: importing it here would leave it loaded for every later test.
+if importlib.util.find_spec("deepspeed") is None:
     if os.environ.get("LLACA_REQUIRE_NATIVE") == "1":  # CI installs the test extras: run it there
-        raise
-    pytest.skip(f"deepspeed is not installed ({err})", allow_module_level=True)
+        raise ImportError("deepspeed is not installed; pip install -e '.[test]' installs it")
+    pytest.skip("deepspeed is not installed", allow_module_level=True)
 
 WORKER = Path(__file__).with_name("_deepspeed_worker.py")
 
@@ -58,3 +58,18 @@ def test_zero_partitions_are_refused_and_nothing_changes(results, stage, kind):
 def test_stage_0_steps_as_without_deepspeed(results, kind):
     r = results[(0, kind)]
     assert r["error"] is None and r["state_entries"] > 0 and r["equals_plain_step"]
+
+
+
+@pytest.mark.parametrize("flattened", [True, False])
+def test_flattened_groups_of_the_fp16_optimizer_are_refused(results, flattened):
+    """DeepSpeed's fused fp16 optimizer (GPU only) makes the model's parameters views of one flat
+    buffer and hands the optimizer one flat fp32 copy per group: refused. Its unfused one hands
+    an fp32 copy of each parameter, on which per-tensor LLaCA is right: stepped. Done in the
+    worker as those optimizers do it to their client, without a GPU."""
+    r = results[("fp16", "flattened" if flattened else "unfused")]
+    if flattened:
+        assert r["error"] is not None and "DeepSpeed fp16 optimizer" in r["error"]
+        assert r["state_entries"] == 0
+    else:
+        assert r["error"] is None and r["state_entries"] == 4
