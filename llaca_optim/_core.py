@@ -250,7 +250,8 @@ class LLaCAOptimizerBase(Optimizer):
         before any state is created or any tensor touched (SPEC section 6)."""
         if not hasattr(self, "_plans"):
             self._invalidate_plans()
-        if self._state_changed():
+        state_changed = self._state_changed()
+        if state_changed:
             self.state = counting(self.state)  # adopts a map or entries the user put in
             self._invalidate_plans()
         self._complete_groups()
@@ -263,7 +264,7 @@ class LLaCAOptimizerBase(Optimizer):
                 to_build.append((len(plans), gi, group, self._validated_pairs(gi, group)))
             plans.append([group, buckets, scale, base_weight])
         if to_build:
-            self._check_step_tensors()
+            self._check_step_tensors(with_state=state_changed)
         self._flush_before_replan: list[Tensor] = []
         for index, gi, group, pairs in to_build:
             built = self._build_buckets(group, pairs)
@@ -284,11 +285,15 @@ class LLaCAOptimizerBase(Optimizer):
     def _complete_groups(self) -> None:
         """Fills what a group added behind the optimizer's back lacks (the wrapper's)."""
 
-    def _check_step_tensors(self) -> None:
+    def _check_step_tensors(self, with_state: bool) -> None:
         """Checks across all groups, made whenever a group is planned anew, before any state is
         made: a step over DeepSpeed's flat partitions is refused (``_deepspeed.py``); each
         parameter stands once; no tensor the step writes shares memory with another one it
-        touches (the fused kernels would race on it, threads updating one tensor twice)."""
+        touches (the fused kernels would race on it, threads updating one tensor twice). The
+        state tensors are among those compared ``with_state``: when the state was loaded or
+        edited since the last planning. Otherwise they are those checked then, or made by the
+        optimizer since (each in memory of its own), and only parameters and gradients are
+        compared: a third of the work, for the re-planning of steps whose gradients come and go."""
         stepped = [(gi, pi, group, p) for gi, group in enumerate(self.param_groups)
                    for pi, p in enumerate(group["params"]) if p.grad is not None]
         kind = self._given_params.partitioning(p for _, _, _, p in stepped)
@@ -300,7 +305,7 @@ class LLaCAOptimizerBase(Optimizer):
         for owner, (_, _, _, p) in enumerate(stepped):
             items.append((local(p), "the parameter", owner, True))
             items.append((local(p.grad), "its gradient", owner, False))
-            for key, value in self.state.get(p, {}).items():
+            for key, value in (self.state.get(p, {}) if with_state else {}).items():
                 if isinstance(value, Tensor):
                     items.append((local(value), f"optimizer.state[param][{key!r}]", owner, True))
 
