@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds of timed steps per contender before it stops early (default 6)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="start no new measurement after this many seconds; results.json lists "
-                        "the ones left out (for a lent GPU's fixed lease)")
+                        "the ones left out (for a fixed time slot on a GPU machine)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
     p.add_argument("--out", type=Path, default=None, help="output folder")
     p.add_argument("--no-progress", action="store_true")

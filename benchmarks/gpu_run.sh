@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: build the extension, run the GPU tests, the benchmarks, a memory
+# One call on a GPU machine: build the extension, run the GPU tests, the benchmarks, a memory
 # checker and the rest of the suite, each stage inside a share of one fixed time budget, and leave
 # the logs and results in one folder.
 #
-#   bash benchmarks/gpu_run.sh "$OUT"        # through the device tool: run(..., timeout_s=560)
+#   bash benchmarks/gpu_run.sh "$OUT"
 #
-# NOTE [fitting the lease]: a session gets 15 minutes of device time in all, the machine's start
-# (a minute or more) included, and one command may run 10 minutes. So the script keeps to
-# LLACA_GPU_BUDGET_S seconds (default 480) whatever happens: every stage runs under `timeout` with
+# NOTE [fitting the lease]: GPU machines are often had for a short, fixed slot, start-up
+# included. So the script keeps to LLACA_GPU_BUDGET_S seconds (default 480) whatever happens: every stage runs under `timeout` with
 # the smaller of its own cap and what is left, the most valuable evidence comes first (the build,
 # then the CUDA and Triton kernels against the reference on the GPU, then the SPEC section 5
 # figures, then the Triton block/warps timings, then memcheck, then everything else), and a stage
 # that did not fit says so in summary.txt instead of eating the next one's time. The benchmarks
 # write their JSON after every measurement, so a stage cut short still returns what it measured.
-# The device tool brings back at most 8 files: this writes exactly the 8 below, flat in the
-# folder. The table, CSV and plots are redrawn from the JSON: `python -m benchmarks --replot DIR`.
+# It writes exactly the 8 files below, flat in the folder, so that little has to be copied back. The table, CSV and plots are redrawn from the JSON: `python -m benchmarks --replot DIR`.
 #
 #   summary.txt        device, versions, backend status, each stage's exit code and seconds,
 #                      and the closing lines of each stage (also printed last, for the reply)
@@ -26,9 +24,8 @@
 #   memcheck.log       compute-sanitizer memcheck over a few small CUDA cases
 #   tests_rest.log     the rest of the suite
 #
-# It installs nothing from the network (the device machines have none): torch, triton,
-# matplotlib, tqdm, pytest and pytest-benchmark must already be there, as they are in the device
-# image (see the device tool's KINDS.md). LLACA_GPU_SKIP_BUILD=1 uses the llaca_optim already
+# It installs nothing from the network (GPU machines often have none): torch, triton,
+# matplotlib, tqdm, pytest and pytest-benchmark must already be installed there. LLACA_GPU_SKIP_BUILD=1 uses the llaca_optim already
 # importable (tests/test_gpu_script.py runs the script that way, on a CPU, with a tiny budget).
 set -uo pipefail
 out="${1:-${OUT:?usage: bash benchmarks/gpu_run.sh OUTPUT_DIR}}"
@@ -65,7 +62,7 @@ stage() {
   return 0
 }
 
-# The closing lines of a log in the summary: what the device tool's reply shows first.
+# The closing lines of a log in the summary, which is printed last: what a reader sees first.
 tail_into_summary() {
   { echo "--- $1 (last $2 lines)"; tail -n "$2" "$out/$1" 2>/dev/null; echo; } >> "$summary"
 }
@@ -76,7 +73,7 @@ tail_into_summary() {
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" 2>&1
 } >> "$summary"
 
-# The CUDA kernels for Hopper (the lent machines are H100/H200); MAX_JOBS: the three .cu files
+# The CUDA kernels for Hopper (H100/H200) by default; MAX_JOBS: the three .cu files
 # and the host sources build side by side.
 export LLACA_CUDA_ARCH="${LLACA_CUDA_ARCH:-9.0}" MAX_JOBS="${MAX_JOBS:-8}"
 if [[ "${LLACA_GPU_SKIP_BUILD:-0}" == 1 ]]; then

@@ -173,8 +173,8 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], families: tuple[st
 
 
 def brief(env: dict[str, Any], rows: list[dict[str, Any]], families: tuple[str, ...]) -> str:
-    """A few lines per measurement for a terminal (a lent GPU's reply shows only the end of its
-    output): the copy bandwidth, then each of our rows' SPEC section 5 ratios."""
+    """A few lines per measurement for a terminal (a remote run's log is often read only at its
+    end): the copy bandwidth, then each of our rows' SPEC section 5 ratios."""
     lines = [f"{env['device']}, torch {env['versions']['torch']}: of copy, x AdamW(fused), "
              "speedup vs published loop, vs foreach"]
     for r in rows:
@@ -286,7 +286,7 @@ def plot(rows: list[dict[str, Any]], family: str, x_key: str, x_label: str, titl
 
 def write_json(out_dir: Path, env: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
     """results.json alone: the run writes it after every measurement, so a run stopped from
-    outside (a time limit on a lent GPU) still leaves everything it measured."""
+    outside (a time limit on a GPU machine) still leaves everything it measured."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
     tmp = path.with_suffix(".json.tmp")

@@ -185,7 +185,7 @@ class StateSource:
         self.entry, self.item, self.fix = entry, item, fix
 
 
-LIVE_STATE = StateSource(
+OWN_STATE = StateSource(
     "optimizer.state[param] of {label}", "optimizer.state[param][{key!r}] of {label}",
     "put that right, or delete the entry (del optimizer.state[param]) to start this parameter's "
     "state afresh")
@@ -200,7 +200,7 @@ def loaded_state(owner: str, pid: Any) -> StateSource:
 
 
 def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bool,
-                source: StateSource = LIVE_STATE) -> None:
+                source: StateSource = OWN_STATE) -> None:
     """The state a step will use for ``param``: what the user may have put into
     ``optimizer.state`` between steps (torch's optimizers read it afresh at every step, and so
     does ours), or what a state dict is loading. Each entry the step reads must be what the

@@ -1,8 +1,7 @@
-"""benchmarks/gpu_run.sh is what a session with a lent GPU runs, once, inside a lease of a few
-minutes (NOTE [fitting the lease] in the script). Its mistakes would cost that lease, so its
-contract is checked here, on a CPU, with a tiny budget: it ends inside its budget whatever its
-stages do, records every stage in summary.txt, and leaves no more files than the device tool
-brings back (8, flat, plain names)."""
+"""benchmarks/gpu_run.sh is run once on a GPU machine, inside a time slot of a few minutes
+(NOTE [fitting the lease] in the script). Its mistakes would cost that slot, so its contract is
+checked here, on a CPU, with a tiny budget: it ends inside its budget whatever its stages do,
+records every stage in summary.txt, and leaves no more than 8 files (flat, plain names)."""
 
 from __future__ import annotations
 

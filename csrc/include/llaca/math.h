@@ -2,7 +2,7 @@
 //
 // Everything here is plain arithmetic on fp32 (the "opmath" type) so that the CPU kernels and the
 // CUDA kernels compile the very same formulas; storage types are converted at the edges by the
-// kernels. The formulas are those of ../../../shared/SPEC.md section 2, written out in
+// kernels. The formulas are the update of the project's contract, written out in
 // llaca_optim/reference.py, which every backend is tested against.
 #pragma once
 
