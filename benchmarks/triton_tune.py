@@ -2,7 +2,7 @@
 
 Issue 5 asks for the Triton configuration to be chosen by measurement on a GPU. The element-wise
 passes run one program per ``block`` elements with ``num_warps`` warps; this times
-``LLaCAAdamW(backend=TritonBackend(..., block, num_warps))`` for each candidate on SPEC section
+``LLaCAAdamW(backend=triton_backend(..., block, num_warps))`` for each candidate on SPEC section
 5's ``full`` and ``lora_llama`` workloads (fp32 and bf16) beside a device copy of the same bytes,
 through the benchmark harness (CUDA events, medians), and names the fastest per measurement.
 What it finds is then set as ``_triton.BLOCK`` / ``_triton.NUM_WARPS`` by hand, with the figures
@@ -31,7 +31,8 @@ if not torch.cuda.is_available():  # before triton is imported: the interpreter 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from llaca_optim import LLaCAAdamW  # noqa: E402
-from llaca_optim.backends import TritonBackend, _triton  # noqa: E402
+from llaca_optim.ops import triton as _triton  # noqa: E402
+from llaca_optim.ops.registry import triton_backend  # noqa: E402
 
 from . import contenders as C  # noqa: E402
 from . import harness, report, workloads  # noqa: E402
@@ -49,7 +50,7 @@ def candidate_contenders(candidates, device: torch.device, nbytes: int) -> list[
         out.append(C.Contender(
             f"LLaCAAdamW[triton] block={block} warps={warps}", "ours", "triton", "llaca",
             lambda ps, b=block, w=warps: C.OptimizerStepper(LLaCAAdamW(
-                ps, backend=TritonBackend(device.type, block=b, num_warps=w)))))
+                ps, backend=triton_backend(device.type, block=b, num_warps=w)))))
     return out
 
 

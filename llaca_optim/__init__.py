@@ -4,16 +4,18 @@
     ...
     optimizer.end_task()                                              # weights <- EMA
 
-See README.md for the API, the backends and how the native kernels are built.
+The layers, top down: the optimizers (``optim/``: LLaCAAdamW, the LLaCA wrapper, the step
+planner), the functional API (``functional.py``), the ops and their kernels (``ops/``), and the
+math they all match (``reference.py``). See README.md for the API, the backends and the build.
 """
 
-from . import _ops  # noqa: F401  (declares the torch.library ops before any backend registers)
-from . import reference
-from ._core import LLaCAAlphas
-from .adamw import LLaCAAdamW
-from .backends import BackendUnavailable, available_backends, backend_status
-from .reference import PRESETS
-from .wrapper import LLaCA
+from . import ops  # noqa: F401  (declares the torch.library ops, with their default kernels)
+from . import functional, reference
+from .ops.registry import BackendUnavailable, available_backends, backend_status
+from .optim.adamw import LLaCAAdamW
+from .optim.base import LLaCAAlphas
+from .optim.llaca import LLaCA
+from .presets import PRESETS
 
 __version__ = "0.1.0"
 
@@ -25,5 +27,6 @@ __all__ = [
     "BackendUnavailable",
     "available_backends",
     "backend_status",
+    "functional",
     "reference",
 ]

@@ -22,27 +22,11 @@ The LLaCA update, after that step, for a tensor ``p`` with gradient ``g``::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["PRESETS", "Preset", "adamw_step_", "llaca_update_", "balance_weight"]
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named (scale, base_weight) pair."""
-
-    scale: float
-    base_weight: float
-
-
-#: ``coin``: the authors' released code; ``continual-next``: the Continual-NExT benchmark's port.
-PRESETS: dict[str, Preset] = {
-    "coin": Preset(scale=2.0, base_weight=0.01),
-    "continual-next": Preset(scale=0.01, base_weight=0.001),
-}
+__all__ = ["adamw_step_", "llaca_update_", "balance_weight"]
 
 
 def balance_weight(a: float, b: float, c: float, scale: float, base_weight: float) -> tuple[float, bool]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from llaca_optim import _build as _build_flags
-from llaca_optim import _ops
-from llaca_optim.backends import NativeBackend
+from llaca_optim.ops import library
+from llaca_optim.ops.registry import Backend, native_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = "llaca_optim_sim"
@@ -24,11 +24,7 @@ NAMESPACE = "llaca_optim_sim"
 def _build() -> None:
     from torch.utils import cpp_extension
 
-    # The schemas first (the same strings as the real ops'), then the kernels registered for them.
-    library = torch.library.Library(NAMESPACE, "DEF")
-    for schema in _ops.SCHEMAS:
-        library.define(schema)
-    _build.library = library  # keep the definitions alive
+    library.define(NAMESPACE)  # the schemas first (the real ops'), then the kernels for them
     sanitize = _build_flags.sanitizer_flags()  # tests/test_sanitizers.py
     cpp_extension.load(
         name="llaca_optim_cuda_sim" + ("_sanitized" if sanitize else ""),
@@ -43,11 +39,10 @@ def _build() -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def emulated_cuda_backend() -> NativeBackend:
+def emulated_cuda_backend() -> Backend:
     _build()
     # The emulation's chunks are 16 threads x 16 elements (kThreads under LLACA_CUDA_SIM).
-    return NativeBackend("cuda", "cpu", ops=getattr(torch.ops, NAMESPACE), defers_blend=True,
-                         one_visit_limit=256)
+    return native_backend("cuda", "cpu", ops=getattr(torch.ops, NAMESPACE), one_visit_limit=256)
 
 
 def cuda_backend_for_tests():

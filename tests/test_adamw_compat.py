@@ -179,25 +179,22 @@ def test_steps_run_without_gradient_recording():
     torch's autograd fallback for ops without a derivative (which walks every parameter: about a
     fifth of a small-tensor step's host time), and nothing a step does is recorded."""
     from llaca_optim import LLaCA
-    from llaca_optim.backends import ReferenceBackend
+    from llaca_optim.ops.registry import reference_backend
 
-    class Recording(ReferenceBackend):
-        def __init__(self):
-            super().__init__()
-            self.grad_modes = []
-
-        def adamw_llaca(self, bucket, h):
-            self.grad_modes.append(torch.is_grad_enabled())
-            super().adamw_llaca(bucket, h)
-
-        def llaca_update(self, bucket, h):
-            self.grad_modes.append(torch.is_grad_enabled())
-            super().llaca_update(bucket, h)
+    def recording():
+        backend = reference_backend()
+        backend.grad_modes = []
+        for name in ("adamw_llaca", "llaca_update"):
+            def call(bucket, h, run=getattr(backend, name)):
+                backend.grad_modes.append(torch.is_grad_enabled())
+                run(bucket, h)
+            setattr(backend, name, call)
+        return backend
 
     for make in (lambda ps, b: LLaCAAdamW(ps, backend=b),
                  lambda ps, b: LLaCA(torch.optim.SGD(ps, lr=0.1), backend=b)):
         model = small_model()
-        backend = Recording()
+        backend = recording()
         optimizer = make(model.parameters(), backend)
         train(model, optimizer, steps=3)
         assert backend.grad_modes and not any(backend.grad_modes), backend.grad_modes

@@ -18,7 +18,7 @@ from _cuda_sim import cuda_backend_for_tests, emulated_cuda_backend
 from _trajectory import collect
 from test_parity import DTYPES, assert_within_rule, trajectories
 from llaca_optim import LLaCA, LLaCAAdamW
-from llaca_optim.backends import ReferenceBackend
+from llaca_optim.ops.registry import reference_backend
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("ema_dtype", [None, "param"])
@@ -93,7 +93,7 @@ def test_steps_reusing_their_tables_match_the_reference():
     backend, device = cuda_backend_for_tests()
     model, twin, data = _twins(device, 99)
     ours = LLaCAAdamW(model.parameters(), lr=1e-2, backend=backend)
-    reference = LLaCAAdamW(twin.parameters(), lr=1e-2, backend=ReferenceBackend())
+    reference = LLaCAAdamW(twin.parameters(), lr=1e-2, backend=reference_backend())
     _train(model, ours, data, zero_grad_in_place=True)
     _train(twin, reference, data, zero_grad_in_place=True)
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -110,7 +110,7 @@ def test_many_layouts_evict_and_rebuild_tables():
         p = nn.Parameter(torch.randn(300 + n, device=device))
         q = nn.Parameter(p.detach().clone())
         pairs.append((p, q, LLaCAAdamW([p], lr=1e-2, backend=backend),
-                      LLaCAAdamW([q], lr=1e-2, backend=ReferenceBackend())))
+                      LLaCAAdamW([q], lr=1e-2, backend=reference_backend())))
     for _ in range(3):
         for p, q, ours, reference in pairs:
             g = torch.randn_like(p)

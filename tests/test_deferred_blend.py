@@ -1,7 +1,6 @@
 """The deferred EMA blend of the CUDA, CPU and Triton backends (NOTE [CUDA deferred blend] in
-csrc/cuda/layout.h, NOTE [CPU deferred blend] in csrc/cpu/llaca_cpu.cpp, NOTE [deferred blend,
-Python side] in llaca_optim/_core.py): each step applies the blend the previous
-step left pending, so a step is one pass over memory, and everything that reads an EMA flushes
+csrc/cuda/layout.h, NOTE [CPU deferred blend] in csrc/cpu/llaca_cpu.cpp, NOTE [deferred blend]
+in llaca_optim/optim/deferred.py): each step applies the blend the previous step left pending, so a step is one pass over memory, and everything that reads an EMA flushes
 first. The blend is the same expression on the same stored values either way, so a deferring
 optimizer must match one that blends within the step (``defer_blend=False``) bit for bit, in
 parameters, every state tensor and the per-step alphas, whatever happens between steps.
@@ -25,7 +24,7 @@ from _cuda_sim import cuda_backend_for_tests
 from conftest import backend_or_skip
 from _trajectory import collect
 from llaca_optim import LLaCAAdamW
-from llaca_optim.backends import ONE_VISIT_LIMITS, StepHyper
+from llaca_optim.ops.registry import ONE_VISIT_LIMITS, StepHyper
 
 # Sizes in elements of the emulation's chunks (256) and the GPU's (4096): several multi-chunk
 # tensors (deferred), single-chunk ones (finished on chip, never pending), an empty one and one
@@ -268,7 +267,7 @@ def test_flush_op_refuses_bad_input_before_changing_anything(kernels):
     sharded steps, NOTE [sharded parameters])."""
     if kernels == "cuda":
         backend, device = cuda_backend_for_tests()
-        ops = backend._ops if not isinstance(backend, str) else torch.ops.llaca_optim
+        ops = backend.ops if not isinstance(backend, str) else torch.ops.llaca_optim
     else:
         backend_or_skip("cpu")
         ops, device = torch.ops.llaca_optim, "cpu"
@@ -296,20 +295,19 @@ def test_a_captured_step_keeps_every_flush_active(deferring_backend, monkeypatch
     after a capture no flush may be skipped. Emulated here: a step planned "under capture", then
     "replays" that run its kernels without the optimizer (tests/test_cuda_gpu.py captures a real
     graph on a GPU)."""
-    import llaca_optim._core as core
+    import llaca_optim.optim.deferred as deferred
 
     _, device = deferring_backend
     runs = _pair(deferring_backend, torch.float32, seed=51)
     grads = _gradients(torch.float32, deferring_backend, 5, seed=51)
     _train(runs, grads[:1])
     (params, deferring), (twin_params, blending) = runs
-    monkeypatch.setattr(core, "_capturing", lambda t: True)
+    monkeypatch.setattr(deferred, "capturing", lambda t: True)
     _step(params, deferring, grads[1])
     monkeypatch.undo()
     _step(twin_params, blending, grads[1])
     deferring.flush_ema()  # nothing pending now, as far as the host can see
-    planned = [(backend, bucket) for plan in deferring._plans.values()
-               for backend, bucket, _ in plan.buckets]
+    planned = deferring._planner.planned_buckets()
     hyper = StepHyper(lr=3e-2, weight_decay=0.05)  # _pair's optimizer; other knobs the defaults
     for t in (2, 3, 4):
         for p, g in zip(params, grads[t]):

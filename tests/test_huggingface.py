@@ -16,7 +16,7 @@ from transformers import (  # noqa: E402
     LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments)
 
 from llaca_optim import LLaCA, LLaCAAdamW  # noqa: E402
-from llaca_optim.huggingface import LLaCACallback, alpha_summary, llaca_optimizer  # noqa: E402
+from llaca_optim.integrations.huggingface import LLaCACallback, alpha_summary, llaca_optimizer  # noqa: E402
 
 VOCAB, SEQ = 61, 12
 

@@ -38,12 +38,12 @@ from _cuda_sim import cuda_backend_for_tests
 from conftest import kernel_device
 from _trajectory import gradient_sequence, run_trajectory, tensor_zoo
 from llaca_optim import LLaCA, LLaCAAdamW
-from llaca_optim.backends import ReferenceBackend
+from llaca_optim.ops.registry import reference_backend
 
 STEPS = 21
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-REF32 = ReferenceBackend(torch.float32)
-REF64 = ReferenceBackend(torch.float64)
+REF32 = reference_backend(torch.float32)
+REF64 = reference_backend(torch.float64)
 ALPHAS_PER_STEP = "alphas per step"  # trajectories(): [step][tensor] -> (alpha, fell back) or None
 
 
@@ -306,11 +306,12 @@ def test_triton_wrapper_and_ema_dtype(triton_backend, dtype):
 def test_triton_with_another_block_size_and_warps(triton_backend):
     """A launcher given a block size and warp count of its own (what benchmarks/triton_tune.py
     times) holds to the same rule: the block size changes the order of the sums, no more."""
-    from llaca_optim.backends import TritonBackend, _triton
+    from llaca_optim.ops import triton as _triton
+    from llaca_optim.ops.registry import triton_backend as make_triton_backend
 
     # Under the interpreter a larger block than its default (fewer programs run in Python).
     block = 2 * _triton.BLOCK if _triton.interpreting() else 4096
-    other = TritonBackend(kernel_device(), block=block, num_warps=8)
+    other = make_triton_backend(kernel_device(), block=block, num_warps=8)
 
     def make(params, backend):
         return LLaCAAdamW(params, lr=3e-3, weight_decay=0.05, amsgrad=True,
@@ -319,7 +320,7 @@ def test_triton_with_another_block_size_and_warps(triton_backend):
     run, ref32, ref64 = trajectories(make, torch.bfloat16, kernel="triton")
     assert_within_rule(run, ref32, ref64, torch.bfloat16)
     with pytest.raises(ValueError, match="power of two of at least 16 elements, got block=1000"):
-        TritonBackend(kernel_device(), block=1000)
+        make_triton_backend(kernel_device(), block=1000)
 
 
 def test_triton_address_table_and_alignment(triton_backend):
@@ -327,16 +328,19 @@ def test_triton_address_table_and_alignment(triton_backend):
     and 16-byte vector accesses are allowed only when every element array is 16-byte aligned:
     a view one element in (a dense tensor the kernels accept) turns them off; the per-tensor
     scalars after the element arrays do not count."""
-    from llaca_optim.backends import _triton, _triton_kernels as K
+    from llaca_optim.ops import triton as _triton
+    from llaca_optim.ops import roles
+    from llaca_optim.ops.triton import kernels as K
 
     base = torch.zeros(4 * 1024 + 1)
     aligned_views, odd_view = [base[:1024], base[1024:2048]], base[1:1025]
     scalars = list(torch.zeros(3)[1:])  # 4 and 8 bytes in: misaligned, and beside the point
-    n_element = int(K.STEP)
+    n_element = int(K.STEP)  # the element arrays' rows come first, then the scalar slots'
+    n_rows = len(roles.TABLE_ROWS)
     for arrays, expect in ((aligned_views, True), ([aligned_views[0], odd_view], False)):
-        columns = [arrays] + [None] * (n_element - 1) + [scalars]
+        columns = {"params": arrays, "state_steps": scalars}
         table, aligned = _triton.TritonLauncher.addresses(columns, 2, torch.device("cpu"))
         assert aligned is expect
         expected = [t.data_ptr() for t in arrays] + [0] * 2 * (n_element - 1) + \
-            [s.data_ptr() for s in scalars]
+            [s.data_ptr() for s in scalars] + [0] * 2 * (n_rows - n_element - 1)
         assert table.tolist() == expected

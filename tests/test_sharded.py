@@ -1,4 +1,4 @@
-"""Sharded parameters (DTensor, FSDP2): NOTE [sharded parameters] in llaca_optim/_sharded.py.
+"""Sharded parameters (DTensor, FSDP2): NOTE [sharded parameters] in llaca_optim/optim/sharded.py.
 
 The ranks are separate processes talking gloo on the CPU (tests/_sharded_workers.py). Each
 trajectory is compared with the same backend run unsharded in this process:
@@ -59,7 +59,7 @@ ELEMENTWISE_KEYS = ("param", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", 
 
 def _backend_available(job: dict) -> bool:
     import llaca_optim
-    from llaca_optim.backends import _triton
+    from llaca_optim.ops import triton as _triton
 
     name = job["backend"]
     if name == "cuda_sim":
@@ -163,7 +163,7 @@ def test_layout_routes_dtensors():
     """Which DTensors take the fused kernels on their shards and which go to the reference."""
     from torch.distributed.tensor import Replicate, Shard
 
-    from llaca_optim import _sharded
+    from llaca_optim.optim import sharded as _sharded
 
     class FakeMesh:
         pass

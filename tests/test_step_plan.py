@@ -1,4 +1,4 @@
-"""The per-group step plan that LLaCAAdamW and LLaCA reuse from step to step (llaca_optim/_core.py).
+"""The per-group step plan that LLaCAAdamW and LLaCA reuse from step to step (llaca_optim/optim/base.py).
 
 A reused plan must behave exactly like a fresh one: each case changes, between steps, something the
 plan depends on (which parameters have gradients, a gradient's layout or dtype, the groups, the
@@ -141,7 +141,7 @@ def test_state_dict_load_between_steps(cpu_backend):
 
 # --------------------------------------------------------------------- changes to optimizer.state
 # torch's optimizers read `state` afresh at every step, and code written for them resets or edits
-# it between steps; a reused plan must see each such change (llaca_optim/_state.py). Each case is
+# it between steps; a reused plan must see each such change (llaca_optim/state.py). Each case is
 # a few edits at given steps, applied to both optimizers alike (later ones to what earlier ones
 # made), and the oracle is torch.optim.AdamW itself. An edit is (optimizer, params, nth edit).
 

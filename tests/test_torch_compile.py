@@ -1,7 +1,7 @@
 """``torch.compile`` of an optimizer step, as torch's docs teach it for torch's own optimizers
 (``@torch.compile def step(): optimizer.step()``): the compiled step is the eager step, bit for
 bit, in the parameters and every state tensor, deferred blends included, and without the
-per-step copies a traced op costs (NOTE [torch.compile] in llaca_optim/_core.py)."""
+per-step copies a traced op costs (NOTE [torch.compile] in llaca_optim/optim/base.py)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from llaca_optim.backends import _triton_kernels as K  # noqa: E402
+from llaca_optim.ops.triton import kernels as K  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import llaca_optim
-from llaca_optim.backends import Bucket, StepHyper, resolve_backend
+from llaca_optim.ops.registry import Bucket, StepHyper, resolve_backend
 
 from ..workloads import lora_llama, many_tiny
 

@@ -1,4 +1,4 @@
-"""Checks of user input (SPEC section 6): every error names the parameter or hyperparameter and
+"""Checks of user input (docs/spec.md section 6): every error names the parameter or hyperparameter and
 the fix, and is raised before any state is changed."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backends import is_dense
-from .reference import PRESETS
+from ..ops import roles
+from ..ops.registry import is_dense
+from ..presets import PRESETS
 
 LLACA_GROUP_DEFAULTS: dict[str, Any] = {
     "preset": "coin",
@@ -146,14 +147,13 @@ def check_gradient(param: Tensor, grad: Tensor, label: str) -> None:
         )
 
 
-# optimizer.state entries. Those made together (a step adds all or none of them); the LLaCA
-# entries as a whole, with the deferred-blend flag (see _core.py); the one-element slots with their
-# dtype. Every other entry is shaped like its parameter, in its dtype (the EMA: an EMA dtype).
-ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
-LLACA_STATE = ("ema", "prev_grad", "alpha", "alpha_fell_back")
-LLACA_STATE_KEYS = (*LLACA_STATE, "ema_pending")
-SLOT_DTYPES = {"step": torch.float32, "alpha": torch.float32,
-               "alpha_fell_back": torch.bool, "ema_pending": torch.bool}
+# optimizer.state entries, from the role table: those made together (a step adds all or none of
+# them), the LLaCA entries with the deferred-blend flag, and the one-element slots' dtypes. Every
+# other entry is shaped like its parameter, in its dtype (the EMA: an EMA dtype).
+ADAMW_STATE = roles.ADAMW_STATE
+LLACA_STATE = roles.LLACA_STATE
+LLACA_STATE_KEYS = roles.LLACA_STATE_KEYS
+SLOT_DTYPES = roles.SLOT_DTYPES
 # The entry a state dict taken inside ``ema_weights()`` adds: the live weights, which the
 # parameter does not hold while its EMA is swapped in (NOTE [state dicts inside the EMA swap] in
 # _core.py). Loading puts them back into the parameter; the state never keeps them.
@@ -209,7 +209,7 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
     if not isinstance(state, dict):
         raise TypeError(f"llaca_optim: {entry} is a {type(state).__name__}, not a dict; "
                         f"{source.fix}")
-    used = ((ADAMW_STATE + ("max_exp_avg_sq",) if adamw else ())
+    used = ((roles.state_keys("adamw", "amsgrad") if adamw else ())
             + (LLACA_STATE_KEYS if llaca else ()))
     for keys, on in ((ADAMW_STATE, adamw), (LLACA_STATE, llaca)):
         present = [k for k in keys if k in state]

@@ -1,4 +1,4 @@
-"""The Triton backend: builds the address and block tables of a bucket and launches the three
+"""The Triton launcher: builds the address and block tables of a bucket and launches the three
 kernels of _triton_kernels.py (a fixed number of launches per bucket, whatever its size).
 
 It runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before triton is
@@ -15,6 +15,8 @@ import struct
 
 import torch
 from torch import Tensor
+
+from ..roles import ARRAY_ROWS, TABLE_ROWS
 
 RBLOCK = 128   # block partials summed per iteration of the per-tensor pass
 
@@ -84,9 +86,7 @@ class _Tables:
 
 
 class TritonLauncher:
-    def __init__(self, device_type: str, block: int | None = None,
-                 num_warps: int | None = None) -> None:
-        self.device_type = device_type
+    def __init__(self, block: int | None = None, num_warps: int | None = None) -> None:
         self.block = BLOCK if block is None else block
         self.num_warps = NUM_WARPS if num_warps is None else num_warps
         if self.block < 16 or self.block & (self.block - 1):
@@ -107,73 +107,73 @@ class TritonLauncher:
         return tables
 
     @staticmethod
-    def addresses(columns: list[list[Tensor] | None], n: int, device: torch.device
+    def addresses(lists: dict[str, list[Tensor] | None], n: int, device: torch.device
                   ) -> tuple[Tensor, bool]:
-        """The address table, and whether every element array in it (the roles before STEP) is
-        16-byte aligned, which the kernels' vector loads need (allocations are; views with an
-        odd storage offset may not be)."""
-        from . import _triton_kernels as K
-
+        """The address table (a row per role of TABLE_ROWS, a column per tensor; zeros for a role
+        absent from ``lists`` or None there), and whether every element array in it is 16-byte
+        aligned, which the kernels' vector loads need (allocations are; views with an odd storage
+        offset may not be)."""
         rows = []
-        for column in columns:
+        for role in TABLE_ROWS:
+            column = lists.get(role.arg)
             rows += [t.data_ptr() for t in column] if column else [0] * n
-        # struct.pack, and one tensor op for the alignment: with torch.tensor(list) and a
-        # generator over the addresses this took 0.57 ms for 448 tensors, now 0.39 (this CPU).
+        # struct.pack, and one tensor op for the alignment: cheaper than torch.tensor(list) and
+        # a generator over the addresses.
         host = torch.frombuffer(bytearray(struct.pack(f"{len(rows)}q", *rows)), dtype=torch.int64)
-        aligned = not bool(host[: int(K.STEP) * n].bitwise_and(15).any())
+        aligned = not bool(host[: ARRAY_ROWS * n].bitwise_and(15).any())
         if device.type == "cuda":  # pinned, so the copy does not synchronise with the host
             return host.pin_memory().to(device, non_blocking=True), aligned
         return host, aligned
 
-    def launch(self, bucket, h, adamw: bool) -> None:
-        from . import _triton_kernels as K
+    def launch(self, lists: dict[str, list[Tensor]], *, adamw: bool, lr: float = 0.0,
+               beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.0,
+               eps: float = 1e-8, amsgrad: bool = False, maximize: bool = False,
+               llaca: bool = True, scale: float, base_weight: float,
+               lr_tensor: Tensor | None = None, grad_scale: Tensor | None = None,
+               found_inf: Tensor | None = None, shard_sums: Tensor | None = None) -> None:
+        """One op call: ``lists`` holds the op's role lists by name, the rest its scalars."""
+        from . import kernels as K
 
-        params = bucket.params
+        params = lists["params"]
         if not params:
             return
         device = params[0].device
         n = len(params)
         tables = self.tables(params)
         pdt = _tl_dtype(params[0].dtype)
-        edt = _tl_dtype(bucket.emas[0].dtype) if h.llaca and bucket.emas else pdt
-        columns = [params, bucket.grads]
-        if adamw:
-            columns += [bucket.exp_avgs, bucket.exp_avg_sqs,
-                        bucket.max_exp_avg_sqs if h.amsgrad else None]
-        else:
-            columns += [None, None, None]
-        llaca = h.llaca and bool(bucket.emas)
-        defer = llaca and adamw and bool(bucket.ema_pending)
-        columns += [bucket.emas if llaca else None, bucket.prev_grads if llaca else None,
-                    bucket.state_steps if adamw else None, bucket.alphas if llaca else None,
-                    bucket.fell_back if llaca else None, bucket.ema_pending if defer else None]
-        table, aligned = self.addresses(columns, n, device)
+        llaca = llaca and bool(lists["emas"])
+        edt = _tl_dtype(lists["emas"][0].dtype) if llaca else pdt
+        defer = llaca and adamw and bool(lists.get("ema_pending"))
+        wanted = {"params", "grads"}
+        wanted |= {"exp_avgs", "exp_avg_sqs", "state_steps"} | ({"max_exp_avg_sqs"} if amsgrad else set()) if adamw else set()
+        wanted |= {"emas", "prev_grads", "alphas", "fell_back"} if llaca else set()
+        wanted |= {"ema_pending"} if defer else set()
+        table, aligned = self.addresses({k: v for k, v in lists.items() if k in wanted}, n, device)
         dummy = tables.partials  # any tensor on the device, for pointer arguments left unused
-        lr_ptr = h.lr if isinstance(h.lr, Tensor) else None
-        beta1, beta2 = float(h.beta1), float(h.beta2)
+        beta1, beta2 = float(beta1), float(beta2)
         # enable_fp_fusion=False: no a*b+c -> FMA contraction, so the kernels round like torch's
         # element-wise ops (as the CPU build's -ffp-contract=off); the step is memory-bound.
-        common = dict(found_inf_ptr=h.found_inf if h.found_inf is not None else dummy,
-                      HAS_FOUND_INF=h.found_inf is not None, enable_fp_fusion=False)
+        common = dict(found_inf_ptr=found_inf if found_inf is not None else dummy,
+                      HAS_FOUND_INF=found_inf is not None, enable_fp_fusion=False)
         if tables.n_blocks:
             K._step_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, tables.partials, n,
-                *_split(0.0 if lr_ptr is not None else float(h.lr)), beta1, beta2,
+                *_split(0.0 if lr_tensor is not None else float(lr)), beta1, beta2,
                 1.0 - beta1, 1.0 - beta2,
                 math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
-                *_split(float(h.weight_decay)), float(h.eps),
-                lr_ptr if lr_ptr is not None else dummy,
-                h.grad_scale if h.grad_scale is not None else dummy,
-                PDT=pdt, EDT=edt, ADAMW=adamw, AMSGRAD=adamw and h.amsgrad, MAXIMIZE=h.maximize,
-                LLACA=llaca, HAS_LR_PTR=lr_ptr is not None,
-                HAS_GRAD_SCALE=h.grad_scale is not None, ALIGNED=aligned, DEFER=defer,
+                *_split(float(weight_decay)), float(eps),
+                lr_tensor if lr_tensor is not None else dummy,
+                grad_scale if grad_scale is not None else dummy,
+                PDT=pdt, EDT=edt, ADAMW=adamw, AMSGRAD=adamw and amsgrad, MAXIMIZE=maximize,
+                LLACA=llaca, HAS_LR_PTR=lr_tensor is not None,
+                HAS_GRAD_SCALE=grad_scale is not None, ALIGNED=aligned, DEFER=defer,
                 BLOCK=self.block, num_warps=self.num_warps, **common,
             )
-        sharded = llaca and bucket.shard is not None
+        sharded = llaca and shard_sums is not None
         K._finish_tensors[(n,)](
             table, tables.first_block, tables.block_count, tables.partials, tables.fresh, n,
-            *_split(float(h.scale)), float(h.base_weight),
-            shard_sums=bucket.shard.sums if sharded else dummy,
+            *_split(float(scale)), float(base_weight),
+            shard_sums=shard_sums if sharded else dummy,
             ADAMW=adamw, LLACA=llaca, DEFER=defer, SHARDED=sharded, RBLOCK=RBLOCK, **common,
         )
         if llaca and not defer and not sharded and tables.n_blocks:
@@ -183,22 +183,22 @@ class TritonLauncher:
                 **common,
             )
 
-    def flush(self, bucket) -> None:
-        """Applies and clears the blends pending in ``bucket`` (params, emas, alphas, ema_pending)."""
-        from . import _triton_kernels as K
+    def flush(self, params: list[Tensor], emas: list[Tensor], alphas: list[Tensor],
+              ema_pending: list[Tensor]) -> None:
+        """Applies and clears the blends pending on these tensors."""
+        from . import kernels as K
 
-        params = bucket.params
         if not params:
             return
         n = len(params)
         tables = self.tables(params)
         table, aligned = self.addresses(
-            [params, None, None, None, None, bucket.emas, None, None, bucket.alphas, None,
-             bucket.ema_pending], n, params[0].device)
+            {"params": params, "emas": emas, "alphas": alphas, "ema_pending": ema_pending}, n,
+            params[0].device)
         if tables.n_blocks:
             K._flush_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, n,
-                PDT=_tl_dtype(params[0].dtype), EDT=_tl_dtype(bucket.emas[0].dtype), ALIGNED=aligned,
+                PDT=_tl_dtype(params[0].dtype), EDT=_tl_dtype(emas[0].dtype), ALIGNED=aligned,
                 BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
             )
         K._clear_pending[(n,)](table, n)

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _sharded
-from . import _validation as V
-from ._core import LLACA_STATE_KEYS, LLaCAOptimizerBase, eager_under_compile
-from .backends import Backend, Bucket, StepHyper
+from ..ops.registry import Backend, StepHyper
+from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS
+from . import validation as V
+from .base import LLaCAOptimizerBase, eager_under_compile
+from .plan import run_step
 
 __all__ = ["LLaCAAdamW"]
 
@@ -59,12 +60,11 @@ class LLaCAAdamW(LLaCAOptimizerBase):
     gradients and skip the whole step (EMA included) when an overflow was found. Works with
     DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism): the kernels run on the local
     shards and one all-reduce per bucket makes the alphas those of the whole tensors (NOTE
-    [sharded parameters] in ``_sharded.py``).
+    [sharded parameters] in ``optim/sharded.py``).
     """
 
     # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
     _step_supports_amp_scaling = True
-    _holds_adamw_state = True
 
     def __init__(
         self,
@@ -124,22 +124,17 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         V.validate_adamw_group(group, where)
         return super()._validate_group(group, where)
 
-    def _llaca_state(self, p: Tensor) -> dict[str, Any] | None:
-        return self.state.get(p)
+    _op = ADAMW_LLACA
 
-    @torch.no_grad()
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        state = self.state[p]
-        if "step" not in state:
-            # step lives on the parameter's device, as in torch's fused AdamW: the kernels bump it.
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _parts(self, group: dict[str, Any]) -> frozenset[str]:
+        parts = {"tensor", "adamw"}
+        if group["amsgrad"]:
+            parts.add("amsgrad")
         if group["llaca"]:
-            self._init_llaca_state(p, state, group)
-        return state
+            parts.add("llaca")
+            if group["defer_blend"]:
+                parts.add("deferral")
+        return frozenset(parts)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW + LLaCA step over every parameter that has a gradient."""
@@ -151,61 +146,25 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         return loss
 
     # Without gradient recording, as torch's optimizers step (the wrapper's update already did):
-    # in grad mode each call of our ops went through torch's autograd fallback for ops without a
-    # derivative, which walks every tensor argument (the parameters require grad). That was about
-    # a fifth of the host time of a step over 448 small tensors (CPU backend, this machine).
-    # Nothing here is differentiable (differentiable=True is refused).
-    @eager_under_compile  # NOTE [torch.compile] in _core.py
+    # in grad mode each call of our ops goes through torch's autograd fallback for ops without a
+    # derivative, which walks every tensor argument (the parameters require grad), a sizeable
+    # part of the host time of a step over many small tensors. Nothing here is differentiable
+    # (differentiable=True is refused).
+    @eager_under_compile  # NOTE [torch.compile] in base.py
     @torch.no_grad()
     def _fused_step(self) -> None:
         self._check_not_swapped("step")
-        plan = self._plan_step()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for group, buckets, scale, base_weight in plan:
-            if not buckets:
-                continue
-            beta1, beta2 = (float(b) for b in group["betas"])
-            hyper = StepHyper(
-                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=float(group["weight_decay"]),
-                eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
-                llaca=group["llaca"], scale=scale, base_weight=base_weight,
-                grad_scale=grad_scale, found_inf=found_inf,
-            )
-            for backend, bucket in buckets:
-                if bucket.ema_pending:
-                    self._before_deferred_step(bucket)
-                backend.adamw_llaca(bucket, hyper)
-                if bucket.shard is not None:
-                    _sharded.finish_step(backend, bucket, scale, base_weight, found_inf)
+        run_step(self._plan_step(), adamw=True, hyper_of=self._hyper, pending=self._pending)
 
-    def _build_buckets(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
-                       ) -> list[tuple[Backend, Bucket, list[int]]]:
-        buckets: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int]]] = {}
-        for position, (p, g) in enumerate(pairs):
-            state = self._init_state(p, group)
-            companions = [state["exp_avg"], state["exp_avg_sq"]]
-            if group["amsgrad"]:
-                companions.append(state["max_exp_avg_sq"])
-            if group["llaca"]:
-                companions += [state["ema"], state["prev_grad"]]
-            ema_dtype = state["ema"].dtype if group["llaca"] else None
-            backend, bucket, view = self._place(buckets, position, p, g, companions, ema_dtype)
-            defer = group["llaca"] and group["defer_blend"] and backend.defers_blend
-            if defer:
-                state.setdefault("ema_pending", torch.zeros((), dtype=torch.bool, device=p.device))
-            elif "ema_pending" in state:
-                self._flush_before_replan.append(p)  # its new route would not apply the blend
-            bucket.exp_avgs.append(view(state["exp_avg"]))
-            bucket.exp_avg_sqs.append(view(state["exp_avg_sq"]))
-            if group["amsgrad"]:
-                bucket.max_exp_avg_sqs.append(view(state["max_exp_avg_sq"]))
-            bucket.state_steps.append(state["step"])
-            if group["llaca"]:
-                self._add_llaca(bucket, state, view)
-            if defer:
-                bucket.ema_pending.append(state["ema_pending"])
-        return self._finish_buckets(buckets, group["llaca"])
+    def _hyper(self, group: dict[str, Any], scale: float, base_weight: float) -> StepHyper:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return StepHyper(
+            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=float(group["weight_decay"]),
+            eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
+            llaca=group["llaca"], scale=scale, base_weight=base_weight,
+            # GradScaler's, when it hands them to the step instead of unscaling itself.
+            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+        )
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         if not keep_moments:
@@ -232,4 +191,4 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         self._put_back_live_weights(live)
         self._invalidate_plans()
         # Our state dicts hold no pending blends, but one copied from `state` itself may.
-        self._blend_pending = any("ema_pending" in entry for entry in self.state.values())
+        self._pending.pending = any("ema_pending" in entry for entry in self.state.values())

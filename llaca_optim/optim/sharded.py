@@ -5,7 +5,7 @@ LLaCA's alpha is per *whole* tensor: it needs ``a = sum|p - ema|``, ``b = sum|g|
 ``c = sum|g - g_prev|`` over every element, while each rank holds only its shard. The published
 code has no answer to that (it is incompatible with ZeRO-1 and above). Here a bucket of sharded
 parameters runs the fused kernels on the local shards in their sharded mode (``shard_sums`` in
-llaca_optim/_ops.py), then:
+llaca_optim/ops/library.py), then:
 
 1. the kernels do the AdamW step and write each tensor's *local* sums to one float64 row of the
    bucket's ``sums`` tensor; they compute no alpha and blend nothing;

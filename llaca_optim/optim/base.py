@@ -1,10 +1,10 @@
-"""What LLaCAAdamW and the LLaCA wrapper share: backend choice, per-parameter LLaCA state, the
-task API (SPEC section 2) and state-dict loading that keeps EMA precision and fails cleanly."""
+"""What LLaCAAdamW and the LLaCA wrapper share: param groups, backend choice, pickling, the task
+API (docs/spec.md section 2) and state-dict loading that keeps EMA precision and fails cleanly.
+A step's planning is the step planner's (plan.py); blends left pending are deferred.py's."""
 
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,30 +15,19 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _deepspeed, _sharded
-from . import _validation as V
-from ._state import StateMap, counting
-from .backends import BACKEND_NAMES, Backend, Bucket, ReferenceBackend, resolve_backend
+from ..integrations import deepspeed
+from ..ops.registry import Backend, resolve_backend
+from ..ops.roles import ADAMW_LLACA
+from ..ops.roles import SHAPED_STATE_KEYS as _ROLE_SHAPED_KEYS
+from ..state import counting
+from . import sharded
+from . import validation as V
+from .deferred import PendingBlends
+from .plan import PlannedGroup, StepPlanner
 
-# Per-parameter LLaCA state. "alpha" holds the last balance weight, or -1 before the first LLaCA
-# step of the tensor (the "fresh" mark the kernels read, see _ops.py). "ema_pending" exists only
-# for tensors of a backend that defers the blend: set on the device while the EMA lacks the blend
-# of the last step (see flush_ema); state dicts never hold it, since they are taken after a flush.
-# The key lists and the slots' dtypes live in _validation.py, whose checks read them too.
-LLACA_STATE_KEYS = V.LLACA_STATE_KEYS
-# State entries shaped like their parameter: a state dict must match them to load.
-SHAPED_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_grad", V.LIVE_PARAM)
-
-_REFERENCE = ReferenceBackend()
-
-
-def _as_is(t: Tensor) -> Tensor:
-    return t
-
-
-def _capturing(t: Tensor) -> bool:
-    """Whether a CUDA graph capture is under way on ``t``'s device's current stream."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+# State entries shaped like their parameter (and the live weights a state dict taken inside the
+# EMA swap holds): a state dict must match them to load.
+SHAPED_STATE_KEYS = (*_ROLE_SHAPED_KEYS, V.LIVE_PARAM)
 
 
 def eager_under_compile(fn):
@@ -50,17 +39,6 @@ def eager_under_compile(fn):
         return torch.compiler.disable(fn, reason=reason)
     except TypeError:  # torch before 2.6 takes no reason
         return torch.compiler.disable(fn)
-
-
-@dataclass
-class _GroupPlan:
-    """A param group's buckets from the last full planning, and what they assumed."""
-
-    params: list[Tensor]             # a copy of the group's params list (replaced or edited)
-    options: tuple[Any, ...]         # group options that change which state exists
-    has_grad: list[bool]
-    grad_layouts: list[tuple[Any, ...]]  # (shape, dtype, device, stride) of each gradient
-    buckets: list[tuple[Backend, Bucket, list[int]]]
 
 
 @dataclass
@@ -76,25 +54,26 @@ class LLaCAAlphas:
 
 
 class LLaCAOptimizerBase(Optimizer):
-    """Shared machinery; subclasses implement ``_llaca_state``, ``_run_groups`` and
-    ``_reset_for_new_task``."""
+    """Shared machinery. A subclass declares what it steps (``_op`` and ``_parts``, for the step
+    planner) and implements ``_reset_for_new_task``; its ``step`` plans (``_plan_step``) and
+    runs the plan (``plan.run_step``)."""
 
     def _setup_backend(self, backend: str | Backend) -> None:
-        if not isinstance(backend, Backend) and backend != "auto" and backend not in BACKEND_NAMES:
-            raise ValueError(
-                f"llaca_optim: unknown backend {backend!r}; choose one of "
-                f"{('auto',) + BACKEND_NAMES} (see llaca_optim.available_backends())"
-            )
+        """Everything beside torch's own attributes; also what unpickling rebuilds."""
         self._requested_backend = backend
         self._backends: dict[str, Backend] = {}
         self._ema_swap: list[tuple[Tensor, Tensor, Tensor | None]] | None = None
-        self.state = counting(self.state)  # see _state.py
-        self._invalidate_plans()
-        self._given_params = _deepspeed.GivenParams()
+        self.state = counting(self.state)  # see state.py
+        self._given_params = deepspeed.GivenParams()
+        self._pending = PendingBlends(self._backend_for)
+        self._planner = StepPlanner(
+            op=self._op, parts_of=self._parts, validate_group=self._validate_group,
+            backend_for=self._backend_for, given_params=self._given_params,
+            pending=self._pending, owner=type(self).__name__)
         for group in self.param_groups:
             self._given_params.add(group["params"])
             for p in group["params"]:
-                self._backend_for(p.device.type)
+                self._backend_for(p.device.type)  # an unknown or unavailable backend fails here
 
     def _backend_for(self, device_type: str) -> Backend:
         backend = self._backends.get(device_type)
@@ -162,76 +141,16 @@ class LLaCAOptimizerBase(Optimizer):
                 "`with optimizer.ema_weights():` block first"
             )
 
-    # A step's work is planned per param group: which parameters have gradients, which backend
-    # takes each, and the per-(backend, device, dtype) buckets of tensors handed to the kernels.
-    # Planning validates every gradient and looks at every state tensor, which costs microseconds
-    # per parameter in Python: more than the kernel itself for thousands of small tensors. So a
-    # plan is kept and reused while nothing it depends on changes; each step then only checks that
-    # the same parameters have gradients with the same shape, dtype, device and strides (one
-    # comparison per gradient) and puts this step's gradients into the buckets. Anything else
-    # (a parameter without a gradient this time, a gradient of another layout, new groups, a new
-    # task, a loaded state dict, any change to ``self.state`` or its entries, which _state.py
-    # makes countable) plans again from scratch, with the full checks.
-
     def _invalidate_plans(self) -> None:
-        self._plans: dict[int, _GroupPlan] = {}
-        self._planned_state: tuple[StateMap, int] | None = None
+        planner = self.__dict__.get("_planner")
+        if planner is not None:
+            planner.invalidate()
 
-    def _state_changed(self) -> bool:
-        """Whether ``self.state`` was replaced or changed since the plans were made."""
-        planned = self._planned_state
-        return planned is None or self.state is not planned[0] or planned[0].changes != planned[1]
+    # What a subclass steps: the op its buckets go to, and the parts of the role table a group
+    # has on (ops/roles.py; None: the group is not stepped here).
+    _op: str
 
-    def _group_options(self, group: dict[str, Any]) -> tuple[Any, ...]:
-        return (group.get("llaca"), group.get("amsgrad"), group.get("ema_dtype"),
-                group.get("defer_blend"))
-
-    def _reuse_plan(self, gi: int, group: dict[str, Any]) -> list[tuple[Backend, Bucket]] | None:
-        plan = self._plans.get(gi)
-        params = group["params"]
-        if plan is None or plan.options != self._group_options(group):
-            return None
-        grads = [p.grad for p in params]
-        if [g is not None for g in grads] != plan.has_grad:  # also catches a changed length
-            return None
-        if not all(map(operator.is_, params, plan.params)):
-            return None
-        present = [g for g in grads if g is not None]
-        strided = torch.strided
-        for g, (shape, dtype, device, stride) in zip(present, plan.grad_layouts):
-            if (g.stride() != stride or g.shape != shape or g.dtype != dtype
-                    or g.device != device or g.layout != strided):
-                return None
-        for _, bucket, positions in plan.buckets:
-            if bucket.sources is None:
-                bucket.grads = [present[i] for i in positions]
-                continue
-            # FSDP may swap a parameter's local tensor (lazy init, reloads): plan again then.
-            if any(_sharded.local(p) is not q for p, q in zip(bucket.sources, bucket.params)):
-                return None
-            bucket.grads = [_sharded.local(present[i]) for i in positions]
-        return [(backend, bucket) for backend, bucket, _ in plan.buckets]
-
-    # Whether this optimizer's own state holds AdamW's entries (LLaCAAdamW) or only LLaCA's.
-    _holds_adamw_state = False
-
-    def _validated_pairs(self, gi: int, group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
-        pairs = []
-        for pi, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            label = V.param_label(group, gi, pi)
-            V.check_gradient(p, p.grad, label)
-            if p in self.state:  # what the user may have put there (see _state.py)
-                V.check_state(p, self.state[p], label, adamw=self._holds_adamw_state,
-                              llaca=bool(group["llaca"]))
-            pairs.append((p, p.grad))
-        return pairs
-
-    def _build_buckets(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
-                       ) -> list[tuple[Backend, Bucket, list[int]]]:
-        """Initialises missing state and sorts ``pairs`` into buckets; returns each bucket with
-        the positions in ``pairs`` of its tensors. Subclasses fill their own lists."""
+    def _parts(self, group: dict[str, Any]) -> frozenset[str] | None:
         raise NotImplementedError
 
     # NOTE [torch.compile] Under torch.compile (of `optimizer.step`, or of a training step that
@@ -239,219 +158,32 @@ class LLaCAOptimizerBase(Optimizer):
     # bookkeeping are excluded from tracing (eager_under_compile), so dynamo breaks the graph
     # there and the step gives the eager step's bits; fullgraph=True therefore refuses a region
     # that contains the step, saying why. There is nothing for the compiler to fuse (each bucket
-    # is one op already), and tracing it cost: the op was functionalized, and a compiled step
-    # measured 1.6x the eager one on the CPU (it copied every parameter, a model's worth of
-    # allocation per step); torch.compile also dropped the step's writes to the optimizer's own
-    # attributes, so a deferred blend was never flushed and the EMA read after it was stale.
+    # is one op already), and tracing it costs: the op is functionalized, which copies every
+    # parameter (a model's worth of allocation per step), and torch.compile drops the step's
+    # writes to the optimizer's own attributes, so a deferred blend would never be flushed.
     # tests/test_torch_compile.py holds compiled steps to the eager bits.
     @eager_under_compile
-    def _plan_step(self) -> list[tuple[dict[str, Any], list[tuple[Backend, Bucket]], float, float]]:
-        """Every (group, buckets, scale, base_weight) of this step. All groups are validated
-        before any state is created or any tensor touched (SPEC section 6)."""
-        if not hasattr(self, "_plans"):
-            self._invalidate_plans()
-        state_changed = self._state_changed()
-        if state_changed:
-            self.state = counting(self.state)  # adopts a map or entries the user put in
-            self._invalidate_plans()
+    def _plan_step(self) -> list[PlannedGroup]:
+        """Every (group, buckets, scale, base_weight) of this step (plan.py)."""
         self._complete_groups()
-        plans: list[list[Any]] = []
-        to_build = []
-        for gi, group in enumerate(self.param_groups):
-            scale, base_weight = self._validate_group(group, f"param_groups[{gi}]")
-            buckets = self._reuse_plan(gi, group)
-            if buckets is None:
-                to_build.append((len(plans), gi, group, self._validated_pairs(gi, group)))
-            plans.append([group, buckets, scale, base_weight])
-        if to_build:
-            self._check_step_tensors(with_state=state_changed)
-        self._flush_before_replan: list[Tensor] = []
-        for index, gi, group, pairs in to_build:
-            built = self._build_buckets(group, pairs)
-            self._plans[gi] = _GroupPlan(
-                params=list(group["params"]), options=self._group_options(group),
-                has_grad=[p.grad is not None for p in group["params"]],
-                grad_layouts=[(g.shape, g.dtype, g.device, g.stride()) for _, g in pairs],
-                buckets=built,
-            )
-            plans[index][1] = [(backend, bucket) for backend, bucket, _ in built]
-        if self._flush_before_replan:
-            # Tensors with a blend pending whose new route blends within the step (another
-            # backend, or defer_blend turned off): apply it now, before that step runs.
-            self._flush([(p, self._llaca_state(p)) for p in self._flush_before_replan], drop=True)
-        self._planned_state = (self.state, self.state.changes)  # after planning's own changes
-        return [tuple(p) for p in plans]  # type: ignore[misc]
+        self.state, plan = self._planner.plan(self.param_groups, self.state)
+        return plan
 
     def _complete_groups(self) -> None:
         """Fills what a group added behind the optimizer's back lacks (the wrapper's)."""
 
-    def _check_step_tensors(self, with_state: bool) -> None:
-        """Checks across all groups, made whenever a group is planned anew, before any state is
-        made: a step over DeepSpeed's flat partitions is refused (``_deepspeed.py``); each
-        parameter stands once; no tensor the step writes shares memory with another one it
-        touches (the fused kernels would race on it, threads updating one tensor twice). The
-        state tensors are among those compared ``with_state``: when the state was loaded or
-        edited since the last planning. Otherwise they are those checked then, or made by the
-        optimizer since (each in memory of its own), and only parameters and gradients are
-        compared: a third of the work, for the re-planning of steps whose gradients come and go."""
-        stepped = [(gi, pi, group, p) for gi, group in enumerate(self.param_groups)
-                   for pi, p in enumerate(group["params"]) if p.grad is not None]
-        kind = self._given_params.partitioning(p for _, _, _, p in stepped)
-        if kind is not None:
-            raise RuntimeError(_deepspeed.refusal(type(self).__name__, kind))
-        V.check_each_param_once(self.param_groups)
-        local = _sharded.local if _sharded.any_sharded() else _as_is
-        items = []
-        for owner, (_, _, _, p) in enumerate(stepped):
-            items.append((local(p), "the parameter", owner, True))
-            items.append((local(p.grad), "its gradient", owner, False))
-            for key, value in (self.state.get(p, {}) if with_state else {}).items():
-                if isinstance(value, Tensor):
-                    items.append((local(value), f"optimizer.state[param][{key!r}]", owner, True))
-
-        def describe(owner: int) -> str:
-            gi, pi, group, _ = stepped[owner]
-            return V.param_label(group, gi, pi)
-
-        V.check_no_shared_memory(items, describe)
-
-    def _init_llaca_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        if "ema" in state:
-            return
-        # The EMA starts as a copy of p; the first real step overwrites it with the stepped p. If
-        # that step is skipped (AMP overflow) the EMA is still a faithful copy of the weights.
-        state["ema"] = p.detach().to(V.ema_dtype_for(p, group["ema_dtype"]), copy=True)
-        state["prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["alpha"] = torch.full((), -1.0, dtype=torch.float32, device=p.device)
-        state["alpha_fell_back"] = torch.zeros((), dtype=torch.bool, device=p.device)
-
-    @staticmethod
-    def _add_llaca(bucket: Bucket, state: dict[str, Any], view: Any) -> None:
-        bucket.emas.append(view(state["ema"]))
-        bucket.prev_grads.append(view(state["prev_grad"]))
-        bucket.alphas.append(state["alpha"])
-        bucket.fell_back.append(state["alpha_fell_back"])
-
-    def _pick(self, p: Tensor, companions: list[Tensor]) -> Backend:
-        """The group's backend when its kernels take this tensor, else the reference (float64,
-        layouts with gaps): never a contiguous copy updated in place of the real tensor."""
-        backend = self._backend_for(p.device.type)
-        return backend if backend.accepts(p, companions) else _REFERENCE
-
-    def _route(self, p: Tensor, companions: list[Tensor]) -> tuple[Backend, Any]:
-        """The backend of ``p`` and, for a DTensor whose local shards it takes, the shards'
-        layout (a ShardLayout: the bucket then holds local shards, NOTE [sharded parameters]).
-        Other DTensors go to the reference backend whole."""
-        if not _sharded.is_sharded(p):
-            return self._pick(p, companions), None
-        layout = _sharded.layout_of(p, companions)
-        if layout is not None:
-            backend = self._pick(_sharded.local(p), [_sharded.local(t) for t in companions])
-            if backend.runs_on_shards:
-                return backend, layout
-        return _REFERENCE, None
-
-    def _place(self, buckets: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int]]],
-               position: int, p: Tensor, g: Tensor, companions: list[Tensor], ema_dtype: Any
-               ) -> tuple[Backend, Bucket, Any]:
-        """Routes ``p`` (with its gradient and state ``companions``), adds it and ``g`` to its
-        bucket, opened on first use; returns the backend, the bucket and the view that turns
-        ``p``'s state tensors into what the bucket holds (local shards of DTensors)."""
-        backend, layout = self._route(p, [g, *companions])
-        key = (backend.name, p.device, p.dtype, ema_dtype, layout)
-        _, bucket, positions = buckets.setdefault(
-            key, (backend, Bucket(sources=[] if layout is not None else None), []))
-        positions.append(position)
-        view = _as_is
-        if layout is not None:
-            view = _sharded.local
-            bucket.sources.append(p)
-        bucket.params.append(view(p))
-        bucket.grads.append(view(g))
-        return backend, bucket, view
-
-    def _finish_buckets(self, buckets: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int]]],
-                        llaca: bool) -> list[tuple[Backend, Bucket, list[int]]]:
-        """Gives the sharded buckets of a group with LLaCA on their cross-shard reduction (a
-        DTensor replicated on every mesh dimension needs none: each rank holds the whole tensor
-        and computes the same alpha as the others), and takes the deferred-blend flags away from
-        buckets whose kernels would never defer (every tensor small enough to finish in one
-        visit): one list less to pass and check at every step."""
-        for key, (backend, bucket, _) in buckets.items():
-            layout = key[-1]  # see _place
-            if layout is not None and layout.sum_dims and llaca:
-                bucket.shard = _sharded.ShardReduce(layout, len(bucket.params),
-                                                    bucket.params[0].device)
-            if bucket.ema_pending and bucket.shard is None and not backend.may_defer(bucket.params):
-                # Their flags leave the state, after any blend still pending is applied.
-                self._flush_before_replan.extend(bucket.sources or bucket.params)
-                bucket.ema_pending = []
-        return list(buckets.values())
-
     # ------------------------------------------------------------------ deferred blend
-
-    # NOTE [deferred blend, Python side] A backend with ``defers_blend`` (CUDA) may leave the EMA
-    # blend of a step pending until the tensor's next step, which then costs one pass over memory
-    # instead of two (csrc/cuda/layout.h has the kernel side). While a blend is pending the EMA
-    # in ``state`` lags one blend behind, so everything that reads EMAs flushes first; the
-    # flags are device tensors, so neither deferring nor flushing synchronises with the host.
-    # ``_blend_pending`` is the host's conservative view (a deferring step ran since the last
-    # flush), which keeps flush_ema free when nothing can be pending. A step captured in a CUDA
-    # graph defers at every replay, unseen by Python: once one was captured, every flush runs.
-
-    def _may_be_pending(self) -> bool:
-        return getattr(self, "_blend_pending", False) or getattr(self, "_deferral_captured", False)
 
     def flush_ema(self) -> None:
         """Applies any EMA blend the backend deferred (see ``defer_blend``), so that every EMA in
         ``state`` is up to date. Cheap when nothing is pending; never synchronises with the host.
         ``ema``, ``ema_weights``, ``end_task`` and ``state_dict`` call it themselves."""
-        if self._may_be_pending():
-            self._flush(list(self._llaca_params()), drop=False)
-            self._blend_pending = False
-
-    @torch.no_grad()
-    def _flush(self, entries: list[tuple[Tensor, dict[str, Any] | None]], drop: bool) -> None:
-        """Flushes the pending blends of ``entries`` through the backend that deferred them, one
-        call per (device, dtype, EMA dtype); ``drop`` also removes their flags from the state."""
-        buckets: dict[tuple[Any, ...], Bucket] = {}
-        for p, state in entries:
-            if state is None or "ema_pending" not in state:
-                continue
-            bucket = buckets.setdefault((p.device, p.dtype, state["ema"].dtype), Bucket())
-            bucket.params.append(_sharded.local(p))
-            bucket.emas.append(_sharded.local(state["ema"]))
-            bucket.alphas.append(state["alpha"])
-            bucket.ema_pending.append(state.pop("ema_pending") if drop else state["ema_pending"])
-        for (device, _, _), bucket in buckets.items():
-            self._backend_for(device.type).flush_ema(bucket)
-
-    def _before_deferred_step(self, bucket: Bucket) -> None:
-        """Marks blends as pending, and warns (once) if a parameter whose blend is pending was
-        changed in place since its last step: the blend then uses the changed values. A step of
-        ours does not bump ``_version`` (the kernels write through the op), so any change is the
-        user's."""
-        if bucket.params and _capturing(bucket.params[0]):
-            self._deferral_captured = True
-        versions = [p._version for p in bucket.params]
-        if (getattr(self, "_blend_pending", False) and bucket.param_versions is not None
-                and versions != bucket.param_versions and not getattr(self, "_warned_inplace", False)):
-            self._warned_inplace = True
-            warnings.warn(
-                "llaca_optim: parameters were changed in place since the last optimizer step, "
-                "while that step's EMA blend was deferred to this one (defer_blend=True); the "
-                "blend used the changed values. Call optimizer.flush_ema() before changing "
-                "parameters between steps, or build the optimizer with defer_blend=False.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        bucket.param_versions = versions
-        self._blend_pending = True
+        self._pending.flush_all(self._llaca_params())
 
     # ------------------------------------------------------------------ task API
 
     def _llaca_state(self, p: Tensor) -> dict[str, Any] | None:
-        raise NotImplementedError
+        return self.state.get(p)
 
     def _llaca_params(self) -> Iterator[tuple[Tensor, dict[str, Any]]]:
         for group in self.param_groups:
@@ -467,8 +199,8 @@ class LLaCAOptimizerBase(Optimizer):
         state = self._llaca_state(param)
         if state is None or "ema" not in state:
             return None
-        if self._may_be_pending():  # this parameter's blend only: ema(p) is often called per p
-            self._flush([(param, state)], drop=False)
+        if self._pending.may_be_pending():  # this parameter's blend only: ema(p) is often called per p
+            self._pending.flush([(param, state)], drop=False)
         if self._ema_swap is not None and any(p is param and backup is None for p, _, backup in self._ema_swap):
             return param
         return state["ema"]
@@ -622,14 +354,14 @@ class LLaCAOptimizerBase(Optimizer):
                         f"(saved id {pid}); it was saved from a different model layout, or its "
                         "entries were mixed up; nothing was loaded"
                     )
-                p_sharded = _sharded.is_sharded(p)
-                if isinstance(value, Tensor) and _sharded.is_sharded(value) != p_sharded:
-                    sharded, plain = ("parameter", key) if p_sharded else (key, "parameter")
+                p_sharded = sharded.is_sharded(p)
+                if isinstance(value, Tensor) and sharded.is_sharded(value) != p_sharded:
+                    whole, plain = ("parameter", key) if p_sharded else (key, "parameter")
                     raise ValueError(
                         f"llaca_optim: the state dict ({owner}) holds {key} as a "
                         f"{'plain tensor' if p_sharded else 'DTensor'} for a "
                         f"{'sharded (DTensor)' if p_sharded else 'plain'} parameter "
-                        f"(saved id {pid}): the {sharded} is sharded and the {plain} is not. Load "
+                        f"(saved id {pid}): the {whole} is sharded and the {plain} is not. Load "
                         "state dicts of sharded models with torch.distributed.checkpoint "
                         "(get_state_dict / set_state_dict), which shard them to match"
                     )
@@ -682,7 +414,7 @@ class LLaCAOptimizerBase(Optimizer):
         llaca_of = {id(p): bool(group["llaca"]) for group in self.param_groups for p in group["params"]}
         for pid in state_dict["state"]:
             p = id_map[pid]
-            V.check_state(p, self.state[p], labels[id(p)], adamw=self._holds_adamw_state,
+            V.check_state(p, self.state[p], labels[id(p)], adamw=self._op == ADAMW_LLACA,
                           llaca=llaca_of[id(p)], source=V.loaded_state(owner, pid))
 
     @contextmanager

@@ -2,7 +2,7 @@
 
 STYLE: the extension is optional at import. ``load()`` never raises; it returns whether the
 kernels are registered and, when not, a sentence saying why and how to get them, which the
-backend registry shows in its errors and in the one warning that "auto" gives.
+backend registry (registry.py) shows in its errors and in the one warning that "auto" gives.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def load() -> tuple[bool, str]:
 def _load_uncached() -> tuple[bool, str]:
     import torch  # noqa: F401  (the extension links against libtorch; load it first)
 
-    from .. import _ops  # noqa: F401  (schemas first, then the kernels that implement them)
+    from . import library  # noqa: F401  (schemas first, then the kernels that implement them)
 
     if os.environ.get("LLACA_FORCE_JIT", "0") != "1":
         try:

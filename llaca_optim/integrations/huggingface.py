@@ -6,7 +6,7 @@ checkpoint resumes bit for bit, and GradScaler (``fp16=True``) hands it the scal
 flag as it does torch's fused AdamW. What the Trainer has no place for is the end of a task.
 :class:`LLaCACallback` supplies it::
 
-    from llaca_optim.huggingface import LLaCACallback
+    from llaca_optim.integrations.huggingface import LLaCACallback
 
     for task in tasks:                               # one dataset after another
         trainer = Trainer(model=model, args=args, train_dataset=task,
@@ -33,7 +33,7 @@ except ImportError as err:  # say what is missing, not only that an import faile
     raise ImportError("llaca_optim.huggingface needs transformers (and accelerate, which its "
                       "Trainer uses): pip install transformers accelerate") from err
 
-from ._core import LLaCAOptimizerBase
+from ..optim.base import LLaCAOptimizerBase
 
 __all__ = ["LLaCACallback", "alpha_summary", "llaca_optimizer"]
 

@@ -1,11 +1,11 @@
 """``optimizer.state`` as dicts that count their changes, so that a step may reuse its plan.
 
-A step's plan (``_core.py``) holds the state tensors of every parameter in its buckets. torch's
-optimizers read ``self.state`` afresh at every step, and code written for them relies on that: it
-resets an optimizer with ``optimizer.state = defaultdict(dict)`` or ``optimizer.state.clear()``,
-drops one parameter's entry, or puts a new tensor under ``state[p]["exp_avg"]``. A reused plan
-would go on updating the old tensors, unseen. Checking every entry and its values at every step
-costs about 0.45 us per parameter in Python (measured for 448), as much again as reusing the plan;
+A step's plan (``optim/plan.py``) holds the state tensors of every parameter in its buckets.
+torch's optimizers read ``self.state`` afresh at every step, and code written for them relies on
+that: it resets an optimizer with ``optimizer.state = defaultdict(dict)`` or
+``optimizer.state.clear()``, drops one parameter's entry, or puts a new tensor under
+``state[p]["exp_avg"]``. A reused plan would go on updating the old tensors, unseen. Checking
+every entry and its values at every step would cost as much host time as the reused plan saves;
 so the optimizer's state map and its entries are dicts that bump one shared counter whenever they
 change, and a plan is reused only while that counter and the map's identity are what they were
 when it was made.

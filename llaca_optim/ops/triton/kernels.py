@@ -35,9 +35,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Rows of the address table (constexpr: kernels may only read globals of that kind).
-P, G, M, V, VMAX, EMA, GPREV, STEP, ALPHA, FELL_BACK, PENDING = (tl.constexpr(i) for i in range(11))
-ROLES = 11
+from ..roles import TABLE_ROW
+
+# Rows of the address table, from the role table (constexpr: kernels may only read globals of
+# that kind).
+P, G, M, V, VMAX, EMA, GPREV, STEP, ALPHA, FELL_BACK, PENDING = (tl.constexpr(TABLE_ROW[arg]) for arg in (
+    "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "emas", "prev_grads",
+    "state_steps", "alphas", "fell_back", "ema_pending"))
 
 
 @triton.jit

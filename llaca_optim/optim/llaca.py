@@ -6,14 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _sharded
-from . import _validation as V
-from ._inner_check import check_inner_state_dict
-from ._core import LLaCAOptimizerBase, eager_under_compile
-from .backends import Backend, Bucket, StepHyper
+from ..ops.registry import Backend, StepHyper
+from ..ops.roles import LLACA_UPDATE
+from . import validation as V
+from .base import LLaCAOptimizerBase, eager_under_compile
+from .inner_check import check_inner_state_dict
+from .plan import run_step
 
 __all__ = ["LLaCA"]
 
@@ -108,8 +108,10 @@ class LLaCA(LLaCAOptimizerBase):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def _llaca_state(self, p: Tensor) -> dict[str, Any] | None:
-        return self.state.get(p)
+    _op = LLACA_UPDATE
+
+    def _parts(self, group: dict[str, Any]) -> frozenset[str] | None:
+        return frozenset({"tensor", "llaca"}) if group["llaca"] else None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The inner optimizer's step, then the LLaCA update of every parameter with a gradient."""
@@ -124,31 +126,12 @@ class LLaCA(LLaCAOptimizerBase):
         return loss
 
     # The inner step is the inner optimizer's, compiled when the caller compiles it; the LLaCA
-    # update is not (NOTE [torch.compile] in _core.py).
+    # update is not (NOTE [torch.compile] in base.py).
     @eager_under_compile
     @torch.no_grad()
     def _update(self, plan) -> None:
-        for group, buckets, scale, base_weight in plan:
-            if not buckets:
-                continue
-            hyper = StepHyper(scale=scale, base_weight=base_weight)
-            for backend, bucket in buckets:
-                backend.llaca_update(bucket, hyper)
-                if bucket.shard is not None:
-                    _sharded.finish_step(backend, bucket, scale, base_weight, None)
-
-    def _build_buckets(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]]
-                       ) -> list[tuple[Backend, Bucket, list[int]]]:
-        if not group["llaca"]:
-            return []
-        buckets: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int]]] = {}
-        for position, (p, g) in enumerate(pairs):
-            state = self.state[p]
-            self._init_llaca_state(p, state, group)
-            _, bucket, view = self._place(buckets, position, p, g,
-                                          [state["ema"], state["prev_grad"]], state["ema"].dtype)
-            self._add_llaca(bucket, state, view)
-        return self._finish_buckets(buckets, llaca=True)
+        run_step(plan, adamw=False, pending=self._pending,
+                 hyper_of=lambda group, scale, base_weight: StepHyper(scale=scale, base_weight=base_weight))
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         self.state.clear()

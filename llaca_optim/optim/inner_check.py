@@ -21,7 +21,7 @@ kind is stepped, which keeps the check to milliseconds (a meta operation costs t
 microseconds). An optimizer that cannot step on meta tensors (one that reads values on the
 host, as transformers' Adafactor does, or needs a closure) fails step 1: it is then not checked
 this way; its loaded groups must hold every option its groups hold now, and its state is checked
-by the names torch's optimizers share (``SHAPED_STATE_KEYS`` in _core.py) alone.
+by the names torch's optimizers share (``SHAPED_STATE_KEYS`` in base.py) alone.
 
 The stand-ins share the inner optimizer's other attributes (read, not written, by the steps of
 torch's optimizers), have no hooks of their own, and are stepped through the class's ``step``, so
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _validation as V
+from . import validation as V
 
 # (group index, position in the group) of a parameter: its place in both the inner optimizer's
 # groups and the state dict's.

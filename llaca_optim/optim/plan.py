@@ -1,0 +1,293 @@
+"""The step planner: which tensors a step updates, through which backend, in which buckets.
+
+An optimizer declares what it steps (:class:`StepPlanner`'s ``op`` and ``parts_of``: the op its
+buckets go to and, per param group, which parts of the role table are on); the planner makes
+the missing state from the role table, routes each parameter to a backend, fills the buckets
+(one per backend, device, dtype, EMA dtype and shard layout), decides once per bucket whether its
+blends are deferred, and caches the result. :func:`run_step` then runs a plan.
+
+NOTE [step plans]
+Planning validates every gradient and looks at every state tensor, which costs microseconds per
+parameter in Python: more than the kernel itself for thousands of small tensors. So a group's
+plan is kept and reused while nothing it depends on changes; each step then only checks that the
+same parameters have gradients with the same shape, dtype, device and strides (one comparison per
+gradient) and puts this step's gradients into the buckets. Anything else (a parameter without a
+gradient this time, a gradient of another layout, new groups, a new task, a loaded state dict,
+any change to ``optimizer.state`` or its entries, which ``llaca_optim/state.py`` makes countable)
+plans again from scratch, with the full checks. All groups are validated before any state is
+made or any tensor touched (docs/spec.md section 6).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..integrations import deepspeed
+from ..ops.registry import Backend, StepHyper, reference_backend
+from ..ops.roles import ADAMW_LLACA, MADE_ORDER, Bucket, Role, roles_of
+from ..state import StateMap, counting
+from . import sharded
+from . import validation as V
+from .deferred import PendingBlends
+
+_REFERENCE = reference_backend()
+
+
+def _as_is(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass
+class GroupPlan:
+    """A param group's buckets from the last full planning, and what they assumed."""
+
+    params: list[Tensor]             # a copy of the group's params list (replaced or edited)
+    parts: frozenset[str] | None     # the role-table parts the group had on
+    ema_dtype: Any                   # the group's ema_dtype option
+    has_grad: list[bool]
+    grad_layouts: list[tuple[Any, ...]]  # (shape, dtype, device, stride) of each gradient
+    buckets: list[tuple[Backend, Bucket, list[int]]]  # with each tensor's position among the grads
+
+
+# One group of a step: (group, [(backend, bucket)], scale, base_weight).
+PlannedGroup = tuple[dict[str, Any], list[tuple[Backend, Bucket]], float, float]
+
+
+class StepPlanner:
+    """Builds, caches and routes the buckets of one optimizer's steps.
+
+    ``op``: the op the buckets are for (its role lists are what a bucket fills). ``parts_of``:
+    the parts of the role table a group has on (None: the group is not stepped here).
+    ``validate_group``: checks a group, returning its ``(scale, base_weight)``.
+    ``backend_for``: the backend of a device type. ``given_params``: what DeepSpeed may have made
+    of the parameters (integrations/deepspeed.py). ``pending``: the blends left pending.
+    ``owner``: the optimizer's name, for errors."""
+
+    def __init__(self, *, op: str, parts_of: Callable[[dict[str, Any]], frozenset[str] | None],
+                 validate_group: Callable[[dict[str, Any], str], tuple[float, float]],
+                 backend_for: Callable[[str], Backend], given_params: deepspeed.GivenParams,
+                 pending: PendingBlends, owner: str) -> None:
+        self.op = op
+        self.roles: tuple[Role, ...] = roles_of(op)
+        self.parts_of = parts_of
+        self.validate_group = validate_group
+        self.backend_for = backend_for
+        self.given_params = given_params
+        self.pending = pending
+        self.owner = owner
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        self._plans: dict[int, GroupPlan] = {}
+        self._planned_state: tuple[StateMap, int] | None = None
+
+    def planned_buckets(self) -> list[tuple[Backend, Bucket]]:
+        """Every bucket of the cached plans (what a captured CUDA graph replays)."""
+        return [(backend, bucket) for plan in self._plans.values() for backend, bucket, _ in plan.buckets]
+
+    # ------------------------------------------------------------------ planning
+
+    def plan(self, groups: list[dict[str, Any]], state: Any) -> tuple[StateMap, list[PlannedGroup]]:
+        """This step's groups with their buckets, and the state map to keep (``state`` itself,
+        or a counting map that adopted what the user put in its place)."""
+        planned = self._planned_state
+        state_changed = planned is None or state is not planned[0] or planned[0].changes != planned[1]
+        if state_changed:
+            state = counting(state)  # adopts a map or entries the user put in
+            self.invalidate()
+        plans: list[list[Any]] = []
+        to_build = []
+        for gi, group in enumerate(groups):
+            scale, base_weight = self.validate_group(group, f"param_groups[{gi}]")
+            buckets = self._reuse(gi, group)
+            if buckets is None:
+                to_build.append((len(plans), gi, group, self._validated_pairs(gi, group, state)))
+            plans.append([group, buckets, scale, base_weight])
+        if to_build:
+            self._check_step_tensors(groups, state, with_state=state_changed)
+        flush_first: list[Tensor] = []
+        for index, gi, group, pairs in to_build:
+            parts = self.parts_of(group)
+            built = self._build(group, parts, pairs, state, flush_first) if parts is not None else []
+            self._plans[gi] = GroupPlan(
+                params=list(group["params"]), parts=parts, ema_dtype=group.get("ema_dtype"),
+                has_grad=[p.grad is not None for p in group["params"]],
+                grad_layouts=[(g.shape, g.dtype, g.device, g.stride()) for _, g in pairs],
+                buckets=built,
+            )
+            plans[index][1] = [(backend, bucket) for backend, bucket, _ in built]
+        if flush_first:
+            # Tensors with a blend pending whose new route blends within the step (another
+            # backend, or defer_blend turned off): apply it now, before that step runs.
+            self.pending.flush([(p, state.get(p)) for p in flush_first], drop=True)
+        self._planned_state = (state, state.changes)  # after planning's own changes
+        return state, [tuple(p) for p in plans]  # type: ignore[misc]
+
+    def _reuse(self, gi: int, group: dict[str, Any]) -> list[tuple[Backend, Bucket]] | None:
+        plan = self._plans.get(gi)
+        params = group["params"]
+        if (plan is None or plan.parts != self.parts_of(group)
+                or plan.ema_dtype != group.get("ema_dtype")):
+            return None
+        grads = [p.grad for p in params]
+        if [g is not None for g in grads] != plan.has_grad:  # also catches a changed length
+            return None
+        if not all(map(operator.is_, params, plan.params)):
+            return None
+        present = [g for g in grads if g is not None]
+        strided = torch.strided
+        for g, (shape, dtype, device, stride) in zip(present, plan.grad_layouts):
+            if (g.stride() != stride or g.shape != shape or g.dtype != dtype
+                    or g.device != device or g.layout != strided):
+                return None
+        for _, bucket, positions in plan.buckets:
+            if bucket.sources is None:
+                bucket.grads = [present[i] for i in positions]
+                continue
+            # FSDP may swap a parameter's local tensor (lazy init, reloads): plan again then.
+            if any(sharded.local(p) is not q for p, q in zip(bucket.sources, bucket.params)):
+                return None
+            bucket.grads = [sharded.local(present[i]) for i in positions]
+        return [(backend, bucket) for backend, bucket, _ in plan.buckets]
+
+    def _validated_pairs(self, gi: int, group: dict[str, Any], state: Any
+                         ) -> list[tuple[Tensor, Tensor]]:
+        pairs = []
+        for pi, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            label = V.param_label(group, gi, pi)
+            V.check_gradient(p, p.grad, label)
+            if p in state:  # what the user may have put there (see state.py)
+                V.check_state(p, state[p], label, adamw=self.op == ADAMW_LLACA,
+                              llaca=bool(group["llaca"]))
+            pairs.append((p, p.grad))
+        return pairs
+
+    def _check_step_tensors(self, groups: list[dict[str, Any]], state: Any, with_state: bool) -> None:
+        """Checks across all groups, made whenever a group is planned anew, before any state is
+        made: a step over DeepSpeed's flat partitions is refused (integrations/deepspeed.py);
+        each parameter stands once; no tensor the step writes shares memory with another one it
+        touches (the fused kernels would race on it, threads updating one tensor twice). The
+        state tensors are among those compared ``with_state``: when the state was loaded or
+        edited since the last planning. Otherwise they are those checked then, or made by the
+        planner since (each in memory of its own), and only parameters and gradients are
+        compared: a third of the work, for the re-planning of steps whose gradients come and go."""
+        stepped = [(gi, pi, group, p) for gi, group in enumerate(groups)
+                   for pi, p in enumerate(group["params"]) if p.grad is not None]
+        kind = self.given_params.partitioning(p for _, _, _, p in stepped)
+        if kind is not None:
+            raise RuntimeError(deepspeed.refusal(self.owner, kind))
+        V.check_each_param_once(groups)
+        local = sharded.local if sharded.any_sharded() else _as_is
+        items = []
+        for owner, (_, _, _, p) in enumerate(stepped):
+            items.append((local(p), "the parameter", owner, True))
+            items.append((local(p.grad), "its gradient", owner, False))
+            for key, value in (state.get(p, {}) if with_state else {}).items():
+                if isinstance(value, Tensor):
+                    items.append((local(value), f"optimizer.state[param][{key!r}]", owner, True))
+
+        def describe(owner: int) -> str:
+            gi, pi, group, _ = stepped[owner]
+            return V.param_label(group, gi, pi)
+
+        V.check_no_shared_memory(items, describe)
+
+    def _build(self, group: dict[str, Any], parts: frozenset[str],
+               pairs: list[tuple[Tensor, Tensor]], state: Any, flush_first: list[Tensor]
+               ) -> list[tuple[Backend, Bucket, list[int]]]:
+        """Makes missing state, sorts ``pairs`` into buckets and decides which defer; returns
+        each bucket with the positions in ``pairs`` of its tensors. Tensors that had a blend
+        pending and now go to a bucket that does not defer are added to ``flush_first``."""
+        roles = [r for r in self.roles if r.part in parts and r.part != "deferral"]
+        made = [r for r in MADE_ORDER if r in roles]
+        llaca = "llaca" in parts
+        opened: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int], list[tuple[Tensor, Any]]]] = {}
+        for position, (p, g) in enumerate(pairs):
+            entry = state[p]
+            if any(r.state_key not in entry for r in made):
+                ema_dtype = V.ema_dtype_for(p, group.get("ema_dtype"))
+                with torch.no_grad():
+                    for role in made:
+                        if role.state_key not in entry:
+                            entry[role.state_key] = role.new_entry(p, ema_dtype)
+            companions = [entry[r.state_key] for r in made if r.shaped]
+            backend, layout = self._route(p, [g, *companions])
+            key = (backend.name, p.device, p.dtype, entry["ema"].dtype if llaca else None, layout)
+            _, bucket, positions, members = opened.setdefault(
+                key, (backend, Bucket(sources=[] if layout is not None else None), [], []))
+            positions.append(position)
+            members.append((p, entry))
+            view = _as_is
+            if layout is not None:
+                view = sharded.local
+                bucket.sources.append(p)
+            for role in roles:
+                value = p if role.arg == "params" else g if role.arg == "grads" else entry[role.state_key]
+                getattr(bucket, role.arg).append(view(value) if role.shaped else value)
+        built = []
+        for key, (backend, bucket, positions, members) in opened.items():
+            layout = key[-1]
+            if layout is not None and layout.sum_dims and llaca:
+                # The cross-shard reduction of the sums (a DTensor replicated on every mesh
+                # dimension needs none: each rank holds the whole tensor and computes the same
+                # alpha as the others).
+                bucket.shard = sharded.ShardReduce(layout, len(bucket.params), bucket.params[0].device)
+            # Deferring needs a backend that defers and a tensor its kernels do not finish in one
+            # visit (or a sharded bucket, whose blend comes after the reduction anyway); a bucket
+            # that would never leave a blend pending gets no flags: one list less to pass.
+            defer = ("deferral" in parts and backend.defers_blend
+                     and (bucket.shard is not None or backend.may_defer(bucket.params)))
+            for p, entry in members:
+                if defer:
+                    if "ema_pending" not in entry:
+                        entry["ema_pending"] = torch.zeros((), dtype=torch.bool, device=p.device)
+                    bucket.ema_pending.append(entry["ema_pending"])
+                elif "ema_pending" in entry:
+                    flush_first.append(p)  # its new route would not apply the pending blend
+            built.append((backend, bucket, positions))
+        return built
+
+    def _route(self, p: Tensor, companions: list[Tensor]) -> tuple[Backend, Any]:
+        """The backend of ``p`` and, for a DTensor whose local shards it takes, the shards'
+        layout (a ShardLayout: the bucket then holds local shards, NOTE [sharded parameters]).
+        Other DTensors go to the reference backend whole. A tensor the backend's kernels do not
+        take (float64, layouts with gaps) goes to the reference: never a contiguous copy updated
+        in place of the real tensor."""
+        if not sharded.is_sharded(p):
+            backend = self.backend_for(p.device.type)
+            return (backend if backend.accepts(p, companions) else _REFERENCE), None
+        layout = sharded.layout_of(p, companions)
+        if layout is not None:
+            backend = self.backend_for(p.device.type)
+            if backend.runs_on_shards and backend.accepts(sharded.local(p), [sharded.local(t) for t in companions]):
+                return backend, layout
+        return _REFERENCE, None
+
+
+def run_step(plan: list[PlannedGroup], adamw: bool,
+             hyper_of: Callable[[dict[str, Any], float, float], StepHyper],
+             pending: PendingBlends) -> None:
+    """Runs ``plan``: for each bucket, the op (``adamw_llaca_`` if ``adamw``, else
+    ``llaca_update_``) with the group's hyperparameters, then, for a sharded bucket, the
+    cross-shard part of its LLaCA update (NOTE [sharded parameters])."""
+    for group, buckets, scale, base_weight in plan:
+        if not buckets:
+            continue
+        hyper = hyper_of(group, scale, base_weight)
+        for backend, bucket in buckets:
+            if bucket.ema_pending:
+                pending.before_step(bucket)
+            if adamw:
+                backend.adamw_llaca(bucket, hyper)
+            else:
+                backend.llaca_update(bucket, hyper)
+            if bucket.shard is not None:
+                sharded.finish_step(backend, bucket, scale, base_weight, hyper.found_inf)
