@@ -1,11 +1,11 @@
 """Everything a benchmark run times, behind one interface: build on a list of parameters, step.
 
-Baselines (SPEC section 5, issue 3):
+Baselines (docs/spec.md section 5):
 
 * ``AdamW(fused)``: ``torch.optim.AdamW(fused=True)`` alone, the speed users have today.
 * ``AdamW(fused) + published loop``: the per-tensor Python loop of the authors' released code after
   the AdamW step (host sync per tensor included). It is transcribed as a baseline from the
-  description of that code in SPEC section 1 (about ten kernels, a gradient copy and a
+  description of that code in docs/spec.md section 1 (about ten kernels, a gradient copy and a
   ``float(alpha)`` per tensor, EMA in the parameter's dtype); the released repository itself could
   not be reached from this workplace.
 * ``AdamW(fused) + foreach``: the best sync-free composition of ``torch._foreach_*`` ops we could
@@ -228,7 +228,7 @@ def contenders(device: torch.device, model_bytes: int, include_published: bool =
         out.append(Contender(f"LLaCA(AdamW(fused))[{b}]", "ours", b, "llaca",
                              lambda ps, b=b: OptimizerStepper(
                                  llaca_optim.LLaCA(torch.optim.AdamW(ps, fused=True), backend=b))))
-        if device.type == "cuda" and b in ("cuda", "triton"):  # SPEC 5: lora_llama graph-replayed
+        if device.type == "cuda" and b in ("cuda", "triton"):  # docs/spec.md section 5: lora_llama graph-replayed
             out.append(Contender(f"LLaCAAdamW[{b}] graph", "ours", b, "llaca",
                                  lambda ps, b=b: GraphReplay(OptimizerStepper(
                                      llaca_optim.LLaCAAdamW(ps, backend=b)))))
@@ -250,7 +250,7 @@ def contenders(device: torch.device, model_bytes: int, include_published: bool =
 
 
 def model_bytes(kind: str, params: list[Tensor]) -> int:
-    """SPEC section 5's bytes model for one step over ``params``.
+    """docs/spec.md section 5's bytes model for one step over ``params``.
 
     AdamW reads p, g, m, v and writes p, m, v (7 accesses of the parameter's dtype); the LLaCA step
     adds reading and writing the EMA and the previous gradient (11 accesses). The EMA of a 16-bit

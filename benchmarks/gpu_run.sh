@@ -8,7 +8,7 @@
 # NOTE [fitting the lease]: GPU machines are often had for a short, fixed slot, start-up
 # included. So the script keeps to LLACA_GPU_BUDGET_S seconds (default 480) whatever happens: every stage runs under `timeout` with
 # the smaller of its own cap and what is left, the most valuable evidence comes first (the build,
-# then the CUDA and Triton kernels against the reference on the GPU, then the SPEC section 5
+# then the CUDA and Triton kernels against the reference on the GPU, then the docs/spec.md section 5
 # figures, then the Triton block/warps timings, then memcheck, then everything else), and a stage
 # that did not fit says so in summary.txt instead of eating the next one's time. The benchmarks
 # write their JSON after every measurement, so a stage cut short still returns what it measured.
@@ -92,20 +92,20 @@ python3 -c "import llaca_optim; [print(k, ok, why) for k, (ok, why) in llaca_opt
 # kernels' sums-out mode).
 # `-k "cuda or triton or gpu"` keeps test_parity.py to the GPU backends' cases.
 pytest_q=(python3 -m pytest -q -p no:cacheprovider)
-# pytest keeps this order of files: the SPEC section 3 cases first, should the stage be cut.
+# pytest keeps this order of files: the docs/spec.md section 3 cases first, should the stage be cut.
 stage tests_gpu 170 "$out/tests_gpu.log" "${pytest_q[@]}" \
   tests/test_parity.py tests/test_cuda_backend.py tests/test_cuda_gpu.py \
   tests/test_deferred_blend.py tests/test_large_tensors.py tests/test_sharded.py \
   -k "cuda or triton or gpu"
 
-# SPEC section 5: every workload at GPU size, fp32 and bf16; the sweeps get what time is left.
+# docs/spec.md section 5: every workload at GPU size, fp32 and bf16; the sweeps get what time is left.
 # --time-limit leaves the measurement under way 45 s to finish inside the stage's limit.
 bench_limit=$(limit_for 170)
 stage bench 170 "$out/bench.log" python3 -m benchmarks --no-progress --out "$scratch/bench" \
   --time-limit $((bench_limit > 60 ? bench_limit - 45 : bench_limit / 2))
 [[ -f "$scratch/bench/results.json" ]] && cp "$scratch/bench/results.json" "$out/results.json"
 
-# Issue 5: Triton's block size and warps per program, chosen by measurement (set by hand after).
+# Triton's block size and warps per program, chosen by measurement (set by hand after).
 stage triton_tune 90 "$out/bench.log" python3 -m benchmarks.triton_tune \
   --out "$out/triton_tune.json" --time-limit 45
 

@@ -19,7 +19,7 @@ used ``budget_s`` seconds (the published loop on 10,000 tensors takes seconds pe
 
 Memory: ``state_bytes`` is the optimizer state a contender keeps; ``step_alloc_bytes`` is what one
 step allocates: on CUDA the rise of the peak allocated memory over the step, on the CPU the bytes
-allocated by the ops of the step as torch.profiler records them (SPEC section 5: "no per-step
+allocated by the ops of the step as torch.profiler records them (docs/spec.md section 5: "no per-step
 allocation proportional to the model").
 """
 
@@ -82,7 +82,7 @@ def _cheap_to_profile(contender: Contender, times_s: list[float]) -> bool:
     # The profiler's event parsing costs seconds for a step of thousands of small ops (the
     # reference and the published loop on many tensors); those rows go without the figure when
     # their steps are slow. A native backend's step is a few ops however long it takes, and its
-    # figure is what SPEC section 5's memory rule is read from: always measured (by time, a
+    # figure is what docs/spec.md section 5's memory rule is read from: always measured (by time, a
     # loaded machine once dropped it).
     if contender.kind == "ours" and contender.backend != "reference":
         return True

@@ -19,7 +19,7 @@ from .contenders import ADAMW_FUSED, COPY, FOREACH, PUBLISHED, Contender, model_
 from .harness import Measurement
 from .workloads import Workload
 
-MAIN_FAMILIES = ("lora_llama", "full", "many_tiny")  # SPEC section 5's workloads (not the sweeps)
+MAIN_FAMILIES = ("lora_llama", "full", "many_tiny")  # docs/spec.md section 5's workloads (not the sweeps)
 
 COLUMNS = [
     "workload", "family", "dtype", "n_tensors", "n_elements", "implementation", "kind", "backend",
@@ -149,7 +149,7 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], families: tuple[st
         f"Device: **{env['device']}**; torch {env['versions']['torch']}; {env['date']}",
         f"Command: `{env['command']}`",
         "",
-        "Medians over interleaved steps (CPU) or CUDA events (GPU). Bandwidth is SPEC section 5's "
+        "Medians over interleaved steps (CPU) or CUDA events (GPU). Bandwidth is docs/spec.md section 5's "
         "bytes model over the median time (7 accesses for AdamW alone, 11 for an AdamW+LLaCA step); "
         "`copy` is a device-to-device copy of the LLaCA step's bytes. Ratios are to the baselines "
         "of the same run.",
@@ -174,7 +174,7 @@ def markdown(env: dict[str, Any], rows: list[dict[str, Any]], families: tuple[st
 
 def brief(env: dict[str, Any], rows: list[dict[str, Any]], families: tuple[str, ...]) -> str:
     """A few lines per measurement for a terminal (a remote run's log is often read only at its
-    end): the copy bandwidth, then each of our rows' SPEC section 5 ratios."""
+    end): the copy bandwidth, then each of our rows' docs/spec.md section 5 ratios."""
     lines = [f"{env['device']}, torch {env['versions']['torch']}: of copy, x AdamW(fused), "
              "speedup vs published loop, vs foreach"]
     for r in rows:
@@ -201,9 +201,9 @@ def brief(env: dict[str, Any], rows: list[dict[str, Any]], families: tuple[str, 
     return "\n".join(lines) + "\n"
 
 
-# SPEC section 5's targets: (device type, workload family, backends, our row's suffix, column,
+# docs/spec.md section 5's targets: (device type, workload family, backends, our row's suffix, column,
 # "min" or "max", bound). The LoRA bandwidth target is graph-replayed (" graph" rows); the others
-# are eager steps. Each is read per dtype: the SPEC asks for fp32 and bf16 alike.
+# are eager steps. Each is read per dtype: docs/spec.md asks for fp32 and bf16 alike.
 TARGETS = [
     ("cuda", "lora_llama", ("cuda", "triton"), " graph", "fraction_of_copy", "min", 0.65),
     ("cuda", "full", ("cuda",), "", "fraction_of_copy", "min", 0.85),
@@ -220,7 +220,7 @@ TARGETS = [
 
 
 def targets(env: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each SPEC section 5 target that this run's rows can answer: what was measured, the
+    """Each docs/spec.md section 5 target that this run's rows can answer: what was measured, the
     bound, and whether it was met. A target whose row is missing (a backend not available, a
     workload cut by --time-limit) is listed as not measured, never as met."""
     out = []
@@ -306,7 +306,7 @@ def write_all(out_dir: Path, env: dict[str, Any], rows: list[dict[str, Any]],
         w.writerows(rows)
     written.append(path)
     path = out_dir / "results.md"
-    path.write_text(markdown(env, rows, MAIN_FAMILIES) + "\nSPEC section 5 targets, as this run "
+    path.write_text(markdown(env, rows, MAIN_FAMILIES) + "\ndocs/spec.md section 5 targets, as this run "
                     "measured them:\n\n" + targets_markdown(env, rows))
     written.append(path)
     dev = env["device"]

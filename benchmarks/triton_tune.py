@@ -1,11 +1,11 @@
 """``python -m benchmarks.triton_tune``: time the Triton kernels' block size and warps per program.
 
-Issue 5 asks for the Triton configuration to be chosen by measurement on a GPU. The element-wise
-passes run one program per ``block`` elements with ``num_warps`` warps; this times
-``LLaCAAdamW(backend=triton_backend(..., block, num_warps))`` for each candidate on SPEC section
-5's ``full`` and ``lora_llama`` workloads (fp32 and bf16) beside a device copy of the same bytes,
+The Triton configuration is chosen by measurement on a GPU. The element-wise passes run one
+program per ``block`` elements with ``num_warps`` warps; this times
+``LLaCAAdamW(backend=triton_backend(..., block, num_warps))`` for each candidate on the ``full``
+and ``lora_llama`` workloads of docs/spec.md section 5 (fp32 and bf16) beside a device copy of the same bytes,
 through the benchmark harness (CUDA events, medians), and names the fastest per measurement.
-What it finds is then set as ``_triton.BLOCK`` / ``_triton.NUM_WARPS`` by hand, with the figures
+What it finds is then set as ``BLOCK`` / ``NUM_WARPS`` in llaca_optim/ops/triton/launcher.py by hand, with the figures
 committed, never chosen at run time (a step must not depend on a timing).
 
     python -m benchmarks.triton_tune --out results.json        # on a GPU (gpu_run.sh runs it)

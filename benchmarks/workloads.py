@@ -1,4 +1,4 @@
-"""The parameter sets of SPEC section 5, sized to the device they run on.
+"""The parameter sets of docs/spec.md section 5, sized to the device they run on.
 
 * ``lora_llama``: LoRA r=8 A/B factors on q, k, v, o, gate, up, down of a LLaMA-7B-shaped model
   (hidden 4096, intermediate 11008): 14 tensors and 624,640 parameters per layer; 32 layers on a
@@ -75,7 +75,7 @@ def single(numel: int) -> Workload:
 
 
 def main_workloads(device_type: str, quick: bool = False) -> list[Workload]:
-    """The three workloads of SPEC section 5 at the size for this device."""
+    """The three workloads of docs/spec.md section 5 at the size for this device."""
     if quick:  # the CI-sized run: checks that everything runs, measures nothing worth reporting
         return [lora_llama(1), full(2, 256), many_tiny(50)]
     if device_type == "cuda":

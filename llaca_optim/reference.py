@@ -1,4 +1,4 @@
-"""The oracle: SPEC section 2 in plain per-tensor PyTorch, written for clarity, never for speed.
+"""The oracle: docs/spec.md section 2 in plain per-tensor PyTorch, written for clarity, never for speed.
 
 Every other backend is tested against these two functions. They work on one tensor at a time, on
 any device and any memory layout (they update views in place with ordinary PyTorch ops), and they

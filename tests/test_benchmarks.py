@@ -1,5 +1,5 @@
 """The benchmark suite at CI size: it runs, and what it writes is well formed. No timing is
-asserted (SPEC section 5's ratios are measured by ``python -m benchmarks``, never in tests)."""
+asserted (docs/spec.md section 5's ratios are measured by ``python -m benchmarks``, never in tests)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_quick_run_writes_well_formed_results(tmp_path, cpu_backend):
 
     data = json.loads((tmp_path / "results.json").read_text())
     env, rows = data["environment"], data["rows"]
-    assert "SPEC section 5 targets" in (tmp_path / "results.md").read_text()
+    assert "docs/spec.md section 5 targets" in (tmp_path / "results.md").read_text()
     assert env["device"] and env["versions"]["torch"] and env["versions"]["llaca_optim"]
     assert rows and all(set(r) == set(data["columns"]) for r in rows)
 
@@ -55,7 +55,7 @@ def test_quick_run_writes_well_formed_results(tmp_path, cpu_backend):
         assert r["x_adamw_fused"] > 0 and r["speedup_vs_foreach"] > 0, what
         assert r["state_bytes"] > 0 or r["implementation"] == contenders.COPY, what
         if r["family"] in ("lora_llama", "full", "many_tiny") and r["backend"] == "cpu":
-            # SPEC section 5: no per-step allocation proportional to the model. The fused
+            # docs/spec.md section 5: no per-step allocation proportional to the model. The fused
             # optimizer allocates nothing; the wrapper's inner torch step a few bytes; the
             # sharded path its per-tensor alpha arithmetic (a few scalars per tensor, no data).
             if "sharded" in r["implementation"]:
@@ -112,7 +112,7 @@ def test_triton_tune_quick_run_times_every_candidate(tmp_path, triton_backend):
 
 
 def test_spec_targets_are_read_from_the_rows():
-    """The SPEC section 5 verdicts come from the measured columns and their bounds alone; a
+    """The docs/spec.md section 5 verdicts come from the measured columns and their bounds alone; a
     target whose row is missing is 'not measured', never met. (Synthetic rows: no timing.)"""
     sys.path.insert(0, str(ROOT))
     try:

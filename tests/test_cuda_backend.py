@@ -1,5 +1,5 @@
-"""The CUDA backend's kernels against the reference (SPEC section 3), and the properties a step on a
-GPU owes (SPEC section 4): determinism, AMP, the workspace that a graph replay relies on. The
+"""The CUDA backend's kernels against the reference (docs/spec.md section 3), and the properties a step on a
+GPU owes (docs/spec.md section 4): determinism, AMP, the workspace that a graph replay relies on. The
 fused step's case set and non-finite gradients run in tests/test_parity.py, beside Triton's.
 
 Without a GPU (CI) the kernels and their host code run on CPU tensors through the emulation of

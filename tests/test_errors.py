@@ -1,4 +1,4 @@
-"""Bad input (SPEC section 6): a clear error naming the parameter and the fix, raised before any
+"""Bad input (docs/spec.md section 6): a clear error naming the parameter and the fix, raised before any
 state changes. Non-finite gradients are not an error (tested in test_parity.py)."""
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def test_state_dict_from_another_layout_fails_and_changes_nothing(kind):
 
 @pytest.mark.parametrize("missing", ["no JIT allowed", "no compiler"])
 def test_package_without_native_kernels_imports_warns_once_and_uses_the_reference(missing):
-    """STYLE 4: the extension is optional at import. Installed without llaca_optim._C (hidden here
+    """The extension is optional at import. Installed without llaca_optim._C (hidden here
     by an import hook) and unable to build it, the package imports, backend="auto" warns once
     what is missing and falls back to the reference, and backend="cpu" raises saying how."""
     code = (

@@ -1,4 +1,4 @@
-"""A tensor past 2^31 elements (issue 4: 64-bit indexing) on the GPU backends: an offset or a
+"""A tensor past 2^31 elements (64-bit indexing) on the GPU backends: an offset or a
 block index kept in 32 bits would wrap there, and write the tail's updates over the head or
 outside the tensor. Checked on the GPU (skipped elsewhere) for CUDA and Triton; the same check
 runs here on a CPU tensor of 2^20 elements, so the check itself is known to pass on a correct

@@ -1,4 +1,4 @@
-"""The cpu backend against the reference (SPEC section 3), over 20+ steps of fresh random data,
+"""The cpu backend against the reference (docs/spec.md section 3), over 20+ steps of fresh random data,
 comparing parameters, moments, EMA, previous gradients, step counts and alphas.
 
 Tolerance rule (taken from flash-attention's tests): the kernel computes in fp32 like the fp32
@@ -8,7 +8,7 @@ happens to be exact) that scales with the dtype instead of being a hard-coded nu
 steps fp32 rounding differences compound to a few ulps of O(1) weights, and in 16-bit storage one
 rounding that falls the other way moves a value by a whole 16-bit ulp. See assert_within_rule.
 
-Alphas get a relative floor instead. fp32 parameters: 1e-4, since SPEC allows fp32 accumulation
+Alphas get a relative floor instead. fp32 parameters: 1e-4, since docs/spec.md allows fp32 accumulation
 and the kernels sum each 32768-element chunk in fp32 SIMD lanes of a few thousand terms each (a
 worst-case relative error of about 4096 * 2^-24 = 2.4e-4 per sum, typically ~1e-6) while the
 reference sums in float64. 16-bit parameters: 1e-2, because the drift |p - ema| that the
@@ -257,7 +257,7 @@ def test_llaca_does_not_change_the_adamw_trajectory(cpu_backend):
 
 # The Triton and CUDA kernels against the same rule. Under Triton's interpreter or the CUDA
 # emulation every block runs on one CPU thread, so instead of the full product above, each case of
-# SPEC section 3 appears in a smaller set: every dtype with both presets and both alpha regimes,
+# docs/spec.md section 3 appears in a smaller set: every dtype with both presets and both alpha regimes,
 # and weight decay, amsgrad and maximize switched on in turn across those twelve runs.
 GPU_CASES = [
     (dtype, preset, regime, i % 2 == 0, i % 3 == 0, i % 4 == 1)

@@ -196,7 +196,7 @@ def test_checkpoint_resume_is_exact(sharded_runs):
 
 
 def test_a_plain_state_dict_into_a_sharded_optimizer_fails_cleanly(sharded_runs):
-    """SPEC section 6: a state dict of another layout fails loudly and changes nothing. An
+    """docs/spec.md section 6: a state dict of another layout fails loudly and changes nothing. An
     unsharded model's state dict loaded into a fully_shard model's optimizer would otherwise put
     plain tensors where DTensors belong; the error names the fix."""
     message, unchanged = sharded_runs[2]["plain_state_dict"][1]

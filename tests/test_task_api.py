@@ -1,4 +1,4 @@
-"""end_task, the EMA swap, alphas, state dicts and AMP (SPEC section 2), on every backend."""
+"""end_task, the EMA swap, alphas, state dicts and AMP (docs/spec.md section 2), on every backend."""
 
 from __future__ import annotations
 

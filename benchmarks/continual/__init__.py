@@ -1,1 +1,1 @@
-"""Continual-learning suite (issue 6): python -m benchmarks.continual --help."""
+"""Continual-learning suite: python -m benchmarks.continual --help."""

@@ -5,7 +5,7 @@ optimizer would build, so the figures are the kernels' cost without the optimize
 
     pytest benchmarks/ --benchmark-columns=median,iqr,rounds --benchmark-group-by=param:dtype
 
-Sizes: SPEC section 5's ``lora_llama`` with 2 layers (28 tensors, 1.25M parameters) and 500
+Sizes: docs/spec.md section 5's ``lora_llama`` with 2 layers (28 tensors, 1.25M parameters) and 500
 1024-element tensors (``many_tiny``): big enough to be memory-bound, small enough for a laptop.
 """
 

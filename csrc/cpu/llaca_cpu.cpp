@@ -10,7 +10,7 @@
 //   * a tensor of at most kWholeTensorLimit elements is one item. Its thread does the AdamW step
 //     and the sums a = sum|p - ema|, b = sum|g|, c = sum|g - g_prev| (and g_prev <- g) block by
 //     block, computes alpha, then blends ema <- ema + alpha (p - ema) while p and ema are still in
-//     L2/L3: one trip to memory for the tensor (SPEC section 5's "on chip" design).
+//     L2/L3: one trip to memory for the tensor (docs/spec.md section 5's "on chip" design).
 //   * a larger tensor is split into one item per block, shared by all threads (pass 1: AdamW and
 //     block sums into per-item slots); then its alpha (pass 2, serial: add the slots in order) and
 //     the blend (pass 3, parallel, each thread walking its share backwards so it starts on the data
@@ -161,7 +161,7 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
       if (AMSGRAD) vmax[i] = P::store(vmaxf);
     }
     if (LLACA) {
-      // The unscaled gradient is what the next step compares against (SPEC: `g` is the gradient
+      // The unscaled gradient is what the next step compares against (docs/spec.md section 2: `g` is the gradient
       // after unscaling). Without a scaler this stores g unchanged (16-bit round trips are exact).
       const praw g_stored = P::store(gf);
       if (FRESH) {

@@ -10,7 +10,7 @@
 //   * Step kernel (every chunk): AdamW, then the LLaCA sums a, b, c of the chunk, g_prev <- g, and
 //     ema <- p on a tensor's first LLaCA step. A tensor of one chunk is finished by its block:
 //     alpha from the block's sums, then the blend from the values still in registers, so p and
-//     ema cross the memory bus once (SPEC section 5's 11 accesses). A tensor of several chunks
+//     ema cross the memory bus once (docs/spec.md section 5's 11 accesses). A tensor of several chunks
 //     writes one partial per chunk; the block that arrives last (a per-tensor arrival counter)
 //     adds the partials in chunk order, whichever block that is, and writes alpha.
 //   * Blend kernel (chunks of multi-chunk tensors only, launched only when there are some):
@@ -26,7 +26,7 @@
 // the workspace needs no clearing between steps or graph replays.
 //
 // NOTE [CUDA deferred blend]
-// SPEC section 5's single pass for tensors too large to keep on chip: the blend of step t waits for
+// docs/spec.md section 5's single pass for tensors too large to keep on chip: the blend of step t waits for
 // step t + 1, which reads p_t and ema_{t-1} anyway. Per tensor, a one-byte device flag says that
 // its blend is pending, with the alpha of that step in its alpha slot. A step kernel block reads
 // the flag and alpha on entry and, if set, forms ema_t = ema_{t-1} + alpha_t (p_t - ema_{t-1})

@@ -1,6 +1,6 @@
 """Loading the native extension: the installed build, else a build on first use, else nothing.
 
-STYLE: the extension is optional at import. ``load()`` never raises; it returns whether the
+The extension is optional at import. ``load()`` never raises; it returns whether the
 kernels are registered and, when not, a sentence saying why and how to get them, which the
 backend registry (registry.py) shows in its errors and in the one warning that "auto" gives.
 """

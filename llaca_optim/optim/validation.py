@@ -30,7 +30,7 @@ def _finite_nonnegative(name: str, value: Any, where: str) -> None:
         if value.numel() != 1:
             raise ValueError(f"llaca_optim: {name} must be a number or a one-element tensor ({where})")
         if value.device.type != "cpu":
-            return  # reading a device tensor would synchronise every step (SPEC section 4)
+            return  # reading a device tensor would synchronise every step (docs/spec.md section 4)
         value = float(value.item())
     number = value
     if not isinstance(number, (int, float)) or isinstance(number, bool):
@@ -117,7 +117,7 @@ def param_label(group: dict[str, Any], group_index: int, param_index: int) -> st
 
 
 def check_gradient(param: Tensor, grad: Tensor, label: str) -> None:
-    """The gradient-level errors of SPEC section 6."""
+    """The gradient-level errors of docs/spec.md section 6."""
     if grad.is_sparse or grad.layout != torch.strided:
         raise RuntimeError(
             f"llaca_optim: {label} has a sparse gradient; LLaCA needs dense gradients "

@@ -1,6 +1,6 @@
 // Input checks at the op boundary, shared by the CPU and CUDA kernels.
 //
-// The Python layer validates user input with messages that name the parameter (SPEC section 6);
+// The Python layer validates user input with messages that name the parameter (docs/spec.md section 6);
 // these guard direct callers of the torch.library ops and keep a bad call from touching memory.
 // Everything is checked before anything is written.
 #pragma once

@@ -68,7 +68,7 @@ LLACA_HOST_DEVICE AdamWScalars adamw_scalars(double lr, double beta1, double bet
   return s;
 }
 
-// The balance weight of one tensor from its three L1 reductions (SPEC section 2):
+// The balance weight of one tensor from its three L1 reductions (docs/spec.md section 2):
 //   alpha = scale * (1 + b) / (a * c), replaced by base_weight unless 0 < alpha < 1.
 // The comparison is written so that NaN (0/0, inf/inf, non-finite gradients) falls back too.
 // Returns true when it fell back.
@@ -85,7 +85,7 @@ LLACA_HOST_DEVICE bool balance_weight(acc_t a, acc_t b, acc_t c, acc_t scale, ac
 }
 
 // One tensor's alpha and fallback flag at the end of its step: base_weight (fell back) on its
-// first LLaCA step, when there is no previous gradient yet (SPEC section 2's `else` branch), else
+// first LLaCA step, when there is no previous gradient yet (docs/spec.md section 2's `else` branch), else
 // balance_weight of its whole-tensor sums. Returns the fallback flag.
 LLACA_HOST_DEVICE bool tensor_alpha(bool fresh, double a, double b, double c, double scale,
                                     double base_weight, float& alpha_out) {

@@ -1,6 +1,6 @@
 """Triton kernels of the fused AdamW + LLaCA step and of the standalone LLaCA update.
 
-Three launches per call, whatever the number of tensors (SPEC section 4):
+Three launches per call, whatever the number of tensors (docs/spec.md section 4):
 
 1. ``_step_blocks``, one program per block of BLOCK elements of any tensor: the AdamW step
    (when ADAMW), the LLaCA sums a = sum|p - ema|, b = sum|g|, c = sum|g - g_prev| of the block
@@ -288,7 +288,7 @@ def _finish_tensors(
         # the very double the other backends use.
         scale = tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
         candidate = scale * (1.0 + b) / (a * c)
-        # NaN compares false, so 0/0 and non-finite gradients fall back too (SPEC section 2).
+        # NaN compares false, so 0/0 and non-finite gradients fall back too (docs/spec.md section 2).
         adaptive = (candidate > 0.0) & (candidate < 1.0) & (fresh == 0)
         alpha = tl.where(adaptive, candidate, tl.cast(base_weight, tl.float64))
         tl.store(alpha_ptr, alpha.to(tl.float32))
