@@ -26,7 +26,7 @@
 #
 # It installs nothing from the network (GPU machines often have none): torch, triton,
 # matplotlib, tqdm, pytest and pytest-benchmark must already be installed there. LLACA_GPU_SKIP_BUILD=1 uses the llaca_optim already
-# importable (tests/test_gpu_script.py runs the script that way, on a CPU, with a tiny budget).
+# importable (tests/toolchain/test_gpu_script.py runs the script that way, on a CPU, with a tiny budget).
 set -uo pipefail
 out="${1:-${OUT:?usage: bash benchmarks/gpu_run.sh OUTPUT_DIR}}"
 mkdir -p "$out"
@@ -94,8 +94,8 @@ python3 -c "import llaca_optim; [print(k, ok, why) for k, (ok, why) in llaca_opt
 pytest_q=(python3 -m pytest -q -p no:cacheprovider)
 # pytest keeps this order of files: the docs/spec.md section 3 cases first, should the stage be cut.
 stage tests_gpu 170 "$out/tests_gpu.log" "${pytest_q[@]}" \
-  tests/test_parity.py tests/test_cuda_backend.py tests/test_cuda_gpu.py \
-  tests/test_deferred_blend.py tests/test_large_tensors.py tests/test_sharded.py \
+  tests/backends/test_parity.py tests/backends/test_cuda_backend.py tests/backends/test_cuda_gpu.py \
+  tests/backends/test_deferred_blend.py tests/backends/test_large_tensors.py tests/optim/test_sharded.py \
   -k "cuda or triton or gpu"
 
 # docs/spec.md section 5: every workload at GPU size, fp32 and bf16; the sweeps get what time is left.
@@ -113,7 +113,7 @@ stage triton_tune 90 "$out/bench.log" python3 -m benchmarks.triton_tune \
 # (a few small cases: it slows kernels down a hundredfold).
 if command -v compute-sanitizer > /dev/null; then
   stage memcheck 60 "$out/memcheck.log" compute-sanitizer --tool memcheck --print-limit 20 \
-    "${pytest_q[@]}" tests/test_cuda_backend.py tests/test_deferred_blend.py \
+    "${pytest_q[@]}" tests/backends/test_cuda_backend.py tests/backends/test_deferred_blend.py \
     -k "(same_bits or reusing or nonfinite or really_deferred) and not triton"
 else
   echo "stage memcheck: not run, compute-sanitizer is not on this machine" \
@@ -123,10 +123,10 @@ fi
 # Everything else, whatever time is left (on a CPU machine this is most of the suite), less the
 # sanitizer rerun: CPU-only, minutes long, and run by CI.
 stage tests_rest 9999 "$out/tests_rest.log" "${pytest_q[@]}" \
-  --ignore tests/test_gpu_script.py --ignore tests/test_sanitizers.py \
-  --ignore tests/test_cuda_gpu.py --ignore tests/test_cuda_backend.py \
-  --ignore tests/test_deferred_blend.py --ignore tests/test_sharded.py \
-  --ignore tests/test_large_tensors.py
+  --ignore tests/toolchain/test_gpu_script.py --ignore tests/toolchain/test_sanitizers.py \
+  --ignore tests/backends/test_cuda_gpu.py --ignore tests/backends/test_cuda_backend.py \
+  --ignore tests/backends/test_deferred_blend.py --ignore tests/optim/test_sharded.py \
+  --ignore tests/backends/test_large_tensors.py
 
 # The reply shows the end of the output: the least telling first, the GPU tests last.
 tail_into_summary build.log 5

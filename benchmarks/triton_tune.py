@@ -12,7 +12,7 @@ committed, never chosen at run time (a step must not depend on a timing).
     python -m benchmarks.triton_tune --quick --out /tmp/t.json # CPU, Triton's interpreter: runs
 
 The block size also fixes the order of the per-tensor sums, so each candidate is deterministic
-but candidates differ in the last bits; tests/test_parity.py holds a non-default one to the
+but candidates differ in the last bits; tests/backends/test_parity.py holds a non-default one to the
 parity rule.
 """
 

@@ -2,7 +2,7 @@
 //
 // The kernels register themselves with the PyTorch dispatcher (TORCH_LIBRARY_IMPL in each
 // backend's sources) when this shared library is loaded; the op schemas live in
-// llaca_optim/_ops.py so that the package works, through the reference backend, without it.
+// llaca_optim/ops/library.py so that the package works, through the reference backend, without it.
 // Importing the module is therefore all Python ever does with it: it needs no functions, only an
 // init symbol so that `import llaca_optim._C` (installed build) and
 // torch.utils.cpp_extension.load (build on first use) can load it. Plain Python C API instead of

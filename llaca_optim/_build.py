@@ -178,7 +178,7 @@ def link_flags() -> list[str]:
 
 def sanitizer_flags(link: bool = False) -> list[str]:
     """``LLACA_SANITIZE=address,undefined``: GCC's sanitizers in the CPU kernels' build (and in the
-    tests' build of the CUDA kernels for the CPU emulation), for tests/test_sanitizers.py; ``link``:
+    tests' build of the CUDA kernels for the CPU emulation), for tests/toolchain/test_sanitizers.py; ``link``:
     the linker's part. Python itself is not instrumented, so the process must preload the runtime
     (LD_PRELOAD=libasan.so)."""
     kinds = os.environ.get("LLACA_SANITIZE", "").strip()

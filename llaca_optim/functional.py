@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .ops import library
 from .ops.registry import Backend, resolve_backend
-from .ops.roles import ADAMW_LLACA, LLACA_UPDATE, ROLES, roles_of
+from .ops.roles import ADAMW_LLACA, LLACA_UPDATE, MADE_ORDER, roles_of
 from .optim import validation as V
 
 __all__ = ["adamw_llaca", "llaca_update", "new_state", "state_lists"]
@@ -37,7 +37,7 @@ def new_state(param: Tensor, *, amsgrad: bool = False, llaca: bool = True,
     parts = {"adamw"} | ({"amsgrad"} if amsgrad else set()) | ({"llaca"} if llaca else set())
     dtype = V.ema_dtype_for(param, ema_dtype)
     with torch.no_grad():
-        return {r.state_key: r.new_entry(param, dtype) for r in ROLES if r.part in parts}
+        return {r.state_key: r.new_entry(param, dtype) for r in MADE_ORDER if r.part in parts}
 
 
 def state_lists(states: list[dict[str, Tensor]]) -> list[list[Tensor]]:

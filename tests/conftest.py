@@ -1,7 +1,4 @@
-"""Shared fixtures and helpers of the test suite.
-
-CI sets LLACA_REQUIRE_NATIVE=1: there a missing CPU extension is a failure, not a skip.
-"""
+"""Fixtures and hooks of the test suite; what the tests share is in tests/support/."""
 
 from __future__ import annotations
 
@@ -15,20 +12,29 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import llaca_optim  # noqa: E402
+from support.backends import backend_or_skip, backend_value  # noqa: E402
 
-REQUIRE_NATIVE = os.environ.get("LLACA_REQUIRE_NATIVE", "0") == "1"
+# Markers, set here in one place: `build` for the toolchain folder (compilers, CMake, sanitizer
+# builds), `gpu` for the modules that need one, `slow` for modules of subprocesses and trainers
+# and for every Triton test that runs through the interpreter (each program runs in Python).
+# `pytest -m "not slow and not build"` is the quick subset; the default run runs everything.
+FOLDER_MARKERS = {"toolchain": "build"}
+GPU_MODULES = ("test_cuda_gpu.py", "test_large_tensors.py")
+SLOW_MODULES = ("test_sanitizers.py", "test_sharded.py", "test_deepspeed.py", "test_huggingface.py",
+                "test_continual.py", "test_benchmarks.py", "test_demo.py", "test_cmake_build.py",
+                "test_cuda_compile.py", "test_triton_compile.py", "test_gpu_script.py")
 
 
-def backend_or_skip(name: str) -> str:
-    """``name`` if that backend can run here; else a skip, or a failure in CI (which builds the
-    extension and installs triton, so both must run there)."""
-    ok, why = llaca_optim.backend_status()[name]
-    if not ok:
-        if REQUIRE_NATIVE:
-            pytest.fail(f"LLACA_REQUIRE_NATIVE=1 but the {name} backend is unavailable: {why}")
-        pytest.skip(f"{name} backend unavailable: {why}")
-    return name
+def pytest_collection_modifyitems(config, items):
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    for item in items:
+        path = item.path
+        if path.parent.name in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[path.parent.name])
+        if path.name in GPU_MODULES:
+            item.add_marker("gpu")
+        if path.name in SLOW_MODULES or (interpreted and "triton" in item.nodeid):
+            item.add_marker("slow")
 
 
 @pytest.fixture
@@ -41,10 +47,11 @@ def triton_backend() -> str:
     return backend_or_skip("triton")
 
 
-def kernel_device() -> str:
-    """Where the Triton tests put their tensors: the GPU when there is one, else the CPU
-    (through TRITON_INTERPRET=1)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+@pytest.fixture
+def backend(request):
+    """The ``backend=`` argument of one backend under test; parametrize it with
+    ``support.backends.backends()`` and ``indirect=True``."""
+    return backend_value(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@
 // arithmetic and selects only, so the loop vectorises with whatever vector ISA the build targets.
 //
 // Results are bit-identical to c10's conversions for every input except the payload of NaNs
-// (any NaN stays a NaN). tests/test_cpu_convert.py checks this exhaustively for all 65536 16-bit
+// (any NaN stays a NaN). tests/toolchain/test_cpu_convert.py checks this exhaustively for all 65536 16-bit
 // patterns and for fp32 edge cases plus a large random sample.
 #pragma once
 

@@ -1,6 +1,6 @@
 // CPU kernels of the llaca_optim ops: the fused AdamW + LLaCA step and the standalone LLaCA update,
 // over lists of tensors, registered for the CPU dispatch key under the schemas declared in
-// llaca_optim/_ops.py.
+// llaca_optim/ops/library.py.
 //
 // NOTE [CPU work decomposition]
 // Sums are taken over fixed blocks of kSumBlock elements: fp32 inside a block, then double over the
@@ -17,7 +17,7 @@
 //     it touched last). Without deferral these tensors pay the two-phase cost of 13 memory
 //     accesses per element.
 // Scratch (the work list and the partial-sum slots) is thread-local, grown once and reused.
-// In the sharded mode (`shard_sums` given, llaca_optim/_ops.py) every tensor stops after its sums:
+// In the sharded mode (`shard_sums` given, llaca_optim/ops/library.py) every tensor stops after its sums:
 // they are written to its row, and no alpha is computed and nothing blended; llaca_flush_ blends
 // once the caller has reduced the sums across the shards and set the alphas and pending flags.
 //
@@ -60,20 +60,12 @@ constexpr int64_t kWholeTensorLimit = int64_t(1) << 18;
 // the stepped p), the blend of its last step, or not yet that blend (NOTE [CPU deferred blend]).
 enum class Entry { kFresh, kCurrent, kPending };
 
-// Everything one tensor contributes to a call, resolved to raw pointers once per step.
-struct TensorJob {
+// Everything one tensor contributes to a call, resolved to raw pointers once per step: one per
+// role (llaca/roles.h; `pending` is its deferred-blend flag, null unless the call defers), and
+// what the step works out for it.
+struct TensorJob : Pointers {
   int64_t numel = 0;
-  void* param = nullptr;
-  const void* grad = nullptr;
-  void* exp_avg = nullptr;
-  void* exp_avg_sq = nullptr;
-  void* max_exp_avg_sq = nullptr;
-  void* ema = nullptr;
-  void* prev_grad = nullptr;
-  float* alpha = nullptr;
-  bool* fell_back = nullptr;
   double* shard_sums = nullptr;  // sharded mode: this tensor's row of (a, b, c)
-  bool* pending = nullptr;       // its deferred-blend flag, when the call defers
   Entry entry = Entry::kCurrent; // read from the alpha slot and the flag before anything is written
   bool whole = false;  // one work item: finished (alpha and blend) by the thread that stepped it
   AdamWScalars adamw{};
@@ -371,20 +363,9 @@ at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
   for (int64_t i = 0; i < n; ++i) {
     TensorJob& job = jobs[i];
     job.numel = l.params[i].numel();
-    job.param = l.params[i].data_ptr();
-    job.grad = l.grads[i].data_ptr();
-    if (adamw) {
-      job.exp_avg = l.exp_avgs[i].data_ptr();
-      job.exp_avg_sq = l.exp_avg_sqs[i].data_ptr();
-      if (amsgrad) job.max_exp_avg_sq = l.max_exp_avg_sqs[i].data_ptr();
-    }
+    point_at(job, l, i, adamw, amsgrad, llaca);
     if (llaca) {
-      job.ema = l.emas[i].data_ptr();
-      job.prev_grad = l.prev_grads[i].data_ptr();
-      job.alpha = l.alphas[i].data_ptr<float>();
-      job.fell_back = l.fell_back[i].data_ptr<bool>();
-      // A negative alpha slot marks a tensor with no EMA step yet (see llaca_optim/_ops.py).
-      if (!l.ema_pending.empty()) job.pending = l.ema_pending[i].data_ptr<bool>();
+      // A negative alpha slot marks a tensor with no EMA step yet (see llaca_optim/ops/library.py).
       if (*job.alpha < 0.0f) job.entry = Entry::kFresh;
       else if (job.pending != nullptr && *job.pending) job.entry = Entry::kPending;
       if (sum_rows != nullptr) job.shard_sums = sum_rows + 3 * i;
@@ -427,8 +408,18 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   call.scale = scale;
   call.base_weight = base_weight;
   std::vector<TensorJob> jobs;
-  Lists lists{params, grads,  exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-              emas,   prev_grads, alphas,   fell_back, ema_pending};
+  Lists lists;
+  lists.params = params;
+  lists.grads = grads;
+  lists.exp_avgs = exp_avgs;
+  lists.exp_avg_sqs = exp_avg_sqs;
+  lists.max_exp_avg_sqs = max_exp_avg_sqs;
+  lists.state_steps = state_steps;
+  lists.emas = emas;
+  lists.prev_grads = prev_grads;
+  lists.alphas = alphas;
+  lists.fell_back = fell_back;
+  lists.ema_pending = ema_pending;
   const at::ScalarType ema_dtype = build_jobs(lists, /*adamw=*/true, amsgrad, llaca, shard_sums, jobs, call);
   check_call_scalar(lr_tensor, "lr", c10::Device(c10::DeviceType::CPU));
   if (read_amp(grad_scale, found_inf, call)) return;
@@ -457,7 +448,13 @@ void llaca_update_cpu(TensorList params, TensorList grads, TensorList emas, Tens
   call.scale = scale;
   call.base_weight = base_weight;
   std::vector<TensorJob> jobs;
-  Lists lists{params, grads, {}, {}, {}, {}, emas, prev_grads, alphas, fell_back};
+  Lists lists;
+  lists.params = params;
+  lists.grads = grads;
+  lists.emas = emas;
+  lists.prev_grads = prev_grads;
+  lists.alphas = alphas;
+  lists.fell_back = fell_back;
   const at::ScalarType ema_dtype =
       build_jobs(lists, /*adamw=*/false, false, /*llaca=*/true, shard_sums, jobs, call);
   if (read_amp(grad_scale, found_inf, call)) return;
@@ -485,7 +482,11 @@ void run_flush(std::vector<TensorJob>& jobs) {
 }
 
 void llaca_flush_cpu(TensorList params, TensorList emas, TensorList alphas, TensorList ema_pending) {
-  const Lists lists{params, {}, {}, {}, {}, {}, emas, {}, alphas, {}, ema_pending};
+  Lists lists;
+  lists.params = params;
+  lists.emas = emas;
+  lists.alphas = alphas;
+  lists.ema_pending = ema_pending;
   const at::ScalarType ema_dtype = check_flush_lists(lists, c10::DeviceType::CPU, "cpu");
   std::vector<TensorJob> jobs;
   std::vector<bool*> flags;

@@ -40,7 +40,7 @@
 // graph replays is seen by the next replay, and an AMP-skipped step leaves them as they were.
 //
 // NOTE [CUDA sharded mode]
-// With `shard_sums` (llaca_optim/_ops.py) the tensors are shards of larger ones, so a tensor's
+// With `shard_sums` (llaca_optim/ops/library.py) the tensors are shards of larger ones, so a tensor's
 // alpha needs sums from other GPUs. The block that would compute alpha (a single-chunk tensor's
 // block, a multi-chunk tensor's last block) writes the tensor's sums to its row instead, and
 // touches neither alpha, fallback flag nor pending flag; no block blends this step's EMA and the
@@ -59,12 +59,14 @@
 // blend, m and v after the EMA store). The exception is amsgrad: with max_exp_avg_sq loaded up
 // front too, the 16-bit kernels need more than the 128 registers that keep two blocks per SM
 // and spilled, so amsgrad kernels load g_prev after their stores. The blend and flush kernels
-// load all fragments of a thread first. tests/test_cuda_compile.py counts the runs of loads
+// load all fragments of a thread first. tests/toolchain/test_cuda_compile.py counts the runs of loads
 // between stores in the machine code (cuobjdump -sass) of every kernel. The Triton step kernel
-// does the same, address-table reads included (tests/triton_compile_check.py).
+// does the same, address-table reads included (tests/toolchain/triton_compile_check.py).
 #pragma once
 
 #include <cstdint>
+
+#include "llaca/roles.h"
 
 namespace llaca {
 namespace cuda {
@@ -94,20 +96,11 @@ constexpr int kVecsPerThread = kElemsPerThread / kVecElems<param_t>;
 template <typename param_t>
 constexpr int64_t kChunk = int64_t(kThreads) * kElemsPerThread;
 
-// One row per tensor. Pointers a call does not use (moments of the standalone update, LLaCA state
-// of a group with LLaCA off) are null.
-struct TensorMeta {
-  void* param;
-  const void* grad;
-  void* exp_avg;
-  void* exp_avg_sq;
-  void* max_exp_avg_sq;
-  void* ema;
-  void* prev_grad;
-  float* step;
-  float* alpha;  // < 0 on entry: the tensor's first LLaCA step (llaca_optim/_ops.py)
-  bool* fell_back;
-  uint8_t* pending;  // the deferred blend (NOTE [CUDA deferred blend]); null: blend within the call
+// One row per tensor: a pointer per role (llaca/roles.h: param, grad, exp_avg, exp_avg_sq,
+// max_exp_avg_sq, step, ema, prev_grad, alpha (< 0 on entry: the tensor's first LLaCA step),
+// fell_back, pending (the deferred blend, NOTE [CUDA deferred blend]; null: blend within the
+// call)), null where the call does not use the role, and the tensor's size.
+struct TensorMeta : Pointers {
   int64_t numel;
   int32_t num_chunks;
   int32_t vectorized;  // every array 16-byte aligned: 128-bit loads and stores

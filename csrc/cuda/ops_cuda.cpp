@@ -1,5 +1,5 @@
 // The CUDA runtime of the ops (ops.h) and their registration for the CUDA dispatch key, under the
-// schemas declared in llaca_optim/_ops.py. Host code only: the kernels are in step_<dtype>.cu.
+// schemas declared in llaca_optim/ops/library.py. Host code only: the kernels are in step_<dtype>.cu.
 //
 // Includes stay to c10's CUDA stream, guard and exception headers (plus the CUDA runtime API):
 // ATen/cuda/CUDAContext.h would pull in cuBLAS and cuSPARSE headers that the CPU wheel of torch,

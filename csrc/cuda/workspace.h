@@ -60,11 +60,9 @@ struct WorkspaceLayout {
   }
 };
 
-// The roles of a tensor's arrays, in TensorMeta order; the key holds one address per role.
-constexpr int kRoles = 11;
-
-// The identity of a call's tables: device, dtype, and per tensor its size and every address.
-// Written into `key`, which the caller reuses from step to step (no host allocation once warm).
+// The identity of a call's tables: device, dtype, and per tensor its size and the address of
+// each role (llaca/roles.h order; 0 for a role the call does not use or leaves empty). Written
+// into `key`, which the caller reuses from step to step (no host allocation once warm).
 inline void workspace_key(const Lists& l, bool adamw, bool amsgrad, bool llaca,
                           std::vector<int64_t>& key) {
   const int64_t n = static_cast<int64_t>(l.params.size());
@@ -72,23 +70,11 @@ inline void workspace_key(const Lists& l, bool adamw, bool amsgrad, bool llaca,
   key.push_back(n);
   key.push_back(n ? l.params[0].get_device() : -1);
   key.push_back(n ? static_cast<int64_t>(l.params[0].scalar_type()) : -1);
-  // Lists a call leaves empty (grads of a flush, the flags of a step that blends) have no address.
-  auto address = [](TensorList list, int64_t i, bool used) -> int64_t {
-    return used && !list.empty() ? reinterpret_cast<int64_t>(list[i].data_ptr()) : 0;
-  };
   for (int64_t i = 0; i < n; ++i) {
     key.push_back(l.params[i].numel());
-    key.push_back(address(l.params, i, true));
-    key.push_back(address(l.grads, i, true));
-    key.push_back(address(l.exp_avgs, i, adamw));
-    key.push_back(address(l.exp_avg_sqs, i, adamw));
-    key.push_back(address(l.max_exp_avg_sqs, i, adamw && amsgrad));
-    key.push_back(address(l.emas, i, llaca));
-    key.push_back(address(l.prev_grads, i, llaca));
-    key.push_back(address(l.state_steps, i, adamw));
-    key.push_back(address(l.alphas, i, llaca));
-    key.push_back(address(l.fell_back, i, llaca));
-    key.push_back(address(l.ema_pending, i, llaca));
+    for (int r = 0; r < kRoleCount; ++r) {
+      key.push_back(address_of(l[r], i, uses(kRoleInfo[r].part, adamw, amsgrad, llaca)));
+    }
   }
 }
 
@@ -101,27 +87,19 @@ inline void build_image(const std::vector<int64_t>& key, int64_t chunk_elems, ui
   std::vector<int64_t> chunk_begin(n + 1, 0), split_chunk_begin(1, 0);
   std::vector<int32_t> split_tensors;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t* row = rows + i * (kRoles + 1);
+    const int64_t* row = rows + i * (kRoleCount + 1);  // numel, then an address per role
     const int64_t numel = row[0];
     const int64_t chunks = numel == 0 ? 1 : (numel + chunk_elems - 1) / chunk_elems;
     TORCH_CHECK(chunks < (int64_t(1) << 31), "llaca_optim: params[", i, "] has ", numel,
                 " elements, more chunks than a launch can index");
     TensorMeta& m = metas[i];
-    m.param = reinterpret_cast<void*>(row[1]);
-    m.grad = reinterpret_cast<const void*>(row[2]);
-    m.exp_avg = reinterpret_cast<void*>(row[3]);
-    m.exp_avg_sq = reinterpret_cast<void*>(row[4]);
-    m.max_exp_avg_sq = reinterpret_cast<void*>(row[5]);
-    m.ema = reinterpret_cast<void*>(row[6]);
-    m.prev_grad = reinterpret_cast<void*>(row[7]);
-    m.step = reinterpret_cast<float*>(row[8]);
-    m.alpha = reinterpret_cast<float*>(row[9]);
-    m.fell_back = reinterpret_cast<bool*>(row[10]);
-    m.pending = reinterpret_cast<uint8_t*>(row[11]);
+    bool aligned = true;
+    for (int r = 0; r < kRoleCount; ++r) {
+      m.set(r, row[1 + r]);
+      if (is_array(kRoleInfo[r].kind)) aligned = aligned && row[1 + r] % kVecBytes == 0;
+    }
     m.numel = numel;
     m.num_chunks = static_cast<int32_t>(chunks);
-    bool aligned = true;
-    for (int r = 1; r <= 7; ++r) aligned = aligned && row[r] % kVecBytes == 0;  // element arrays
     m.vectorized = aligned;
     chunk_begin[i + 1] = chunk_begin[i] + chunks;
     if (chunks > 1) {
@@ -133,7 +111,7 @@ inline void build_image(const std::vector<int64_t>& key, int64_t chunk_elems, ui
   layout = WorkspaceLayout(n, n_split, chunk_begin[n]);
   std::memset(image, 0, layout.upload_bytes);
   // An empty vector's data() may be null, and memcpy from null is undefined even for zero bytes
-  // (UBSan's finding in tests/test_sanitizers.py: a call with no split tensor).
+  // (UBSan's finding in tests/toolchain/test_sanitizers.py: a call with no split tensor).
   auto put = [image](int64_t offset, const void* source, size_t bytes) {
     if (bytes > 0) std::memcpy(image + offset, source, bytes);
   };

@@ -27,7 +27,7 @@ def _build_on_first_use() -> None:
 
     name = "llaca_optim_jit_cuda_C" if with_cuda else "llaca_optim_jit_C"
     cpp_extension.load(
-        # A sanitized build (tests/test_sanitizers.py) is cached apart from the plain one.
+        # A sanitized build (tests/toolchain/test_sanitizers.py) is cached apart from the plain one.
         name=name + ("_sanitized" if _build.sanitizer_flags() else ""),
         sources=_build.cpu_sources(root) + (_build.cuda_sources(root) if with_cuda else []),
         extra_include_paths=_build.include_dirs(root),

@@ -45,7 +45,7 @@ BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 
 # The largest tensor each native backend's step finishes in one visit, blend included (csrc twins:
 # kWholeTensorLimit in csrc/cpu/llaca_cpu.cpp, kChunk in csrc/cuda/layout.h); only larger ones
-# can have their blend deferred. tests/test_deferred_blend.py checks both.
+# can have their blend deferred. tests/backends/test_deferred_blend.py checks both.
 ONE_VISIT_LIMITS = {"cpu": 2**18, "cuda": 4096}
 
 # Fastest first, per device type: what "auto" tries.

@@ -161,7 +161,7 @@ class LLaCAOptimizerBase(Optimizer):
     # is one op already), and tracing it costs: the op is functionalized, which copies every
     # parameter (a model's worth of allocation per step), and torch.compile drops the step's
     # writes to the optimizer's own attributes, so a deferred blend would never be flushed.
-    # tests/test_torch_compile.py holds compiled steps to the eager bits.
+    # tests/optim/test_torch_compile.py holds compiled steps to the eager bits.
     @eager_under_compile
     def _plan_step(self) -> list[PlannedGroup]:
         """Every (group, buckets, scale, base_weight) of this step (plan.py)."""

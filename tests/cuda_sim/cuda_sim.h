@@ -10,7 +10,7 @@
 // block whose threads can never all meet aborts with a message, as a GPU would hang.
 //
 // What it cannot show: timing, memory-model bugs that only weaker orderings expose, and anything
-// about the real compiler (tests/test_cuda_compile.py compiles every .cu with nvcc for that).
+// about the real compiler (tests/toolchain/test_cuda_compile.py compiles every .cu with nvcc for that).
 #pragma once
 
 #define LLACA_CUDA_SIM 1

@@ -1,7 +1,7 @@
 // The CUDA backend's kernels (csrc/cuda/kernels.cuh) and host code (csrc/cuda/ops.h, workspace.h)
 // run on CPU tensors through the emulation in cuda_sim.h, registered as the test-only ops
 // llaca_optim_sim::adamw_llaca_ / llaca_update_ (same schemas as llaca_optim's, defined by
-// tests/_cuda_sim.py before this library is loaded). Only the Runtime below differs from the GPU
+// tests/support/cuda_sim.py before this library is loaded). Only the Runtime below differs from the GPU
 // build's (csrc/cuda/ops_cuda.cpp): "device" memory is host memory and a launch is emulated.
 #include "cuda_sim.h"  // first: it stands in for the CUDA toolkit
 

@@ -13,21 +13,48 @@
 #include <cstdint>
 #include <optional>
 
+#include "llaca/roles.h"
+
 namespace llaca {
 
 using at::Tensor;
 using at::TensorList;
 
-// The per-tensor lists of one call, as the op schemas in llaca_optim/_ops.py name them.
-// `ema_pending` (the deferred blend's flags: NOTE [CUDA deferred blend]) is empty when the call
-// blends within itself.
+// The per-tensor lists of one call, one field per role; a call leaves the lists it does not take
+// empty. Filled by name (lists.emas = emas), read by name or by role (lists[k_emas]).
 struct Lists {
-  TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas, prev_grads,
-      alphas, fell_back, ema_pending;
+#define LLACA_ROLE_LIST(list, field, type, kind, part) TensorList list;
+  LLACA_ROLES(LLACA_ROLE_LIST)
+#undef LLACA_ROLE_LIST
+
+  TensorList operator[](int role) const {
+    switch (role) {
+#define LLACA_ROLE_CASE(list, field, type, kind, part) \
+  case k_##list:                                       \
+    return list;
+      LLACA_ROLES(LLACA_ROLE_CASE)
+#undef LLACA_ROLE_CASE
+      default: return {};
+    }
+  }
 };
 
+// The address of tensor i of a role's list, or 0 where the call does not use the role or leaves
+// its list empty.
+inline int64_t address_of(TensorList list, int64_t i, bool used) {
+  return used && !list.empty() ? reinterpret_cast<int64_t>(list[i].data_ptr()) : 0;
+}
+
+// Points `ptrs` at tensor i of every role the call uses.
+inline void point_at(Pointers& ptrs, const Lists& l, int64_t i, bool adamw, bool amsgrad,
+                     bool llaca) {
+  for (int r = 0; r < kRoleCount; ++r) {
+    ptrs.set(r, address_of(l[r], i, uses(kRoleInfo[r].part, adamw, amsgrad, llaca)));
+  }
+}
+
 // Two tensors walked with one flat index must lay their elements out identically; strides of
-// size-1 dimensions do not matter (llaca_optim/backends/__init__.py applies the same rule).
+// size-1 dimensions do not matter (same_layout in llaca_optim/ops/registry.py is the same rule).
 inline bool same_layout(const Tensor& a, const Tensor& b) {
   if (a.numel() <= 1) return true;
   for (int64_t d = 0; d < a.dim(); ++d) {
@@ -112,68 +139,64 @@ inline void check_param(TensorList params, int64_t i, c10::DeviceType device_typ
               "; one call takes one dtype");
 }
 
-// emas[i]: shaped and laid out as its parameter, of the call's one EMA dtype (float32 or the
-// parameters' dtype).
-inline void check_ema(const Lists& l, int64_t i, at::ScalarType ema_dtype) {
+// Tensor i of role r (not params): an array shaped and laid out as its parameter, in the
+// parameter's dtype or (EMAs) in the call's one EMA dtype, float32 or the parameters'; or a
+// one-element slot of its dtype on the parameter's device.
+inline void check_role(const Lists& l, int r, int64_t i, at::ScalarType ema_dtype) {
   const Tensor& p = l.params[i];
-  check_companion(p, l.emas[i], "emas", i, /*same_dtype=*/false);
-  TORCH_CHECK(l.emas[i].scalar_type() == ema_dtype &&
-                  (ema_dtype == at::kFloat || ema_dtype == p.scalar_type()),
-              "llaca_optim: emas[", i, "] has dtype ", l.emas[i].scalar_type(),
-              "; EMAs must all be float32 or all in the parameters' dtype");
+  const Tensor& t = l[r][i];
+  const char* what = kRoleInfo[r].name;
+  switch (kRoleInfo[r].kind) {
+    case Kind::kParam: check_companion(p, t, what, i); break;
+    case Kind::kEma:
+      check_companion(p, t, what, i, /*same_dtype=*/false);
+      TORCH_CHECK(t.scalar_type() == ema_dtype &&
+                      (ema_dtype == at::kFloat || ema_dtype == p.scalar_type()),
+                  "llaca_optim: ", what, "[", i, "] has dtype ", t.scalar_type(),
+                  "; EMAs must all be float32 or all in the parameters' dtype");
+      break;
+    case Kind::kFloatSlot: check_scalar_slot(t, at::kFloat, what, i, p.device()); break;
+    case Kind::kBoolSlot: check_scalar_slot(t, at::kBool, what, i, p.device()); break;
+  }
 }
 
-// Checks every list of a call against params; returns the EMAs' dtype (float32 when there are
-// none). `device_type` is the kernels' device type; all tensors must be on params[0]'s device.
-inline at::ScalarType check_lists(const Lists& l, bool adamw, bool amsgrad, bool llaca,
-                                  c10::DeviceType device_type, const char* kernels) {
+// Checks every list a call uses against params (`used(role)` says which it uses; a role whose
+// list may be left empty, the deferral flags, is checked when given); returns the EMAs' dtype
+// (float32 when there are none). `device_type` is the kernels' device type; all tensors must be
+// on params[0]'s device.
+template <typename Used>
+inline at::ScalarType check_roles(const Lists& l, Used&& used, c10::DeviceType device_type,
+                                  const char* kernels) {
   const int64_t n = static_cast<int64_t>(l.params.size());
-  auto same_length = [&](TensorList list, const char* what) {
-    TORCH_CHECK(static_cast<int64_t>(list.size()) == n, "llaca_optim: ", what, " has ",
-                list.size(), " tensors but params has ", n);
-  };
-  same_length(l.grads, "grads");
-  if (adamw) {
-    same_length(l.exp_avgs, "exp_avgs");
-    same_length(l.exp_avg_sqs, "exp_avg_sqs");
-    same_length(l.state_steps, "state_steps");
-    if (amsgrad) same_length(l.max_exp_avg_sqs, "max_exp_avg_sqs");
+  bool checked[kRoleCount] = {};
+  for (int r = 1; r < kRoleCount; ++r) {
+    const RoleInfo& role = kRoleInfo[r];
+    if (!used(r) || (role.part == Part::kDeferral && l[r].empty())) continue;
+    TORCH_CHECK(static_cast<int64_t>(l[r].size()) == n, "llaca_optim: ", role.name, " has ",
+                l[r].size(), " tensors but params has ", n);
+    checked[r] = true;
   }
-  if (llaca) {
-    same_length(l.emas, "emas");
-    same_length(l.prev_grads, "prev_grads");
-    same_length(l.alphas, "alphas");
-    same_length(l.fell_back, "fell_back");
-    if (!l.ema_pending.empty()) same_length(l.ema_pending, "ema_pending");
-  } else {
-    TORCH_CHECK(l.ema_pending.empty(), "llaca_optim: ema_pending has ", l.ema_pending.size(),
-                " tensors in a call with llaca=False; pass an empty list");
-  }
-  const at::ScalarType ema_dtype = n > 0 && llaca ? l.emas[0].scalar_type() : at::kFloat;
+  const at::ScalarType ema_dtype = n > 0 && checked[k_emas] ? l.emas[0].scalar_type() : at::kFloat;
   for (int64_t i = 0; i < n; ++i) {
-    const Tensor& p = l.params[i];
     check_param(l.params, i, device_type, kernels);
-    check_companion(p, l.grads[i], "grads", i);
-    if (adamw) {
-      check_companion(p, l.exp_avgs[i], "exp_avgs", i);
-      check_companion(p, l.exp_avg_sqs[i], "exp_avg_sqs", i);
-      check_scalar_slot(l.state_steps[i], at::kFloat, "state_steps", i, p.device());
-      if (amsgrad) check_companion(p, l.max_exp_avg_sqs[i], "max_exp_avg_sqs", i);
-    }
-    if (llaca) {
-      check_ema(l, i, ema_dtype);
-      check_companion(p, l.prev_grads[i], "prev_grads", i);
-      check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i, p.device());
-      check_scalar_slot(l.fell_back[i], at::kBool, "fell_back", i, p.device());
-      if (!l.ema_pending.empty()) {
-        check_scalar_slot(l.ema_pending[i], at::kBool, "ema_pending", i, p.device());
-      }
+    for (int r = 1; r < kRoleCount; ++r) {
+      if (checked[r]) check_role(l, r, i, ema_dtype);
     }
   }
   return ema_dtype;
 }
 
-// The sharded-training mode's output (llaca_optim/_ops.py, `shard_sums`): a contiguous float64
+// The lists of adamw_llaca_ (adamw) or llaca_update_.
+inline at::ScalarType check_lists(const Lists& l, bool adamw, bool amsgrad, bool llaca,
+                                  c10::DeviceType device_type, const char* kernels) {
+  TORCH_CHECK(llaca || l.ema_pending.empty(), "llaca_optim: ema_pending has ",
+              l.ema_pending.size(), " tensors in a call with llaca=False; pass an empty list");
+  return check_roles(
+      l, [&](int r) { return uses(kRoleInfo[r].part, adamw, amsgrad, llaca); }, device_type,
+      kernels);
+}
+
+// The sharded-training mode's output (llaca_optim/ops/library.py, `shard_sums`): a contiguous float64
 // [n, 3] tensor on the parameters' device that receives each tensor's local sums a, b, c. Returns
 // its rows, or null when the call computes alphas itself.
 inline double* shard_sum_rows(const std::optional<Tensor>& sums, const Lists& l, bool llaca) {
@@ -200,14 +223,9 @@ inline at::ScalarType check_flush_lists(const Lists& l, c10::DeviceType device_t
               "llaca_optim: llaca_flush_ takes one EMA, alpha and flag per parameter; got ", n,
               " params, ", l.emas.size(), " emas, ", l.alphas.size(), " alphas and ",
               l.ema_pending.size(), " flags");
-  const at::ScalarType ema_dtype = n ? l.emas[0].scalar_type() : at::kFloat;
-  for (int64_t i = 0; i < static_cast<int64_t>(n); ++i) {
-    check_param(l.params, i, device_type, kernels);
-    check_ema(l, i, ema_dtype);
-    check_scalar_slot(l.alphas[i], at::kFloat, "alphas", i, l.params[i].device());
-    check_scalar_slot(l.ema_pending[i], at::kBool, "ema_pending", i, l.params[i].device());
-  }
-  return ema_dtype;
+  return check_roles(
+      l, [](int r) { return r == k_emas || r == k_alphas || r == k_ema_pending; }, device_type,
+      kernels);
 }
 
 }  // namespace llaca

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from _compare import assert_close
+from support.compare import assert_close
 from llaca_optim import LLaCAAdamW
+from support.backends import backends
 
 
 def small_model() -> nn.Module:
@@ -32,12 +33,10 @@ def train(model, optimizer, steps=20, none_grad_step=7):
         optimizer.step()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", backends("cpu", "reference"), indirect=True)
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("torch_impl", ["for-loop", "fused"])
-def test_llaca_off_is_adamw(backend, amsgrad, torch_impl, request):
-    if backend == "cpu":
-        request.getfixturevalue("cpu_backend")
+def test_llaca_off_is_adamw(backend, amsgrad, torch_impl):
     model = small_model()
     twin = small_model()
     twin.load_state_dict(model.state_dict())
@@ -111,10 +110,8 @@ def test_adamw_checkpoint_loads_into_llaca_adamw():
     assert ours.ema(model[0].weight) is not None
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
-def test_tensor_learning_rate_equals_float(backend, request):
-    if backend in ("cpu", "triton"):
-        request.getfixturevalue(f"{backend}_backend")
+@pytest.mark.parametrize("backend", backends("cpu", "triton-interpreted", "reference"), indirect=True)
+def test_tensor_learning_rate_equals_float(backend):
     model, twin = small_model(), small_model()
     twin.load_state_dict(model.state_dict())
     as_float = LLaCAAdamW(model.parameters(), lr=3e-3, backend=backend)

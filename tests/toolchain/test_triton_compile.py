@@ -2,7 +2,7 @@
 
 The interpreter that runs the Triton parity tests on a CPU is more lenient than Triton's compiler
 (it let a non-constexpr global through, which the GPU compile rejected), so every kernel variant
-is also compiled down to a cubin here; see tests/triton_compile_check.py. Nothing is launched.
+is also compiled down to a cubin here; see tests/toolchain/triton_compile_check.py. Nothing is launched.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What only a GPU can show about the GPU backends (skipped elsewhere): "auto" picks the CUDA
 kernels, a step captured in a CUDA graph replays like eager steps (CUDA and Triton), and
 torch.amp.GradScaler's overflowing steps change nothing. Parity with the reference, determinism and the in-kernel AMP handling run on the
-GPU too, in tests/test_cuda_backend.py (on CUDA tensors when a GPU is present).
+GPU too, in tests/backends/test_cuda_backend.py (on CUDA tensors when a GPU is present).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from _trajectory import collect
-from conftest import backend_or_skip
-from test_task_api import check_grad_scaler_overflow
+from support.trajectory import collect
+from support.backends import backend_or_skip
+from support.scenarios import check_grad_scaler_overflow
 from llaca_optim import LLaCA, LLaCAAdamW
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,6 +1,6 @@
 """Sharded parameters (DTensor, FSDP2): NOTE [sharded parameters] in llaca_optim/optim/sharded.py.
 
-The ranks are separate processes talking gloo on the CPU (tests/_sharded_workers.py). Each
+The ranks are separate processes talking gloo on the CPU (tests/optim/_sharded_workers.py). Each
 trajectory is compared with the same backend run unsharded in this process:
 
 * one rank (the whole tensor is the shard, but the sharded path runs: kernels in their sums-out
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import _sharded_workers as W
-from _compare import assert_close, assert_equal
+from support.compare import assert_close, assert_equal
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"

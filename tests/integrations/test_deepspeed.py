@@ -3,7 +3,7 @@ alpha is per tensor, so LLaCAAdamW and LLaCA refuse a step over them (llaca_opti
 with a message that says what is supported, changing nothing. Stage 0 (no partitioning) steps
 the model's own parameters and gives the plain step's bits.
 
-DeepSpeed runs in a subprocess (tests/_deepspeed_worker.py): one rank, gloo on the CPU."""
+DeepSpeed runs in a subprocess (tests/integrations/_deepspeed_worker.py): one rank, gloo on the CPU."""
 
 from __future__ import annotations
 

@@ -9,23 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from _compare import assert_equal
-from _cuda_sim import emulated_cuda_backend
-from _trajectory import collect
+from support.compare import assert_equal
+from support.backends import backend_value, backends
+from support.scenarios import assert_same, check_grad_scaler_overflow, snapshot
 from llaca_optim import LLaCA, LLaCAAdamW
 
-# "cuda": the CUDA backend's kernels and host code through their CPU emulation (these models are
-# CPU tensors on every machine; tests/test_cuda_gpu.py runs the real ones on a GPU).
-BACKENDS = ["cpu", "triton", "cuda", "reference"]
-
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=backends())
 def backend(request):
-    if request.param in ("cpu", "triton"):  # skips (or, in CI, fails) when it cannot run here
-        request.getfixturevalue(f"{request.param}_backend")
-    if request.param == "cuda":
-        return emulated_cuda_backend()
-    return request.param
+    return backend_value(request.param)
 
 
 def make_model(dtype=torch.float32) -> nn.Module:
@@ -43,17 +34,6 @@ def run_steps(model, optimizer, data):
         optimizer.zero_grad()
         model(x).float().pow(2).mean().backward()
         optimizer.step()
-
-
-def snapshot(model, optimizer):
-    return copy.deepcopy(collect(optimizer, list(model.parameters())))
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        for i, (x, y) in enumerate(zip(a[key], b[key])):
-            assert_equal(x, y, what=f"{key}[{i}]")
 
 
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
@@ -146,33 +126,6 @@ def test_alphas_are_device_tensors_and_report_fallback(backend):
     later = optimizer.alphas()
     adaptive = later.alphas[~later.fell_back]
     assert bool(((adaptive > 0) & (adaptive < 1)).all())
-
-
-def check_grad_scaler_overflow(model, optimizer, dtype, device="cpu"):
-    """Three good GradScaler steps, one whose gradients overflow (it must change nothing, and the
-    scale must drop), one more good one: the step count ends at 4. tests/test_cuda_gpu.py runs it
-    on a GPU too."""
-    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
-    in_features = next(model.parameters()).shape[1]
-
-    def scaled_step(poison: bool):
-        optimizer.zero_grad()
-        x = torch.randn(4, in_features, dtype=dtype, device=device)
-        scaler.scale(model(x).float().pow(2).mean()).backward()
-        if poison:
-            next(model.parameters()).grad.view(-1)[0] = float("inf")
-        scaler.step(optimizer)
-        scaler.update()
-
-    for _ in range(3):
-        scaled_step(poison=False)
-    before = snapshot(model, optimizer)
-    scale_before = scaler.get_scale()
-    scaled_step(poison=True)
-    assert_same(snapshot(model, optimizer), before)
-    assert scaler.get_scale() < scale_before
-    scaled_step(poison=False)
-    assert int(optimizer.state[next(model.parameters())]["step"]) == 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -3,7 +3,7 @@ ZeRO stages 0 to 3, and does to LLaCAAdamW what DeepSpeed's fp16 optimizers (GPU
 their client, and reports, as JSON on stdout, what each first step did: whether it raised (and
 what), and whether anything changed (the weights DeepSpeed holds, our state).
 
-Run by tests/test_deepspeed.py in a subprocess, so that DeepSpeed's process group and globals
+Run by tests/integrations/test_deepspeed.py in a subprocess, so that DeepSpeed's process group and globals
 stay out of the test process."""
 
 from __future__ import annotations

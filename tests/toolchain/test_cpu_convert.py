@@ -3,7 +3,7 @@
 The kernels do not use c10::BFloat16 / c10::Half in their element loops because those kept GCC from
 vectorising them; this checks that the replacements round exactly like c10 (every 16-bit pattern
 widened, every rounding boundary and the whole fp16-subnormal range narrowed, plus random
-patterns). It compiles tests/cpp/check_convert.cpp with the kernels' own flags and runs it.
+patterns). It compiles tests/toolchain/cpp/check_convert.cpp with the kernels' own flags and runs it.
 """
 
 from __future__ import annotations

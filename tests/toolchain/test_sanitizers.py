@@ -22,16 +22,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Chosen for what they reach in the native code per second under the sanitizers (which slow the
 # references' Python-side torch work far more than the kernels): every CUDA-emulation case, the
 # deferred blends of both native backends, and the CPU kernels' parity grid at one preset (every
 # dtype, amsgrad and maximize). One pytest run each, since -k applies to a whole command line.
 RUNS = [
-    ["tests/test_cuda_backend.py"],
-    ["tests/test_deferred_blend.py", "-k", "not triton"],
-    ["tests/test_parity.py::test_fused_adamw_matches_reference", "-k", "adaptive and coin and 0.05"],
+    ["tests/backends/test_cuda_backend.py"],
+    ["tests/backends/test_deferred_blend.py", "-k", "not triton"],
+    ["tests/backends/test_parity.py::test_fused_adamw_matches_reference", "-k", "adaptive and coin and 0.05"],
 ]
 
 

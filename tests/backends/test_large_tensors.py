@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import backend_or_skip
+from support.backends import backend_or_skip
 from llaca_optim import LLaCAAdamW, reference
 
 LR, WD, SCALE, BASE_WEIGHT = 1e-3, 0.01, 2.0, 0.01
@@ -49,7 +49,7 @@ def check_large_tensor(backend: str, device: str, n: int, dtype=torch.bfloat16) 
                                   amsgrad=False, maximize=False)
             # A few 16-bit roundings either way at the slice's scale (a bf16 ulp is 2^-8 of
             # the magnitude): the kernel and the reference round the fp32 moments differently
-            # now and then (tests/test_parity.py's rule); a wrapped offset is off by O(1).
+            # now and then (tests/backends/test_parity.py's rule); a wrapped offset is off by O(1).
             for key, mine in (("p", p.detach()[s]), ("m", state["exp_avg"][s]),
                               ("v", state["exp_avg_sq"][s])):
                 ulp = 2**-8 * float(r[key].abs().max())

@@ -1,5 +1,5 @@
 // Checks csrc/cpu/convert.h against c10's own conversions; built and run by
-// tests/test_cpu_convert.py. Prints one line per kind of check and exits non-zero on a mismatch.
+// tests/toolchain/test_cpu_convert.py. Prints one line per kind of check and exits non-zero on a mismatch.
 // Any NaN matches any NaN (payloads are not part of the contract); everything else must match bit
 // for bit.
 #include <cmath>

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from _compare import describe_difference
-from _trajectory import collect, gradient_sequence, tensor_zoo
+from support.compare import describe_difference
+from support.trajectory import collect, gradient_sequence, tensor_zoo
 from llaca_optim import LLaCA, LLaCAAdamW
 
 # torch's own compile machinery warns about its use of torch.jit; nothing of ours.

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from _compare import assert_equal
+from support.compare import assert_equal
 from llaca_optim import LLaCA, LLaCAAdamW
+from support.backends import backends
 
 KINDS = ["fused", "wrapper"]
 
@@ -81,13 +82,11 @@ def assert_same(before, after):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_state_dict_inside_ema_weights_is_the_true_state(request, kind, dtype, backend):
+@pytest.mark.parametrize("backend", backends("cpu", "reference"), indirect=True)
+def test_state_dict_inside_ema_weights_is_the_true_state(kind, dtype, backend):
     """Inside ``ema_weights()`` the parameters hold the EMA; a state dict taken there holds the
     true EMAs (not the live weights) and the live weights, and a model saved there (the EMA
     weights) plus that state dict resume training bit for bit."""
-    if backend == "cpu":
-        request.getfixturevalue("cpu_backend")
     model = make_model(dtype)
     optimizer = make_optimizer(kind, model.parameters(), backend)
     train(model, optimizer, 4)
@@ -133,13 +132,11 @@ def test_a_parameter_listed_twice_is_refused(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_a_parameter_put_twice_into_a_group_is_refused_at_the_step(request, kind, backend):
+@pytest.mark.parametrize("backend", backends("cpu", "reference"), indirect=True)
+def test_a_parameter_put_twice_into_a_group_is_refused_at_the_step(kind, backend):
     """Over 2^18 elements the CPU kernels split a tensor over threads: the same tensor twice in
     one step gave a different result on every run. Put there after construction, it is refused
     by the step, before anything changes."""
-    if backend == "cpu":
-        request.getfixturevalue("cpu_backend")
     model = nn.Sequential(nn.Linear(600, 500))
     optimizer = make_optimizer(kind, model.parameters(), backend)
     train_wide(model, optimizer)
@@ -169,10 +166,8 @@ SHARING = {
 
 
 @pytest.mark.parametrize("case", list(SHARING))
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_tensors_sharing_memory_are_refused(request, case, backend):
-    if backend == "cpu":
-        request.getfixturevalue("cpu_backend")
+@pytest.mark.parametrize("backend", backends("cpu", "reference"), indirect=True)
+def test_tensors_sharing_memory_are_refused(case, backend):
     base = torch.randn(2, 50)
     if case == "two parameters over one storage":
         params = [nn.Parameter(base[0]), nn.Parameter(base[0, 10:40])]
@@ -210,12 +205,10 @@ def test_tensors_sharing_memory_are_refused(request, case, backend):
             assert torch.equal(optimizer.state[p][key], value), key
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_one_gradient_for_two_parameters_is_allowed(request, backend):
+@pytest.mark.parametrize("backend", backends("cpu", "reference"), indirect=True)
+def test_one_gradient_for_two_parameters_is_allowed(backend):
     """Gradients are only read: two parameters may share one (it is not refused), and the step
     is the one they take from two copies of it."""
-    if backend == "cpu":
-        request.getfixturevalue("cpu_backend")
     params = [nn.Parameter(torch.randn(40)) for _ in range(2)]
     twins = [nn.Parameter(p.detach().clone()) for p in params]
     ours = LLaCAAdamW(params, lr=1e-2, backend=backend)
@@ -377,7 +370,7 @@ def test_a_group_without_its_adamw_options_is_refused_at_load(missing):
     train(model, optimizer, 1)
 
 
-# The entries a step would refuse (tests/test_errors.py edits them into the state; here they
+# The entries a step would refuse (tests/optim/test_errors.py edits them into the state; here they
 # arrive through a state dict), with what the error says.
 BAD_ENTRIES = {
     "step of two elements": (lambda e: e.__setitem__("step", torch.tensor([3.0, 3.0])), r"\['step'\].*got 2 elements of torch.float32"),

@@ -1,4 +1,4 @@
-"""What each rank of tests/test_sharded.py runs, in processes of their own (gloo on the CPU).
+"""What each rank of tests/optim/test_sharded.py runs, in processes of their own (gloo on the CPU).
 
 Every rank builds the same problem from the same seed: parameters of awkward shapes (odd row
 counts, so shards are uneven; a one-row tensor, so one rank's shard is empty; tensors over the
@@ -39,7 +39,7 @@ def make_problem(seed: int, steps: int, shapes: list[tuple[int, ...]], dtype: to
 
 def resolve_backend(name: str) -> Any:
     if name == "cuda_sim":
-        from _cuda_sim import emulated_cuda_backend
+        from support.cuda_sim import emulated_cuda_backend
 
         return emulated_cuda_backend()
     return name

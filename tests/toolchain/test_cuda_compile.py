@@ -4,7 +4,7 @@ Every ``.cu`` file is compiled by nvcc for Ampere (sm_80) and Hopper (sm_90) wit
 real build (llaca_optim/_build.py), and the host file by the C++ compiler, against the headers of
 the installed torch. The CPU wheel of torch ships c10's CUDA headers but not one generated file,
 ``c10/cuda/impl/cuda_cmake_macros.h``; the test writes a stand-in (one line, the same macro a CUDA
-build of torch defines). The kernels are run, on the CPU, by tests/test_cuda_backend.py.
+build of torch defines). The kernels are run, on the CPU, by tests/backends/test_cuda_backend.py.
 
 What the GPU code must look like is checked here too, from ptxas's report and the PTX:
 no register spills or local memory, 128-bit global loads and stores in every kernel, and no
@@ -24,7 +24,7 @@ from torch.utils import cpp_extension
 
 from llaca_optim import _build
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 ARCHS = ("80", "90")
 

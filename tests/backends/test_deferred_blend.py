@@ -5,7 +5,7 @@ first. The blend is the same expression on the same stored values either way, so
 optimizer must match one that blends within the step (``defer_blend=False``) bit for bit, in
 parameters, every state tensor and the per-step alphas, whatever happens between steps.
 
-Without a GPU the CUDA kernels run through the CPU emulation (tests/_cuda_sim.py), which shuffles
+Without a GPU the CUDA kernels run through the CPU emulation (tests/support/cuda_sim.py), which shuffles
 the block order of every launch, and the Triton kernels through Triton's interpreter; with one, on
 CUDA tensors. The CUDA kernels defer only tensors too large to finish on chip, the CPU kernels
 those over 2^18 elements; Triton, whose alpha comes from a separate pass, defers every tensor.
@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch import nn
 
-from _compare import assert_equal
-from _cuda_sim import cuda_backend_for_tests
-from conftest import backend_or_skip
-from _trajectory import collect
+from support.compare import assert_equal
+from support.cuda_sim import cuda_backend_for_tests
+from support.backends import backend_or_skip
+from support.trajectory import collect
 from llaca_optim import LLaCAAdamW
 from llaca_optim.ops.registry import ONE_VISIT_LIMITS, StepHyper
 
@@ -107,7 +107,7 @@ def test_deferring_matches_blending_in_the_step_bit_for_bit(deferring_backend, d
     if backend == "triton" and not torch.cuda.is_available() and (dtype, ema_dtype, amsgrad) not in (
             (torch.bfloat16, "param", False), (torch.float32, None, True)):
         # Triton's interpreter takes ~20 s a case on a CPU; two cases cover its variants here
-        # (tests/test_parity.py runs the whole case set through the deferring Triton kernels).
+        # (tests/backends/test_parity.py runs the whole case set through the deferring Triton kernels).
         pytest.skip("Triton interpreter: a reduced case set")
     seed = int(torch.randint(0, 2**31 - 1, ()))
     runs = _pair(deferring_backend, dtype, seed, ema_dtype=ema_dtype, amsgrad=amsgrad)
@@ -293,7 +293,7 @@ def test_flush_op_refuses_bad_input_before_changing_anything(kernels):
 def test_a_captured_step_keeps_every_flush_active(deferring_backend, monkeypatch):
     """Python runs a captured step once; each replay defers again without Python knowing, so
     after a capture no flush may be skipped. Emulated here: a step planned "under capture", then
-    "replays" that run its kernels without the optimizer (tests/test_cuda_gpu.py captures a real
+    "replays" that run its kernels without the optimizer (tests/backends/test_cuda_gpu.py captures a real
     graph on a GPU)."""
     import llaca_optim.optim.deferred as deferred
 

@@ -1,6 +1,6 @@
 """Compiles every variant of the Triton kernels for a Hopper GPU (sm_90) without one, with
 Triton's own compiler down to a cubin (ptxas ships with triton); launches nothing. Run by
-tests/test_triton_compile.py in a process without TRITON_INTERPRET (under the interpreter the
+tests/toolchain/test_triton_compile.py in a process without TRITON_INTERPRET (under the interpreter the
 kernels are not compilable objects). Prints one line per kernel variant, then OK."""
 
 from __future__ import annotations

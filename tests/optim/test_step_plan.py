@@ -15,7 +15,7 @@ import pickle
 import pytest
 import torch
 
-from _compare import assert_close, assert_equal
+from support.compare import assert_close, assert_equal
 from llaca_optim import LLaCA, LLaCAAdamW
 
 SHAPES = [(7, 5), (33,), (4, 4), (1,)]

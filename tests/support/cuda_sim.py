@@ -16,7 +16,7 @@ from llaca_optim import _build as _build_flags
 from llaca_optim.ops import library
 from llaca_optim.ops.registry import Backend, native_backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "llaca_optim_sim"
 
 
@@ -25,7 +25,7 @@ def _build() -> None:
     from torch.utils import cpp_extension
 
     library.define(NAMESPACE)  # the schemas first (the real ops'), then the kernels for them
-    sanitize = _build_flags.sanitizer_flags()  # tests/test_sanitizers.py
+    sanitize = _build_flags.sanitizer_flags()  # tests/toolchain/test_sanitizers.py
     cpp_extension.load(
         name="llaca_optim_cuda_sim" + ("_sanitized" if sanitize else ""),
         sources=[str(ROOT / "tests" / "cuda_sim" / "ops_sim.cpp")],
@@ -47,7 +47,7 @@ def emulated_cuda_backend() -> Backend:
 
 def cuda_backend_for_tests():
     """(backend, device) of the CUDA backend's tests: the real kernels on a GPU where they were
-    built, else the emulation on CPU tensors (tests/test_cuda_gpu.py fails or skips, by
+    built, else the emulation on CPU tensors (tests/backends/test_cuda_gpu.py fails or skips, by
     LLACA_REQUIRE_NATIVE, where a GPU has no built kernels)."""
     import llaca_optim
 

@@ -1,10 +1,10 @@
 """The CUDA backend's kernels against the reference (docs/spec.md section 3), and the properties a step on a
 GPU owes (docs/spec.md section 4): determinism, AMP, the workspace that a graph replay relies on. The
-fused step's case set and non-finite gradients run in tests/test_parity.py, beside Triton's.
+fused step's case set and non-finite gradients run in tests/backends/test_parity.py, beside Triton's.
 
 Without a GPU (CI) the kernels and their host code run on CPU tensors through the emulation of
-tests/_cuda_sim.py, built from the same sources as the GPU build (csrc/cuda/); with one, on CUDA
-tensors. tests/test_cuda_gpu.py adds what only a GPU can show (graph capture, GradScaler on CUDA).
+tests/support/cuda_sim.py, built from the same sources as the GPU build (csrc/cuda/); with one, on CUDA
+tensors. tests/backends/test_cuda_gpu.py adds what only a GPU can show (graph capture, GradScaler on CUDA).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from _compare import assert_equal
-from _cuda_sim import cuda_backend_for_tests, emulated_cuda_backend
-from _trajectory import collect
-from test_parity import DTYPES, assert_within_rule, trajectories
+from support.compare import assert_equal
+from support.cuda_sim import cuda_backend_for_tests, emulated_cuda_backend
+from support.trajectory import collect
+from support.parity import DTYPES, assert_within_rule, trajectories
 from llaca_optim import LLaCA, LLaCAAdamW
 from llaca_optim.ops.registry import reference_backend
 

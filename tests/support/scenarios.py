@@ -1,0 +1,49 @@
+"""Scenarios more than one test module runs: snapshots of a model and its optimizer, and the
+GradScaler overflow check."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from support.compare import assert_equal
+from support.trajectory import collect
+
+
+def snapshot(model, optimizer):
+    return copy.deepcopy(collect(optimizer, list(model.parameters())))
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        for i, (x, y) in enumerate(zip(a[key], b[key])):
+            assert_equal(x, y, what=f"{key}[{i}]")
+
+
+def check_grad_scaler_overflow(model, optimizer, dtype, device="cpu"):
+    """Three good GradScaler steps, one whose gradients overflow (it must change nothing, and the
+    scale must drop), one more good one: the step count ends at 4. tests/backends/test_cuda_gpu.py runs
+    it on a GPU too."""
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    in_features = next(model.parameters()).shape[1]
+
+    def scaled_step(poison: bool):
+        optimizer.zero_grad()
+        x = torch.randn(4, in_features, dtype=dtype, device=device)
+        scaler.scale(model(x).float().pow(2).mean()).backward()
+        if poison:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(3):
+        scaled_step(poison=False)
+    before = snapshot(model, optimizer)
+    scale_before = scaler.get_scale()
+    scaled_step(poison=True)
+    assert_same(snapshot(model, optimizer), before)
+    assert scaler.get_scale() < scale_before
+    scaled_step(poison=False)
+    assert int(optimizer.state[next(model.parameters())]["step"]) == 4
