@@ -6,8 +6,7 @@ Baselines (docs/spec.md section 5):
 * ``AdamW(fused) + published loop``: the per-tensor Python loop of the authors' released code after
   the AdamW step (host sync per tensor included). It is transcribed as a baseline from the
   description of that code in docs/spec.md section 1 (about ten kernels, a gradient copy and a
-  ``float(alpha)`` per tensor, EMA in the parameter's dtype); the released repository itself could
-  not be reached from this workplace.
+  ``float(alpha)`` per tensor, EMA in the parameter's dtype).
 * ``AdamW(fused) + foreach``: the best sync-free composition of ``torch._foreach_*`` ops we could
   write: the drift ``p - ema`` once (reused for the blend), three ``_foreach_norm(·, 1)``
   reductions, the alphas on the device, then ``_foreach_mul_``, ``_foreach_add_`` and

@@ -62,7 +62,7 @@ def cuda_home() -> str | None:
 
     torch's build guesses the toolkit as the folder above the first nvcc on PATH. Where that
     nvcc is a wrapper script (``/usr/local/bin/nvcc`` running ``/usr/local/cuda-13.0/bin/nvcc``,
-    as on the machines this project is built on), the guess is ``/usr/local``: nvcc itself still
+    as some machine images install it), the guess is ``/usr/local``: nvcc itself still
     works, but the host compiler is given ``/usr/local/include`` and cannot find
     ``cuda_runtime.h``, and the link looks for libcudart in ``/usr/local/lib64``."""
     for name in ("CUDA_HOME", "CUDA_PATH"):

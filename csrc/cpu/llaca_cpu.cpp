@@ -22,7 +22,7 @@
 // once the caller has reduced the sums across the shards and set the alphas and pending flags.
 //
 // NOTE [CPU deferred blend]
-// The design of NOTE [CUDA deferred blend] (csrc/cuda/layout.h), given `ema_pending` flags: a split
+// The design of NOTE [CUDA deferred blend] (csrc/cuda/kernel_args.h), given `ema_pending` flags: a split
 // tensor skips pass 3 and sets its flag; its next step reads the flag and the old alpha before
 // anything is written, and each block forms ema_t = ema_{t-1} + alpha_t (p_t - ema_{t-1}) from p_t
 // before AdamW replaces it, stores it and sums against it. Large tensors then take 11 accesses
@@ -58,7 +58,7 @@ constexpr int64_t kWholeTensorLimit = int64_t(1) << 18;
 
 // What a tensor's EMA holds on entry to a step: nothing yet (its first LLaCA step: it is set to
 // the stepped p), the blend of its last step, or not yet that blend (NOTE [CPU deferred blend]).
-enum class Entry { kFresh, kCurrent, kPending };
+enum class EmaOnEntry { kFresh, kCurrent, kPending };
 
 // Everything one tensor contributes to a call, resolved to raw pointers once per step: one per
 // role (llaca/roles.h; `pending` is its deferred-blend flag, null unless the call defers), and
@@ -66,13 +66,13 @@ enum class Entry { kFresh, kCurrent, kPending };
 struct TensorJob : Pointers {
   int64_t numel = 0;
   double* shard_sums = nullptr;  // sharded mode: this tensor's row of (a, b, c)
-  Entry entry = Entry::kCurrent; // read from the alpha slot and the flag before anything is written
+  EmaOnEntry entry = EmaOnEntry::kCurrent; // read from the alpha slot and the flag before anything is written
   bool whole = false;  // one work item: finished (alpha and blend) by the thread that stepped it
   AdamWScalars adamw{};
   int64_t first_item = 0;
   int64_t num_items = 0;
 
-  bool fresh() const { return entry == Entry::kFresh; }
+  bool fresh() const { return entry == EmaOnEntry::kFresh; }
 };
 
 struct Item {
@@ -98,7 +98,7 @@ struct CallScalars {
 // Phase 1 on the elements [begin, end) of one tensor (at most one sum block). Returns the three
 // partial L1 sums. ENTRY is a template parameter, not a branch in the loop: a conditional store
 // inside the loop keeps GCC from vectorising it.
-template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, Entry ENTRY>
+template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, EmaOnEntry ENTRY>
 void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScalars& call,
                 float* partial) {
   using P = Codec<param_t>;
@@ -119,8 +119,8 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
   const float grad_scale = call.grad_scale;
   // The alpha of a pending blend is still in the slot: the tensor's new alpha is written only
   // after every block of it has been stepped.
-  const float pending_alpha = ENTRY == Entry::kPending ? *job.alpha : 0.0f;
-  constexpr bool FRESH = ENTRY == Entry::kFresh;
+  const float pending_alpha = ENTRY == EmaOnEntry::kPending ? *job.alpha : 0.0f;
+  constexpr bool FRESH = ENTRY == EmaOnEntry::kFresh;
 
   float sum_a = 0.0f, sum_b = 0.0f, sum_c = 0.0f;
 #pragma omp simd reduction(+ : sum_a, sum_b, sum_c)
@@ -132,7 +132,7 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
     float e = 0.0f;
     if (LLACA && !FRESH) {
       e = E::load(ema[i]);
-      if (ENTRY == Entry::kPending) {
+      if (ENTRY == EmaOnEntry::kPending) {
         // The last step's blend, from p_t before the AdamW update replaces it (the expression of
         // chunk_blend, so the stored bits are the same).
         const eraw blended = E::store(e + pending_alpha * (pf - e));
@@ -199,20 +199,20 @@ bool finish_alpha(const TensorJob& job, double a, double b, double c, const Call
   return true;
 }
 
-// Calls fn(std::integral_constant<Entry, e>) for the tensor's entry state (kCurrent without LLaCA).
+// Calls fn(std::integral_constant<EmaOnEntry, e>) for the tensor's entry state (kCurrent without LLaCA).
 template <bool LLACA, typename Fn>
 void with_entry(const TensorJob& job, Fn&& fn) {
-  switch (LLACA ? job.entry : Entry::kCurrent) {
-    case Entry::kFresh: return fn(std::integral_constant<Entry, Entry::kFresh>{});
-    case Entry::kPending: return fn(std::integral_constant<Entry, Entry::kPending>{});
-    default: return fn(std::integral_constant<Entry, Entry::kCurrent>{});
+  switch (LLACA ? job.entry : EmaOnEntry::kCurrent) {
+    case EmaOnEntry::kFresh: return fn(std::integral_constant<EmaOnEntry, EmaOnEntry::kFresh>{});
+    case EmaOnEntry::kPending: return fn(std::integral_constant<EmaOnEntry, EmaOnEntry::kPending>{});
+    default: return fn(std::integral_constant<EmaOnEntry, EmaOnEntry::kCurrent>{});
   }
 }
 
 // A tensor small enough to be one work item: the AdamW step and the sums block by block, then its
 // alpha, then the blend while p and ema are still in cache. The blend walks the blocks backwards,
 // so the most recently touched block (the one surely still in L1/L2) comes first.
-template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, Entry ENTRY>
+template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA, EmaOnEntry ENTRY>
 void whole_tensor_step(const TensorJob& job, const CallScalars& call) {
   double a = 0.0, b = 0.0, c = 0.0;
   for (int64_t begin = 0; begin < job.numel; begin += kSumBlock) {
@@ -226,7 +226,7 @@ void whole_tensor_step(const TensorJob& job, const CallScalars& call) {
   if (!LLACA) return;
   if (!finish_alpha(job, a, b, c, call)) return;  // sharded: the caller blends, flags included
   if (job.pending != nullptr) *job.pending = false;  // blended below (or fresh: nothing to blend)
-  if (ENTRY == Entry::kFresh) return;
+  if (ENTRY == EmaOnEntry::kFresh) return;
   const int64_t blocks = (job.numel + kSumBlock - 1) / kSumBlock;
   for (int64_t k = blocks - 1; k >= 0; --k) {
     chunk_blend<param_t, ema_t>(job, k * kSumBlock, std::min(job.numel, (k + 1) * kSumBlock));
@@ -314,7 +314,7 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
     const Item& item = items[k];
     const TensorJob& job = jobs[item.job];
     with_entry<LLACA>(job, [&](auto entry) {
-      constexpr Entry ENTRY = decltype(entry)::value;
+      constexpr EmaOnEntry ENTRY = decltype(entry)::value;
       if (job.whole) {
         whole_tensor_step<param_t, ema_t, ADAMW, AMSGRAD, LLACA, ENTRY>(job, call);
       } else {
@@ -366,8 +366,8 @@ at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
     point_at(job, l, i, adamw, amsgrad, llaca);
     if (llaca) {
       // A negative alpha slot marks a tensor with no EMA step yet (see llaca_optim/ops/library.py).
-      if (*job.alpha < 0.0f) job.entry = Entry::kFresh;
-      else if (job.pending != nullptr && *job.pending) job.entry = Entry::kPending;
+      if (*job.alpha < 0.0f) job.entry = EmaOnEntry::kFresh;
+      else if (job.pending != nullptr && *job.pending) job.entry = EmaOnEntry::kPending;
       if (sum_rows != nullptr) job.shard_sums = sum_rows + 3 * i;
     }
   }
@@ -408,18 +408,9 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   call.scale = scale;
   call.base_weight = base_weight;
   std::vector<TensorJob> jobs;
-  Lists lists;
-  lists.params = params;
-  lists.grads = grads;
-  lists.exp_avgs = exp_avgs;
-  lists.exp_avg_sqs = exp_avg_sqs;
-  lists.max_exp_avg_sqs = max_exp_avg_sqs;
-  lists.state_steps = state_steps;
-  lists.emas = emas;
-  lists.prev_grads = prev_grads;
-  lists.alphas = alphas;
-  lists.fell_back = fell_back;
-  lists.ema_pending = ema_pending;
+  const Lists lists = adamw_llaca_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                               state_steps, emas, prev_grads, alphas, fell_back,
+                                               ema_pending);
   const at::ScalarType ema_dtype = build_jobs(lists, /*adamw=*/true, amsgrad, llaca, shard_sums, jobs, call);
   check_call_scalar(lr_tensor, "lr", c10::Device(c10::DeviceType::CPU));
   if (read_amp(grad_scale, found_inf, call)) return;
@@ -448,13 +439,7 @@ void llaca_update_cpu(TensorList params, TensorList grads, TensorList emas, Tens
   call.scale = scale;
   call.base_weight = base_weight;
   std::vector<TensorJob> jobs;
-  Lists lists;
-  lists.params = params;
-  lists.grads = grads;
-  lists.emas = emas;
-  lists.prev_grads = prev_grads;
-  lists.alphas = alphas;
-  lists.fell_back = fell_back;
+  const Lists lists = llaca_update_lists(params, grads, emas, prev_grads, alphas, fell_back);
   const at::ScalarType ema_dtype =
       build_jobs(lists, /*adamw=*/false, false, /*llaca=*/true, shard_sums, jobs, call);
   if (read_amp(grad_scale, found_inf, call)) return;
@@ -482,11 +467,7 @@ void run_flush(std::vector<TensorJob>& jobs) {
 }
 
 void llaca_flush_cpu(TensorList params, TensorList emas, TensorList alphas, TensorList ema_pending) {
-  Lists lists;
-  lists.params = params;
-  lists.emas = emas;
-  lists.alphas = alphas;
-  lists.ema_pending = ema_pending;
+  const Lists lists = llaca_flush_lists(params, emas, alphas, ema_pending);
   const at::ScalarType ema_dtype = check_flush_lists(lists, c10::DeviceType::CPU, "cpu");
   std::vector<TensorJob> jobs;
   std::vector<bool*> flags;

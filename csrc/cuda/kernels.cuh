@@ -1,6 +1,6 @@
 // The CUDA kernels of the llaca_optim ops: the fused AdamW + LLaCA step and the standalone LLaCA
 // update over all tensors of a bucket, in one or two launches whatever the number of tensors
-// (NOTE [CUDA work decomposition] in layout.h), and the flush of deferred blends.
+// (NOTE [CUDA work decomposition] in kernel_args.h), and the flush of deferred blends.
 //
 // Layers, as in torch's fused optimizers: element math (llaca/math.h, shared with the CPU
 // kernels), fragment loads and stores (this file), the kernels (this file), the launcher
@@ -17,7 +17,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "layout.h"
+#include "kernel_args.h"
 #include "llaca/math.h"
 
 #if defined(__CUDACC__)
@@ -169,7 +169,7 @@ LLACA_DEVICE int32_t find_tensor(const int64_t* begin, int32_t n, int64_t chunk)
   return lo;
 }
 
-// A deferred-blend flag (NOTE [CUDA deferred blend] in layout.h); the pointer may be null, so
+// A deferred-blend flag (NOTE [CUDA deferred blend] in kernel_args.h); the pointer may be null, so
 // the global-memory promise is made only where it is dereferenced.
 LLACA_DEVICE bool flag_set(const uint8_t* flag) {
   LLACA_ASSUME_GLOBAL(flag);
@@ -180,7 +180,7 @@ LLACA_DEVICE void set_flag(uint8_t* flag, bool value) {
   *flag = value;
 }
 
-// One tensor's row of the sharded mode's sums (NOTE [CUDA sharded mode] in layout.h).
+// One tensor's row of the sharded mode's sums (NOTE [CUDA sharded mode] in kernel_args.h).
 LLACA_DEVICE void write_sums(double* row, double a, double b, double c) {
   LLACA_ASSUME_GLOBAL(row);
   row[0] = a;
@@ -199,7 +199,7 @@ LLACA_DEVICE double learning_rate(const StepArgs& args) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The step kernel: one block per chunk (see NOTE [CUDA work decomposition] in layout.h).
+// The step kernel: one block per chunk (see NOTE [CUDA work decomposition] in kernel_args.h).
 
 template <typename param_t, typename ema_t, bool ADAMW, bool AMSGRAD, bool LLACA>
 __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
@@ -223,10 +223,10 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
   }
   // Read before the block (or the tensor's last block) overwrites them below.
   const bool fresh = LLACA && *meta.alpha < 0.0f;
-  // A blend deferred from the last step (NOTE [CUDA deferred blend] in layout.h) and its alpha.
+  // A blend deferred from the last step (NOTE [CUDA deferred blend] in kernel_args.h) and its alpha.
   const bool pending = LLACA && meta.pending != nullptr && flag_set(meta.pending);
   const float pending_alpha = pending ? *meta.alpha : 0.0f;
-  // NOTE [CUDA sharded mode] in layout.h: sums out instead of alpha, no blend of this step.
+  // NOTE [CUDA sharded mode] in kernel_args.h: sums out instead of alpha, no blend of this step.
   const bool sharded = LLACA && args.shard_sums != nullptr;
   const float step = ADAMW ? *meta.step + 1.0f : 0.0f;
   AdamWScalars s{};
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
     const int valid = left <= 0 ? 0 : (left >= W ? W : static_cast<int>(left));
     // Every load of the fragment is issued before its first store: the arrays come from a table,
     // so the compiler must assume a store may alias a later load and would otherwise wait for the
-    // stores (NOTE [CUDA loads before stores] in layout.h).
+    // stores (NOTE [CUDA loads before stores] in kernel_args.h).
     float g[W], p[W], e[W], m[W], v[W], vmax[W], gp[W];
     load<param_t, W>(g, meta.grad, e0, valid, vec);
     load<param_t, W>(p, meta.param, e0, valid, vec);
@@ -398,7 +398,7 @@ LLACA_DEVICE void blend_chunk(const TensorMeta& meta, int64_t start) {
   LLACA_ASSUME_GLOBAL(meta.alpha);
   const float alpha = *meta.alpha;
   // p and ema of every fragment of the thread, all loaded before the first store (NOTE [CUDA
-  // loads before stores] in layout.h); elements past the end load as zeros and are never stored.
+  // loads before stores] in kernel_args.h); elements past the end load as zeros and are never stored.
   constexpr int kVecs = kVecsPerThread<param_t>;
   float p[kVecs][W], e[kVecs][W];
 #pragma unroll
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(kThreads) blend_chunks(StepArgs args) {
   blend_chunk<param_t, ema_t>(meta, (chunk - args.split_chunk_begin[s]) * kChunk<param_t>);
 }
 
-// llaca_flush_: the pending blends (NOTE [CUDA deferred blend] in layout.h), one block per chunk
+// llaca_flush_: the pending blends (NOTE [CUDA deferred blend] in kernel_args.h), one block per chunk
 // of every tensor; tensors without a pending blend return at once. The flag is cleared by the
 // tensor's last block to arrive, after every block has read it.
 template <typename param_t, typename ema_t>

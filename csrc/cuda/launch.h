@@ -6,7 +6,7 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime_api.h>
 
-#include "layout.h"
+#include "kernel_args.h"
 
 namespace llaca {
 namespace cuda {

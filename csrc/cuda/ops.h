@@ -16,7 +16,7 @@
 #include <mutex>
 #include <optional>
 
-#include "layout.h"
+#include "kernel_args.h"
 #include "llaca/checks.h"
 #include "workspace.h"
 
@@ -48,18 +48,9 @@ class Ops {
                           const std::optional<Tensor>& grad_scale,
                           const std::optional<Tensor>& found_inf,
                           const std::optional<Tensor>& shard_sums) {
-    Lists lists;
-    lists.params = params;
-    lists.grads = grads;
-    lists.exp_avgs = exp_avgs;
-    lists.exp_avg_sqs = exp_avg_sqs;
-    lists.max_exp_avg_sqs = max_exp_avg_sqs;
-    lists.state_steps = state_steps;
-    lists.emas = emas;
-    lists.prev_grads = prev_grads;
-    lists.alphas = alphas;
-    lists.fell_back = fell_back;
-    lists.ema_pending = ema_pending;
+    const Lists lists = adamw_llaca_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                                 state_steps, emas, prev_grads, alphas, fell_back,
+                                                 ema_pending);
     const at::ScalarType ema_dtype =
         check_lists(lists, /*adamw=*/true, amsgrad, llaca, Runtime::kDeviceType, Runtime::kName);
     double* sum_rows = shard_sum_rows(shard_sums, lists, llaca);
@@ -98,13 +89,7 @@ class Ops {
                            const std::optional<Tensor>& grad_scale,
                            const std::optional<Tensor>& found_inf,
                            const std::optional<Tensor>& shard_sums) {
-    Lists lists;
-    lists.params = params;
-    lists.grads = grads;
-    lists.emas = emas;
-    lists.prev_grads = prev_grads;
-    lists.alphas = alphas;
-    lists.fell_back = fell_back;
+    const Lists lists = llaca_update_lists(params, grads, emas, prev_grads, alphas, fell_back);
     const at::ScalarType ema_dtype = check_lists(lists, /*adamw=*/false, false, /*llaca=*/true,
                                                  Runtime::kDeviceType, Runtime::kName);
     double* sum_rows = shard_sum_rows(shard_sums, lists, /*llaca=*/true);
@@ -117,14 +102,10 @@ class Ops {
   }
 
   // Applies and clears the pending blends of the fused step's deferral (NOTE [CUDA deferred
-  // blend] in layout.h): ema <- ema + alpha (p - ema) where ema_pending is set.
+  // blend] in kernel_args.h): ema <- ema + alpha (p - ema) where ema_pending is set.
   static void llaca_flush(TensorList params, TensorList emas, TensorList alphas,
                           TensorList ema_pending) {
-    Lists lists;
-    lists.params = params;
-    lists.emas = emas;
-    lists.alphas = alphas;
-    lists.ema_pending = ema_pending;
+    const Lists lists = llaca_flush_lists(params, emas, alphas, ema_pending);
     const at::ScalarType ema_dtype =
         check_flush_lists(lists, Runtime::kDeviceType, Runtime::kName);
     if (params.empty()) return;

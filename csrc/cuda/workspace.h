@@ -1,4 +1,4 @@
-// The device-side tables of a call (NOTE [CUDA work decomposition] in layout.h) and the cache
+// The device-side tables of a call (NOTE [CUDA work decomposition] in kernel_args.h) and the cache
 // that keeps them between steps.
 //
 // NOTE [CUDA workspace]
@@ -25,7 +25,7 @@
 #include <list>
 #include <vector>
 
-#include "layout.h"
+#include "kernel_args.h"
 #include "llaca/checks.h"
 
 namespace llaca {

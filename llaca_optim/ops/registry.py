@@ -31,6 +31,7 @@ from .roles import ADAMW_LLACA, LLACA_FLUSH, LLACA_UPDATE, Bucket, StepHyper, op
 __all__ = [
     "BACKEND_NAMES",
     "Backend",
+    "BackendChoice",
     "BackendUnavailable",
     "Bucket",
     "StepHyper",
@@ -44,7 +45,7 @@ __all__ = [
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 
 # The largest tensor each native backend's step finishes in one visit, blend included (csrc twins:
-# kWholeTensorLimit in csrc/cpu/llaca_cpu.cpp, kChunk in csrc/cuda/layout.h); only larger ones
+# kWholeTensorLimit in csrc/cpu/llaca_cpu.cpp, kChunk in csrc/cuda/kernel_args.h); only larger ones
 # can have their blend deferred. tests/backends/test_deferred_blend.py checks both.
 ONE_VISIT_LIMITS = {"cpu": 2**18, "cuda": 4096}
 
@@ -279,6 +280,21 @@ def resolve_backend(requested: str | Backend, device_type: str) -> Backend:
             f"are on {device_type}; use backend='auto' or move the model to {wanted}"
         )
     return _instance(requested, device_type)
+
+
+class BackendChoice:
+    """What one request (``"auto"``, a name, or a :class:`Backend`) gives each device type,
+    resolved on first use per device type (:func:`resolve_backend`) and kept."""
+
+    def __init__(self, requested: str | Backend) -> None:
+        self.requested = requested
+        self.by_device: dict[str, Backend] = {}
+
+    def __call__(self, device_type: str) -> Backend:
+        backend = self.by_device.get(device_type)
+        if backend is None:
+            backend = self.by_device[device_type] = resolve_backend(self.requested, device_type)
+        return backend
 
 
 def _instance(name: str, device_type: str) -> Backend:

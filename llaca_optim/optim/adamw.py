@@ -154,7 +154,9 @@ class LLaCAAdamW(LLaCAOptimizerBase):
     @torch.no_grad()
     def _fused_step(self) -> None:
         self._check_not_swapped("step")
-        run_step(self._plan_step(), adamw=True, hyper_of=self._hyper, pending=self._pending)
+        plan = [(self._hyper(group, scale, base_weight), buckets)
+                for group, buckets, scale, base_weight in self._plan_step() if buckets]
+        run_step(plan, adamw=True, pending=self._pending)
 
     def _hyper(self, group: dict[str, Any], scale: float, base_weight: float) -> StepHyper:
         beta1, beta2 = (float(b) for b in group["betas"])

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..integrations import deepspeed
-from ..ops.registry import Backend, resolve_backend
+from ..ops.registry import Backend, BackendChoice
 from ..ops.roles import ADAMW_LLACA
 from ..ops.roles import SHAPED_STATE_KEYS as _ROLE_SHAPED_KEYS
 from ..state import counting
@@ -61,30 +61,23 @@ class LLaCAOptimizerBase(Optimizer):
     def _setup_backend(self, backend: str | Backend) -> None:
         """Everything beside torch's own attributes; also what unpickling rebuilds."""
         self._requested_backend = backend
-        self._backends: dict[str, Backend] = {}
+        self._backends = BackendChoice(backend)
         self._ema_swap: list[tuple[Tensor, Tensor, Tensor | None]] | None = None
         self.state = counting(self.state)  # see state.py
         self._given_params = deepspeed.GivenParams()
-        self._pending = PendingBlends(self._backend_for)
+        self._pending = PendingBlends(self._backends)
         self._planner = StepPlanner(
-            op=self._op, parts_of=self._parts, validate_group=self._validate_group,
-            backend_for=self._backend_for, given_params=self._given_params,
+            op=self._op, backends=self._backends, given_params=self._given_params,
             pending=self._pending, owner=type(self).__name__)
         for group in self.param_groups:
             self._given_params.add(group["params"])
             for p in group["params"]:
-                self._backend_for(p.device.type)  # an unknown or unavailable backend fails here
-
-    def _backend_for(self, device_type: str) -> Backend:
-        backend = self._backends.get(device_type)
-        if backend is None:
-            backend = self._backends[device_type] = resolve_backend(self._requested_backend, device_type)
-        return backend
+                self._backends(p.device.type)  # an unknown or unavailable backend fails here
 
     @property
     def backend(self) -> str | dict[str, str]:
         """The backend each device's parameters use: a name, or ``{device_type: name}``."""
-        names = {device: backend.name for device, backend in self._backends.items()}
+        names = {device: backend.name for device, backend in self._backends.by_device.items()}
         if len(names) == 1:
             return next(iter(names.values()))
         return names
@@ -125,7 +118,7 @@ class LLaCAOptimizerBase(Optimizer):
             self._validate_group(self.param_groups[index], f"param_groups[{index}]")
             if hasattr(self, "_backends"):
                 for p in self.param_groups[index]["params"]:
-                    self._backend_for(p.device.type)
+                    self._backends(p.device.type)
         except Exception:
             self.param_groups.pop()
             raise
@@ -164,9 +157,13 @@ class LLaCAOptimizerBase(Optimizer):
     # tests/optim/test_torch_compile.py holds compiled steps to the eager bits.
     @eager_under_compile
     def _plan_step(self) -> list[PlannedGroup]:
-        """Every (group, buckets, scale, base_weight) of this step (plan.py)."""
+        """Every (group, buckets, scale, base_weight) of this step (plan.py). All groups are
+        validated before the planner makes any state or touches any tensor."""
         self._complete_groups()
-        self.state, plan = self._planner.plan(self.param_groups, self.state)
+        groups = self.param_groups
+        declared = [(*self._validate_group(group, f"param_groups[{gi}]"), self._parts(group))
+                    for gi, group in enumerate(groups)]
+        self.state, plan = self._planner.plan(groups, declared, self.state)
         return plan
 
     def _complete_groups(self) -> None:
@@ -444,5 +441,5 @@ class LLaCAOptimizerBase(Optimizer):
 
     def __repr__(self) -> str:
         text = super().__repr__()
-        return text.replace("(", f"(backend: {self._backends and self.backend or self._requested_backend}\n", 1)
+        return text.replace("(", f"(backend: {self._backends.by_device and self.backend or self._requested_backend}\n", 1)
 

@@ -4,7 +4,7 @@ NOTE [deferred blend]
 A backend with ``defers_blend`` (CUDA, CPU, Triton) may leave a step's EMA blend pending until
 the tensor's next step, which then costs one pass over memory instead of two: that step reads p
 and the EMA anyway, applies the pending blend first, and leaves its own pending (the kernels'
-side: NOTE [CUDA deferred blend] in csrc/cuda/layout.h, NOTE [CPU deferred blend] in
+side: NOTE [CUDA deferred blend] in csrc/cuda/kernel_args.h, NOTE [CPU deferred blend] in
 csrc/cpu/llaca_cpu.cpp, ops/triton/kernels.py). Whether a bucket defers is decided once, when the
 step planner builds it (optim/plan.py): only tensors a deferring bucket holds get an
 ``ema_pending`` flag in their state. While a blend is pending the EMA in ``state`` lags one
@@ -18,13 +18,13 @@ Python: once one was captured, every flush runs.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..ops.registry import Backend
+from ..ops.registry import BackendChoice
 from ..ops.roles import Bucket
 from . import sharded
 
@@ -35,11 +35,11 @@ def capturing(t: Tensor) -> bool:
 
 
 class PendingBlends:
-    """Which blends may be pending, and the flushes that apply them. ``backend_for`` gives the
-    backend of a device type (the one that deferred)."""
+    """Which blends may be pending, and the flushes that apply them through the backend of each
+    device type (``backends``, the optimizer's choice: the one that deferred)."""
 
-    def __init__(self, backend_for: Callable[[str], Backend]) -> None:
-        self.backend_for = backend_for
+    def __init__(self, backends: BackendChoice) -> None:
+        self.backends = backends
         self.pending = False       # a deferring step ran since the last full flush
         self.captured = False      # a deferring step was captured in a CUDA graph
         self._warned_inplace = False
@@ -62,7 +62,7 @@ class PendingBlends:
             bucket.alphas.append(state["alpha"])
             bucket.ema_pending.append(state.pop("ema_pending") if drop else state["ema_pending"])
         for (device, _, _), bucket in buckets.items():
-            self.backend_for(device.type).flush_ema(bucket)
+            self.backends(device.type).flush_ema(bucket)
 
     def flush_all(self, entries: Iterable[tuple[Tensor, dict[str, Any] | None]]) -> None:
         """Applies every pending blend (``entries``: all parameters with LLaCA state); free when

@@ -130,8 +130,9 @@ class LLaCA(LLaCAOptimizerBase):
     @eager_under_compile
     @torch.no_grad()
     def _update(self, plan) -> None:
-        run_step(plan, adamw=False, pending=self._pending,
-                 hyper_of=lambda group, scale, base_weight: StepHyper(scale=scale, base_weight=base_weight))
+        run_step([(StepHyper(scale=scale, base_weight=base_weight), buckets)
+                  for _, buckets, scale, base_weight in plan if buckets],
+                 adamw=False, pending=self._pending)
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         self.state.clear()

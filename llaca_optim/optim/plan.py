@@ -1,10 +1,11 @@
 """The step planner: which tensors a step updates, through which backend, in which buckets.
 
-An optimizer declares what it steps (:class:`StepPlanner`'s ``op`` and ``parts_of``: the op its
-buckets go to and, per param group, which parts of the role table are on); the planner makes
-the missing state from the role table, routes each parameter to a backend, fills the buckets
-(one per backend, device, dtype, EMA dtype and shard layout), decides once per bucket whether its
-blends are deferred, and caches the result. :func:`run_step` then runs a plan.
+An optimizer declares what it steps: the op its buckets go to (at construction) and, per param
+group at each step, its validated knobs and the parts of the role table it has on. The planner
+makes the missing state from the role table, routes each parameter to a backend, fills the
+buckets (one per backend, device, dtype, EMA dtype and shard layout), decides once per bucket
+whether its blends are deferred, and caches the result. :func:`run_step` then runs a plan.
+Nothing here calls back into the optimizer: what it needs is handed down.
 
 NOTE [step plans]
 Planning validates every gradient and looks at every state tensor, which costs microseconds per
@@ -21,7 +22,6 @@ made or any tensor touched (docs/spec.md section 6).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..integrations import deepspeed
-from ..ops.registry import Backend, StepHyper, reference_backend
+from ..ops.registry import Backend, BackendChoice, StepHyper, reference_backend
 from ..ops.roles import ADAMW_LLACA, MADE_ORDER, Bucket, Role, roles_of
 from ..state import StateMap, counting
 from . import sharded
@@ -57,27 +57,25 @@ class GroupPlan:
 
 # One group of a step: (group, [(backend, bucket)], scale, base_weight).
 PlannedGroup = tuple[dict[str, Any], list[tuple[Backend, Bucket]], float, float]
+# What the optimizer declares of a group: (scale, base_weight, parts of the role table it has on).
+Declared = tuple[float, float, "frozenset[str] | None"]
 
 
 class StepPlanner:
     """Builds, caches and routes the buckets of one optimizer's steps.
 
-    ``op``: the op the buckets are for (its role lists are what a bucket fills). ``parts_of``:
-    the parts of the role table a group has on (None: the group is not stepped here).
-    ``validate_group``: checks a group, returning its ``(scale, base_weight)``.
-    ``backend_for``: the backend of a device type. ``given_params``: what DeepSpeed may have made
-    of the parameters (integrations/deepspeed.py). ``pending``: the blends left pending.
-    ``owner``: the optimizer's name, for errors."""
+    ``op``: the op the buckets are for (its role lists are what a bucket fills). ``backends``: the
+    optimizer's backend choice, per device type. ``given_params``: what DeepSpeed may have made of
+    the parameters (integrations/deepspeed.py). ``pending``: the blends left pending. ``owner``:
+    the optimizer's name, for errors. Each step hands :meth:`plan` the groups, what the optimizer
+    declared of each (its validated knobs and the parts of the role table it has on), and the
+    state: the planner reads nothing else of the optimizer."""
 
-    def __init__(self, *, op: str, parts_of: Callable[[dict[str, Any]], frozenset[str] | None],
-                 validate_group: Callable[[dict[str, Any], str], tuple[float, float]],
-                 backend_for: Callable[[str], Backend], given_params: deepspeed.GivenParams,
+    def __init__(self, *, op: str, backends: BackendChoice, given_params: deepspeed.GivenParams,
                  pending: PendingBlends, owner: str) -> None:
         self.op = op
         self.roles: tuple[Role, ...] = roles_of(op)
-        self.parts_of = parts_of
-        self.validate_group = validate_group
-        self.backend_for = backend_for
+        self.backends = backends
         self.given_params = given_params
         self.pending = pending
         self.owner = owner
@@ -93,9 +91,12 @@ class StepPlanner:
 
     # ------------------------------------------------------------------ planning
 
-    def plan(self, groups: list[dict[str, Any]], state: Any) -> tuple[StateMap, list[PlannedGroup]]:
+    def plan(self, groups: list[dict[str, Any]], declared: list[Declared], state: Any
+             ) -> tuple[StateMap, list[PlannedGroup]]:
         """This step's groups with their buckets, and the state map to keep (``state`` itself,
-        or a counting map that adopted what the user put in its place)."""
+        or a counting map that adopted what the user put in its place). ``declared`` holds, per
+        group, its ``(scale, base_weight, parts)``: validated knobs, and the parts of the role
+        table it has on (None: the group is not stepped here)."""
         planned = self._planned_state
         state_changed = planned is None or state is not planned[0] or planned[0].changes != planned[1]
         if state_changed:
@@ -103,17 +104,15 @@ class StepPlanner:
             self.invalidate()
         plans: list[list[Any]] = []
         to_build = []
-        for gi, group in enumerate(groups):
-            scale, base_weight = self.validate_group(group, f"param_groups[{gi}]")
-            buckets = self._reuse(gi, group)
+        for gi, (group, (scale, base_weight, parts)) in enumerate(zip(groups, declared)):
+            buckets = self._reuse(gi, group, parts)
             if buckets is None:
-                to_build.append((len(plans), gi, group, self._validated_pairs(gi, group, state)))
+                to_build.append((len(plans), gi, group, parts, self._validated_pairs(gi, group, state)))
             plans.append([group, buckets, scale, base_weight])
         if to_build:
             self._check_step_tensors(groups, state, with_state=state_changed)
         flush_first: list[Tensor] = []
-        for index, gi, group, pairs in to_build:
-            parts = self.parts_of(group)
+        for index, gi, group, parts, pairs in to_build:
             built = self._build(group, parts, pairs, state, flush_first) if parts is not None else []
             self._plans[gi] = GroupPlan(
                 params=list(group["params"]), parts=parts, ema_dtype=group.get("ema_dtype"),
@@ -129,11 +128,11 @@ class StepPlanner:
         self._planned_state = (state, state.changes)  # after planning's own changes
         return state, [tuple(p) for p in plans]  # type: ignore[misc]
 
-    def _reuse(self, gi: int, group: dict[str, Any]) -> list[tuple[Backend, Bucket]] | None:
+    def _reuse(self, gi: int, group: dict[str, Any], parts: frozenset[str] | None
+               ) -> list[tuple[Backend, Bucket]] | None:
         plan = self._plans.get(gi)
         params = group["params"]
-        if (plan is None or plan.parts != self.parts_of(group)
-                or plan.ema_dtype != group.get("ema_dtype")):
+        if plan is None or plan.parts != parts or plan.ema_dtype != group.get("ema_dtype"):
             return None
         grads = [p.grad for p in params]
         if [g is not None for g in grads] != plan.has_grad:  # also catches a changed length
@@ -262,26 +261,22 @@ class StepPlanner:
         take (float64, layouts with gaps) goes to the reference: never a contiguous copy updated
         in place of the real tensor."""
         if not sharded.is_sharded(p):
-            backend = self.backend_for(p.device.type)
+            backend = self.backends(p.device.type)
             return (backend if backend.accepts(p, companions) else _REFERENCE), None
         layout = sharded.layout_of(p, companions)
         if layout is not None:
-            backend = self.backend_for(p.device.type)
+            backend = self.backends(p.device.type)
             if backend.runs_on_shards and backend.accepts(sharded.local(p), [sharded.local(t) for t in companions]):
                 return backend, layout
         return _REFERENCE, None
 
 
-def run_step(plan: list[PlannedGroup], adamw: bool,
-             hyper_of: Callable[[dict[str, Any], float, float], StepHyper],
+def run_step(plan: list[tuple[StepHyper, list[tuple[Backend, Bucket]]]], adamw: bool,
              pending: PendingBlends) -> None:
-    """Runs ``plan``: for each bucket, the op (``adamw_llaca_`` if ``adamw``, else
-    ``llaca_update_``) with the group's hyperparameters, then, for a sharded bucket, the
+    """Runs a plan, given as each group's hyperparameters and buckets: for each bucket, the op
+    (``adamw_llaca_`` if ``adamw``, else ``llaca_update_``), then, for a sharded bucket, the
     cross-shard part of its LLaCA update (NOTE [sharded parameters])."""
-    for group, buckets, scale, base_weight in plan:
-        if not buckets:
-            continue
-        hyper = hyper_of(group, scale, base_weight)
+    for hyper, buckets in plan:
         for backend, bucket in buckets:
             if bucket.ema_pending:
                 pending.before_step(bucket)
@@ -290,4 +285,4 @@ def run_step(plan: list[PlannedGroup], adamw: bool,
             else:
                 backend.llaca_update(bucket, hyper)
             if bucket.shard is not None:
-                sharded.finish_step(backend, bucket, scale, base_weight, hyper.found_inf)
+                sharded.finish_step(backend, bucket, hyper.scale, hyper.base_weight, hyper.found_inf)

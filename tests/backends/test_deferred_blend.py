@@ -1,5 +1,5 @@
 """The deferred EMA blend of the CUDA, CPU and Triton backends (NOTE [CUDA deferred blend] in
-csrc/cuda/layout.h, NOTE [CPU deferred blend] in csrc/cpu/llaca_cpu.cpp, NOTE [deferred blend]
+csrc/cuda/kernel_args.h, NOTE [CPU deferred blend] in csrc/cpu/llaca_cpu.cpp, NOTE [deferred blend]
 in llaca_optim/optim/deferred.py): each step applies the blend the previous step left pending, so a step is one pass over memory, and everything that reads an EMA flushes
 first. The blend is the same expression on the same stored values either way, so a deferring
 optimizer must match one that blends within the step (``defer_blend=False``) bit for bit, in

@@ -3,10 +3,16 @@ and the backend registry's reports."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import llaca_optim
+from support.backends import backends
+from support.scenarios import HIDE_EXTENSION
 
 
 def adamw_args(n=3, dtype=torch.float32, amsgrad=True, fresh=False):
@@ -120,3 +126,82 @@ def test_backend_registry_reports():
     optimizer = llaca_optim.LLaCAAdamW([torch.nn.Parameter(torch.randn(2))])
     assert optimizer.backend == llaca_optim.available_backends("cpu")[0]
     assert optimizer.backend in repr(optimizer)
+
+
+def test_the_op_runs_on_cpu_tensors_without_the_extension():
+    """The reference is the ops' default kernel: with llaca_optim._C hidden (and no build on
+    first use), torch.ops.llaca_optim.adamw_llaca_ still runs on CPU tensors, and its result is
+    the reference math applied tensor by tensor."""
+    code = HIDE_EXTENSION + (
+        "import torch, llaca_optim\n"
+        "from llaca_optim import functional, reference\n"
+        "assert not llaca_optim.backend_status()['cpu'][0]\n"
+        "assert not torch._C._dispatch_has_kernel_for_dispatch_key('llaca_optim::adamw_llaca_', 'CPU')\n"
+        "params = [torch.randn(5, 3), torch.randn(7)]\n"
+        "twins = [p.clone() for p in params]\n"
+        "states = [functional.new_state(p) for p in params]\n"
+        "twin_states = [functional.new_state(p) for p in twins]\n"
+        "for step in range(3):\n"
+        "    grads = [torch.randn_like(p) for p in params]\n"
+        "    torch.ops.llaca_optim.adamw_llaca_(params, grads, *functional.state_lists(states), [],\n"
+        "        lr=0.01, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False,\n"
+        "        maximize=False, llaca=True, scale=2.0, base_weight=0.01)\n"
+        "    for p, g, s in zip(twins, grads, twin_states):\n"
+        "        g32 = reference.adamw_step_(p, g, s['exp_avg'], s['exp_avg_sq'], None, s['step'],\n"
+        "            lr=0.01, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False,\n"
+        "            maximize=False)\n"
+        "        alpha, fell = reference.llaca_update_(p, g32, s['ema'], s['prev_grad'],\n"
+        "            fresh=bool(s['alpha'] < 0), scale=2.0, base_weight=0.01)\n"
+        "        s['alpha'].fill_(alpha); s['alpha_fell_back'].fill_(fell)\n"
+        "for p, q, s, t in zip(params, twins, states, twin_states):\n"
+        "    assert torch.equal(p, q)\n"
+        "    for key in s:\n"
+        "        assert torch.equal(s[key], t[key]), key\n"
+        "print('same', float(states[0]['alpha']))\n"
+    )
+    env = {**os.environ, "LLACA_NO_JIT": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "same" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("backend", backends("reference", "cpu", "cuda-emulated"), indirect=True)
+def test_functional_matches_the_optimizer(backend):
+    """llaca_optim.functional.adamw_llaca is the optimizer's step without the optimizer: the same
+    op call on the same lists, so the same bits (with every blend applied within the call)."""
+    from llaca_optim import LLaCAAdamW, functional
+
+    shapes = [(33, 5), (300,), (1,)]
+    params = [torch.randn(s, requires_grad=True) for s in shapes]
+    twins = [p.detach().clone() for p in params]
+    optimizer = LLaCAAdamW(params, lr=3e-3, weight_decay=0.05, amsgrad=True, defer_blend=False,
+                           backend=backend)
+    states = [functional.new_state(p, amsgrad=True) for p in twins]
+    fn_backend = "cuda" if not isinstance(backend, str) else backend
+    for _ in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        ops = backend.ops if not isinstance(backend, str) else None
+        lists = functional.state_lists(states)
+        if ops is not None:  # the emulated build's namespace, as the optimizer calls it
+            ops.adamw_llaca_(twins, grads, *lists, [], lr=3e-3, beta1=0.9, beta2=0.999,
+                             weight_decay=0.05, eps=1e-8, amsgrad=True, maximize=False,
+                             llaca=True, scale=2.0, base_weight=0.01)
+        else:
+            functional.adamw_llaca(twins, grads, *lists, lr=3e-3, weight_decay=0.05, amsgrad=True,
+                                   backend=fn_backend)
+    for p, q, s in zip(params, twins, states):
+        assert torch.equal(p.detach(), q)
+        for key, value in s.items():
+            assert torch.equal(optimizer.state[p][key], value), key
+
+
+def test_functional_refuses_lists_of_other_lengths():
+    from llaca_optim import functional
+
+    p = torch.randn(4)
+    lists = functional.state_lists([functional.new_state(p)])
+    with pytest.raises(ValueError, match="emas has 0 tensors but params has 1"):
+        lists[4] = []  # the EMAs
+        functional.adamw_llaca([p], [torch.randn(4)], *lists)

@@ -56,6 +56,17 @@ def test_cpp_kernels_take_the_lists_in_schema_order():
             signature = re.search(rf"void {function}\(([^)]*)\)", text).group(1)
             names = re.findall(r"TensorList (\w+)", signature)
             assert names == [r.arg for r in roles.roles_of(op)], (backend, op)
+            # ... and hand them on, by those names, to the builder of the op's Lists.
+            call = re.search(rf"Lists lists = {op[:-1]}_lists\(([^)]*)\)", text).group(1)
+            assert [a.strip() for a in call.split(",")] == names, (backend, op)
+    checks = (ROOT / "csrc" / "include" / "llaca" / "checks.h").read_text()
+    for op in roles.OP_NAMES:
+        signature = re.search(rf"Lists {op[:-1]}_lists\(([^)]*)\)", checks).group(1)
+        names = re.findall(r"TensorList (\w+)", signature)
+        assert names == [r.arg for r in roles.roles_of(op)], op
+        body = checks[checks.index(f"Lists {op[:-1]}_lists("):]
+        body = body[:body.index("return l;")]
+        assert re.findall(r"l\.(\w+) = (\w+);", body) == [(n, n) for n in names], op
 
 
 def test_triton_address_table_rows_follow_the_table():

@@ -15,6 +15,7 @@ from torch import nn
 
 import llaca_optim
 from llaca_optim import LLaCA, LLaCAAdamW
+from support.scenarios import HIDE_EXTENSION
 
 
 def trained(kind="fused"):
@@ -178,13 +179,8 @@ def test_package_without_native_kernels_imports_warns_once_and_uses_the_referenc
     """The extension is optional at import. Installed without llaca_optim._C (hidden here
     by an import hook) and unable to build it, the package imports, backend="auto" warns once
     what is missing and falls back to the reference, and backend="cpu" raises saying how."""
-    code = (
-        "import importlib.abc, sys, warnings\n"
-        "class Hide(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'llaca_optim._C':\n"
-        "            raise ImportError('llaca_optim._C hidden by the test')\n"
-        "sys.meta_path.insert(0, Hide())\n"
+    code = HIDE_EXTENSION + (
+        "import warnings\n"
         "import torch, llaca_optim\n"
         "ok, why = llaca_optim.backend_status()['cpu']\n"
         "print('status', ok, why)\n"

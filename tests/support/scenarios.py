@@ -1,5 +1,5 @@
 """Scenarios more than one test module runs: snapshots of a model and its optimizer, and the
-GradScaler overflow check."""
+GradScaler overflow check, and the package without its extension."""
 
 from __future__ import annotations
 
@@ -9,6 +9,17 @@ import torch
 
 from support.compare import assert_equal
 from support.trajectory import collect
+
+# The first lines of a subprocess's code that hides the installed extension (llaca_optim._C)
+# from it: the package as installed without its native kernels.
+HIDE_EXTENSION = (
+    "import importlib.abc, sys\n"
+    "class Hide(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path, target=None):\n"
+    "        if name == 'llaca_optim._C':\n"
+    "            raise ImportError('llaca_optim._C hidden by the test')\n"
+    "sys.meta_path.insert(0, Hide())\n"
+)
 
 
 def snapshot(model, optimizer):

@@ -92,11 +92,11 @@ def _cuobjdump() -> str | None:
 
 def _elements_per_thread() -> int:
     return int(re.search(r"constexpr int kElemsPerThread = (\d+);",
-                         (CSRC / "cuda" / "layout.h").read_text()).group(1))
+                         (CSRC / "cuda" / "kernel_args.h").read_text()).group(1))
 
 
 def test_every_fragment_issues_its_loads_before_its_stores(objects):
-    """NOTE [CUDA loads before stores] in csrc/cuda/layout.h, read off the machine code: in each
+    """NOTE [CUDA loads before stores] in csrc/cuda/kernel_args.h, read off the machine code: in each
     kernel, the global loads between two stores ("load runs", memory round trips in a row) number
     one per 16-byte fragment a thread handles (kElemsPerThread / elements per 16 bytes), plus one
     for the partial sums of a tensor's last block; amsgrad kernels load the previous gradient

@@ -12,8 +12,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from llaca_optim import _build
 
 ROOT = _build.PACKAGE_DIR.parent

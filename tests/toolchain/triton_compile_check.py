@@ -50,7 +50,7 @@ def compile_for_hopper(kernel, constexprs):
         assert "ld.global.v4" in ptx and "st.global.v4" in ptx, (
             f"{kernel.fn.__name__}: no 16-byte vector loads/stores in the PTX")
     if kernel is K._step_blocks:
-        # NOTE [CUDA loads before stores] in csrc/cuda/layout.h: every load (address table
+        # NOTE [CUDA loads before stores] in csrc/cuda/kernel_args.h: every load (address table
         # included) before the first store, in each of the two paths (a full block, a tensor's
         # masked last block), so one run of loads per path. Interleaved, each run after a store
         # waits one memory round trip more.

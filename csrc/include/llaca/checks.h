@@ -39,6 +39,49 @@ struct Lists {
   }
 };
 
+// The Lists of each op, from its arguments (the kernels' entry points have the schemas' parameter
+// names and order, tests/ops/test_roles.py checks both).
+inline Lists adamw_llaca_lists(TensorList params, TensorList grads, TensorList exp_avgs,
+                               TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
+                               TensorList state_steps, TensorList emas, TensorList prev_grads,
+                               TensorList alphas, TensorList fell_back, TensorList ema_pending) {
+  Lists l;
+  l.params = params;
+  l.grads = grads;
+  l.exp_avgs = exp_avgs;
+  l.exp_avg_sqs = exp_avg_sqs;
+  l.max_exp_avg_sqs = max_exp_avg_sqs;
+  l.state_steps = state_steps;
+  l.emas = emas;
+  l.prev_grads = prev_grads;
+  l.alphas = alphas;
+  l.fell_back = fell_back;
+  l.ema_pending = ema_pending;
+  return l;
+}
+
+inline Lists llaca_update_lists(TensorList params, TensorList grads, TensorList emas,
+                                TensorList prev_grads, TensorList alphas, TensorList fell_back) {
+  Lists l;
+  l.params = params;
+  l.grads = grads;
+  l.emas = emas;
+  l.prev_grads = prev_grads;
+  l.alphas = alphas;
+  l.fell_back = fell_back;
+  return l;
+}
+
+inline Lists llaca_flush_lists(TensorList params, TensorList emas, TensorList alphas,
+                               TensorList ema_pending) {
+  Lists l;
+  l.params = params;
+  l.emas = emas;
+  l.alphas = alphas;
+  l.ema_pending = ema_pending;
+  return l;
+}
+
 // The address of tensor i of a role's list, or 0 where the call does not use the role or leaves
 // its list empty.
 inline int64_t address_of(TensorList list, int64_t i, bool used) {

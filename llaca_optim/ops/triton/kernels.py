@@ -10,7 +10,7 @@ Three launches per call, whatever the number of tensors (docs/spec.md section 4)
 3. ``_blend_blocks``, one program per block again: ema <- ema + alpha (p - ema).
 
 With DEFER (the bucket has ``ema_pending`` flags: the deferred blend of NOTE [CUDA deferred blend]
-in csrc/cuda/layout.h, the same design) pass 3 is not launched: pass 1 first applies the blend the
+in csrc/cuda/kernel_args.h, the same design) pass 3 is not launched: pass 1 first applies the blend the
 last step left pending (its alpha is still in the slot, since pass 2 of this step runs after),
 from p before its AdamW update, stores the EMA and sums against it; pass 2 marks the new blend
 pending. The step is then one pass over memory. ``_flush_blocks`` and ``_clear_pending`` apply
@@ -145,7 +145,7 @@ def _step_block(
     Every address and every load comes before the first store: the arrays are reached through
     the address table, so the compiler must assume that a store may alias any later load (the
     table included) and would wait for the stores before issuing it, one memory round trip more
-    per group of loads (NOTE [CUDA loads before stores] in csrc/cuda/layout.h). On a tensor's
+    per group of loads (NOTE [CUDA loads before stores] in csrc/cuda/kernel_args.h). On a tensor's
     first LLaCA step the EMA and previous gradient are read too (they exist from the state's
     creation: a copy of p and zeros) and go unused."""
     p_ptr = _array(table, P, t, n_tensors, PDT, ALIGNED)
