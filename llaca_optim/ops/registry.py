@@ -208,7 +208,7 @@ def _cuda_status(loaded: bool, why: str) -> tuple[bool, str]:
     if not loaded:
         return False, f"the C++ extension is not available: {why}"
     if not torch._C._dispatch_has_kernel_for_dispatch_key("llaca_optim::adamw_llaca_", "CUDA"):
-        from .. import _build  # noqa: PLC0415
+        from .. import _build
 
         with_cuda, reason = _build.build_cuda()
         return False, (

@@ -154,7 +154,9 @@ def test_found_inf_and_grad_scale_tensors():
             assert_equal(a, b, what=key)
 
 
-def test_tensor_learning_rate_equals_float():
+def test_learning_rate_on_the_device_equals_float():
+    """The CUDA kernels read a learning-rate tensor on the GPU from device memory (a CPU one is
+    read on the host, as for the other backends in tests/optim/test_adamw_compat.py)."""
     backend, device = cuda_backend_for_tests()
     model, twin, data = _twins(device, 11)
     as_float = LLaCAAdamW(model.parameters(), lr=3e-3, backend=backend)

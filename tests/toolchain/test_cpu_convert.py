@@ -29,7 +29,7 @@ def test_conversions_match_c10_bit_for_bit(tmp_path):
     flags = [f for f in _build.cxx_flags() if f != "-fopenmp"]
     build = subprocess.run(
         [compiler, f"-std=c++{_build.cxx_standard()}", *flags, *includes, f"-I{ROOT / 'csrc' / 'cpu'}",
-         str(ROOT / "tests" / "cpp" / "check_convert.cpp"), "-o", str(exe)],
+         str(ROOT / "tests" / "toolchain" / "cpp" / "check_convert.cpp"), "-o", str(exe)],
         capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stderr[-4000:]
