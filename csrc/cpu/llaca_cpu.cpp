@@ -360,10 +360,11 @@ at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
   call.sharded = sum_rows != nullptr;
   const int64_t n = static_cast<int64_t>(l.params.size());
   jobs.resize(n);
+  const RolesInUse roles(l, adamw, amsgrad, llaca);
   for (int64_t i = 0; i < n; ++i) {
     TensorJob& job = jobs[i];
     job.numel = l.params[i].numel();
-    point_at(job, l, i, adamw, amsgrad, llaca);
+    point_at(job, roles, i);
     if (llaca) {
       // A negative alpha slot marks a tensor with no EMA step yet (see llaca_optim/ops/library.py).
       if (*job.alpha < 0.0f) job.entry = EmaOnEntry::kFresh;

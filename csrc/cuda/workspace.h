@@ -70,11 +70,10 @@ inline void workspace_key(const Lists& l, bool adamw, bool amsgrad, bool llaca,
   key.push_back(n);
   key.push_back(n ? l.params[0].get_device() : -1);
   key.push_back(n ? static_cast<int64_t>(l.params[0].scalar_type()) : -1);
+  const RolesInUse roles(l, adamw, amsgrad, llaca);
   for (int64_t i = 0; i < n; ++i) {
     key.push_back(l.params[i].numel());
-    for (int r = 0; r < kRoleCount; ++r) {
-      key.push_back(address_of(l[r], i, uses(kRoleInfo[r].part, adamw, amsgrad, llaca)));
-    }
+    for (int r = 0; r < kRoleCount; ++r) key.push_back(roles.address(r, i));
   }
 }
 

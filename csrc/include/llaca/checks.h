@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
@@ -82,18 +83,26 @@ inline Lists llaca_flush_lists(TensorList params, TensorList emas, TensorList al
   return l;
 }
 
-// The address of tensor i of a role's list, or 0 where the call does not use the role or leaves
-// its list empty.
-inline int64_t address_of(TensorList list, int64_t i, bool used) {
-  return used && !list.empty() ? reinterpret_cast<int64_t>(list[i].data_ptr()) : 0;
-}
+// The lists a call uses, by role, taken out of its Lists once per call (a role the call does not
+// use has an empty list here); what is read per tensor.
+struct RolesInUse {
+  TensorList lists[kRoleCount];
+
+  RolesInUse(const Lists& l, bool adamw, bool amsgrad, bool llaca) {
+    for (int r = 0; r < kRoleCount; ++r) {
+      if (uses(kRoleInfo[r].part, adamw, amsgrad, llaca)) lists[r] = l[r];
+    }
+  }
+
+  // The address of tensor i of role r, or 0 where the call leaves that list empty.
+  int64_t address(int r, int64_t i) const {
+    return lists[r].empty() ? 0 : reinterpret_cast<int64_t>(lists[r][i].data_ptr());
+  }
+};
 
 // Points `ptrs` at tensor i of every role the call uses.
-inline void point_at(Pointers& ptrs, const Lists& l, int64_t i, bool adamw, bool amsgrad,
-                     bool llaca) {
-  for (int r = 0; r < kRoleCount; ++r) {
-    ptrs.set(r, address_of(l[r], i, uses(kRoleInfo[r].part, adamw, amsgrad, llaca)));
-  }
+inline void point_at(Pointers& ptrs, const RolesInUse& roles, int64_t i) {
+  for (int r = 0; r < kRoleCount; ++r) ptrs.set(r, roles.address(r, i));
 }
 
 // Two tensors walked with one flat index must lay their elements out identically; strides of
@@ -211,20 +220,20 @@ template <typename Used>
 inline at::ScalarType check_roles(const Lists& l, Used&& used, c10::DeviceType device_type,
                                   const char* kernels) {
   const int64_t n = static_cast<int64_t>(l.params.size());
-  bool checked[kRoleCount] = {};
+  int checked[kRoleCount];
+  int n_checked = 0;
   for (int r = 1; r < kRoleCount; ++r) {
     const RoleInfo& role = kRoleInfo[r];
     if (!used(r) || (role.part == Part::kDeferral && l[r].empty())) continue;
     TORCH_CHECK(static_cast<int64_t>(l[r].size()) == n, "llaca_optim: ", role.name, " has ",
                 l[r].size(), " tensors but params has ", n);
-    checked[r] = true;
+    checked[n_checked++] = r;
   }
-  const at::ScalarType ema_dtype = n > 0 && checked[k_emas] ? l.emas[0].scalar_type() : at::kFloat;
+  const bool with_emas = std::find(checked, checked + n_checked, int(k_emas)) != checked + n_checked;
+  const at::ScalarType ema_dtype = n > 0 && with_emas ? l.emas[0].scalar_type() : at::kFloat;
   for (int64_t i = 0; i < n; ++i) {
     check_param(l.params, i, device_type, kernels);
-    for (int r = 1; r < kRoleCount; ++r) {
-      if (checked[r]) check_role(l, r, i, ema_dtype);
-    }
+    for (int k = 0; k < n_checked; ++k) check_role(l, checked[k], i, ema_dtype);
   }
   return ema_dtype;
 }
