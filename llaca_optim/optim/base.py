@@ -288,7 +288,7 @@ class LLaCAOptimizerBase(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, taken after :meth:`flush_ema` (so every EMA is up to date) and
         without the deferred-blend flags. Its entries are plain dicts holding the state tensors
-        themselves (ours count their changes, see _state.py, and ``torch.load`` with
+        themselves (ours count their changes, see state.py, and ``torch.load`` with
         ``weights_only=True`` admits no dict subclass). Taken inside :meth:`ema_weights`, it
         holds copies of the true EMAs and of the live weights (NOTE [state dicts inside the EMA
         swap])."""

@@ -156,7 +156,7 @@ LLACA_STATE_KEYS = roles.LLACA_STATE_KEYS
 SLOT_DTYPES = roles.SLOT_DTYPES
 # The entry a state dict taken inside ``ema_weights()`` adds: the live weights, which the
 # parameter does not hold while its EMA is swapped in (NOTE [state dicts inside the EMA swap] in
-# _core.py). Loading puts them back into the parameter; the state never keeps them.
+# base.py). Loading puts them back into the parameter; the state never keeps them.
 LIVE_PARAM = "live_param"
 # The group options an AdamW step reads that no default can stand in for when a loaded group
 # lacks them (the others take their defaults, as torch.optim.AdamW's loader gives them).

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO hands the optimizer flat partitions cut across parameter tensors; LLaCA's
-alpha is per tensor, so LLaCAAdamW and LLaCA refuse a step over them (llaca_optim/_deepspeed.py)
+alpha is per tensor, so LLaCAAdamW and LLaCA refuse a step over them (llaca_optim/integrations/deepspeed.py)
 with a message that says what is supported, changing nothing. Stage 0 (no partitioning) steps
 the model's own parameters and gives the plain step's bits.
 

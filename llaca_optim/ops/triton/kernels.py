@@ -16,7 +16,7 @@ from p before its AdamW update, stores the EMA and sums against it; pass 2 marks
 pending. The step is then one pass over memory. ``_flush_blocks`` and ``_clear_pending`` apply
 and clear pending blends.
 
-With SHARDED (sharded parameters, NOTE [sharded parameters] in llaca_optim/_sharded.py) pass 2
+With SHARDED (sharded parameters, NOTE [sharded parameters] in llaca_optim/optim/sharded.py) pass 2
 writes each tensor's sums to its row of ``shard_sums`` instead of alpha, and pass 3 is not
 launched: alpha and the blend come after the sums of all shards are added.
 
@@ -279,7 +279,7 @@ def _finish_tensors(
         a = tl.sum(acc_a, axis=0)
         b = tl.sum(acc_b, axis=0)
         c = tl.sum(acc_c, axis=0)
-        if SHARDED:  # the sums of a shard: alpha waits for the other shards' (_sharded.py)
+        if SHARDED:  # the sums of a shard: alpha waits for the other shards' (optim/sharded.py)
             tl.store(shard_sums + 3 * t + 0, a)
             tl.store(shard_sums + 3 * t + 1, b)
             tl.store(shard_sums + 3 * t + 2, c)
