@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_step_", "llaca_update_", "balance_weight"]
+__all__ = ["adamw_step_", "llaca_update_", "llaca_sums", "blend_", "balance_weight"]
 
 
 def balance_weight(a: float, b: float, c: float, scale: float, base_weight: float) -> tuple[float, bool]:
@@ -131,12 +131,25 @@ def llaca_update_(
         ema.copy_(p)
         alpha, fell_back = base_weight, True
     else:
-        e = ema.to(compute_dtype)
-        # The sums run in float64 whatever compute_dtype is: this is the oracle.
-        a = _l1(p - e)
-        b = _l1(g)
-        c = _l1(g - prev_grad.to(compute_dtype))
-        alpha, fell_back = balance_weight(a, b, c, scale, base_weight)
-        ema.copy_(e + alpha * (p - e))
+        alpha, fell_back = balance_weight(*llaca_sums(p, g, ema, prev_grad, compute_dtype),
+                                          scale, base_weight)
+        blend_(param, ema, alpha, compute_dtype)
     prev_grad.copy_(g)
     return alpha, fell_back
+
+
+def llaca_sums(param: Tensor, grad: Tensor, ema: Tensor, prev_grad: Tensor,
+               compute_dtype: torch.dtype = torch.float32) -> tuple[float, float, float]:
+    """``(sum |p - ema|, sum |g|, sum |g - g_prev|)`` of one tensor (or of one piece of a tensor,
+    whose partial sums the sharded modes add up across ranks), in float64 whatever
+    ``compute_dtype`` is: this is the oracle."""
+    p = param.detach().to(compute_dtype)
+    g = grad.detach().to(compute_dtype)
+    return (_l1(p - ema.to(compute_dtype)), _l1(g), _l1(g - prev_grad.to(compute_dtype)))
+
+
+def blend_(param: Tensor, ema: Tensor, alpha: float, compute_dtype: torch.dtype = torch.float32) -> None:
+    """``ema += alpha * (p - ema)``, in place."""
+    p = param.detach().to(compute_dtype)
+    e = ema.to(compute_dtype)
+    ema.copy_(e + alpha * (p - e))

@@ -36,10 +36,21 @@ def _overflowed(found_inf: Tensor | None) -> bool:
 
 
 def _llaca(i: int, params, grad, emas, prev_grads, alphas, fell_back, scale, base_weight,
-           compute_dtype) -> None:
+           compute_dtype, shard_sums=None) -> None:
+    fresh = bool(alphas[i].item() < 0)
+    dtype = _compute_dtype(params[i], compute_dtype)
+    if shard_sums is not None:  # the sharded mode: this piece's sums, no alpha, no blend
+        if fresh:
+            emas[i].copy_(params[i].detach().to(dtype))
+        else:
+            shard_sums[i].copy_(torch.tensor(
+                reference.llaca_sums(params[i], grad, emas[i], prev_grads[i], dtype),
+                dtype=torch.float64))
+        prev_grads[i].copy_(grad)
+        return
     alpha, fell = reference.llaca_update_(
-        params[i], grad, emas[i], prev_grads[i], fresh=bool(alphas[i].item() < 0), scale=scale,
-        base_weight=base_weight, compute_dtype=_compute_dtype(params[i], compute_dtype))
+        params[i], grad, emas[i], prev_grads[i], fresh=fresh, scale=scale,
+        base_weight=base_weight, compute_dtype=dtype)
     alphas[i].fill_(alpha)
     fell_back[i].fill_(fell)
 
@@ -51,7 +62,6 @@ def kernels(compute_dtype: torch.dtype = torch.float32) -> dict[str, Callable[..
                      prev_grads, alphas, fell_back, ema_pending, *, lr, beta1, beta2,
                      weight_decay, eps, amsgrad, maximize, llaca, scale, base_weight,
                      lr_tensor=None, grad_scale=None, found_inf=None, shard_sums=None) -> None:
-        _refuse_shard_sums(shard_sums)
         if _overflowed(found_inf):
             return
         lr = float(lr_tensor) if lr_tensor is not None else lr
@@ -65,11 +75,10 @@ def kernels(compute_dtype: torch.dtype = torch.float32) -> dict[str, Callable[..
                     compute_dtype=_compute_dtype(param, compute_dtype))
                 if llaca:
                     _llaca(i, params, grad, emas, prev_grads, alphas, fell_back, scale,
-                           base_weight, compute_dtype)
+                           base_weight, compute_dtype, shard_sums)
 
     def llaca_update_(params, grads, emas, prev_grads, alphas, fell_back, *, scale, base_weight,
                       grad_scale=None, found_inf=None, shard_sums=None) -> None:
-        _refuse_shard_sums(shard_sums)
         if _overflowed(found_inf):
             return
         with torch.no_grad():
@@ -78,22 +87,18 @@ def kernels(compute_dtype: torch.dtype = torch.float32) -> dict[str, Callable[..
                 if grad_scale is not None:
                     grad = grad / grad_scale.to(device=grad.device, dtype=grad.dtype)
                 _llaca(i, params, grad, emas, prev_grads, alphas, fell_back, scale, base_weight,
-                       compute_dtype)
+                       compute_dtype, shard_sums)
 
     def llaca_flush_(params, emas, alphas, ema_pending) -> None:
-        # The reference blends within the step: nothing is ever left pending for it to apply.
-        if any(bool(flag) for flag in ema_pending):
-            raise RuntimeError("llaca_optim: the reference kernels never defer the EMA blend, "
-                               "so they cannot apply a blend another backend left pending")
+        # The reference never defers a blend itself; what it finds pending is a sharded step's.
+        with torch.no_grad():
+            for i, flag in enumerate(ema_pending):
+                if bool(flag):
+                    reference.blend_(params[i], emas[i], float(alphas[i]),
+                                     _compute_dtype(params[i], compute_dtype))
+                    flag.fill_(False)
 
     return {ADAMW_LLACA: adamw_llaca_, LLACA_UPDATE: llaca_update_, LLACA_FLUSH: llaca_flush_}
-
-
-def _refuse_shard_sums(shard_sums: Tensor | None) -> None:
-    if shard_sums is not None:
-        raise NotImplementedError(
-            "llaca_optim: the reference kernels take whole tensors (a DTensor computes its own "
-            "cross-shard sums), not local shards with shard_sums")
 
 
 def namespace_for(compute_dtype: torch.dtype) -> str:

@@ -131,14 +131,16 @@ def _bucket_doc() -> str:
             "them: ``param_versions`` (the params' ``_version`` after the last deferring step), "
             "and for sharded parameters (NOTE [sharded parameters] in optim/sharded.py) the "
             "DTensors the lists hold the local shards of (``sources``) and their cross-shard "
-            "reduction (``shard``, a ShardReduce).")
+            "reduction (``shard``, a ShardReduce); for pieces of DeepSpeed ZeRO partitions (NOTE "
+            "[ZeRO partitions] in integrations/deepspeed.py) each piece's ``(start, numel)`` in "
+            "its flat partition (``segments``), and ``shard``, a SegmentReduce.")
 
 
 Bucket = make_dataclass(
     "Bucket",
     [(role.arg, list[Tensor], field(default_factory=list)) for role in ROLES]
     + [("param_versions", "list[int] | None", None), ("sources", "list[Tensor] | None", None),
-       ("shard", Any, None)],
+       ("shard", Any, None), ("segments", "list[tuple[int, int]] | None", None)],
     namespace={"__doc__": _bucket_doc(), "__module__": __name__},
 )
 

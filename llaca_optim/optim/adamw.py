@@ -187,7 +187,9 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         state_dict = self._copy_state_dict(state_dict)
         id_map = self._check_layout(state_dict, "LLaCAAdamW")
         with self._restored_on_error(self):
+            groups = self.param_groups
             super().load_state_dict(state_dict)
+            self._zero.regroup(groups, self.param_groups)
             live = self._restore_llaca_entries(state_dict, id_map, self.state)
             self._check_loaded(state_dict, id_map, "LLaCAAdamW", V.ADAMW_GROUP_KEYS)
         self._put_back_live_weights(live)

@@ -64,13 +64,13 @@ class LLaCAOptimizerBase(Optimizer):
         self._backends = BackendChoice(backend)
         self._ema_swap: list[tuple[Tensor, Tensor, Tensor | None]] | None = None
         self.state = counting(self.state)  # see state.py
-        self._given_params = deepspeed.GivenParams()
+        self._zero = deepspeed.ZeroPartitions()
         self._pending = PendingBlends(self._backends)
         self._planner = StepPlanner(
-            op=self._op, backends=self._backends, given_params=self._given_params,
+            op=self._op, backends=self._backends, zero=self._zero,
             pending=self._pending, owner=type(self).__name__)
         for group in self.param_groups:
-            self._given_params.add(group["params"])
+            self._zero.add(group)
             for p in group["params"]:
                 self._backends(p.device.type)  # an unknown or unavailable backend fails here
 
@@ -122,8 +122,8 @@ class LLaCAOptimizerBase(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        if hasattr(self, "_given_params"):
-            self._given_params.add(self.param_groups[index]["params"])
+        if hasattr(self, "_zero"):
+            self._zero.add(self.param_groups[index])
 
     # ------------------------------------------------------------------ one step
 
@@ -183,17 +183,43 @@ class LLaCAOptimizerBase(Optimizer):
         return self.state.get(p)
 
     def _llaca_params(self) -> Iterator[tuple[Tensor, dict[str, Any]]]:
+        seen = set()
         for group in self.param_groups:
             for p in group["params"]:
                 state = self._llaca_state(p)
                 if state is not None and "ema" in state:
+                    seen.add(id(p))
                     yield p, state
+        # ZeRO stage 3 takes its partitions out of the groups between steps.
+        for part in self._zero.partitions():
+            state = self._llaca_state(part.flat)
+            if id(part.flat) not in seen and state is not None and "ema" in state:
+                yield part.flat, state
+
+    def _zero_states(self) -> Iterator[tuple[deepspeed.ZeroPartition, dict[str, Any]]]:
+        """The ZeRO partitions stepped so far, with their state (NOTE [ZeRO partitions])."""
+        for part in self._zero.partitions():
+            state = self._llaca_state(part.flat)
+            if state is not None:
+                yield part, state
+
+    def _masters_changed(self, params: list[Tensor]) -> None:
+        """DeepSpeed's model weights are copies of the masters we step: refresh them after the
+        masters were changed outside a step (collective, on every rank alike)."""
+        parts = [part for part in map(self._zero.get, params) if part is not None]
+        if parts:
+            deepspeed.push_masters_to_model(parts)
 
     def ema(self, param: Tensor) -> Tensor | None:
         """The EMA of ``param`` (the tensor itself, not a copy), or None before its first step.
         Inside :meth:`ema_weights` a same-dtype EMA lives in the parameter itself, which is then
         what this returns."""
         state = self._llaca_state(param)
+        if state is None and deepspeed.is_zero_param(param):
+            raise ValueError(
+                "llaca_optim: this parameter is partitioned by DeepSpeed ZeRO: its EMA lies in "
+                "pieces on the ranks. llaca_optim.integrations.deepspeed.ema_state_dict(model, "
+                "optimizer), called on every rank, gathers the EMA of every parameter by name")
         if state is None or "ema" not in state:
             return None
         if self._pending.may_be_pending():  # this parameter's blend only: ema(p) is often called per p
@@ -206,16 +232,17 @@ class LLaCAOptimizerBase(Optimizer):
         """The last step's alphas and fallback flags, without a host synchronisation."""
         params, alphas, fell_back = [], [], []
         for p, state in self._llaca_params():
-            params.append(p)
-            alphas.append(state["alpha"])
-            fell_back.append(state["alpha_fell_back"])
+            part = self._zero.get(p)  # a ZeRO partition: a slot element per tensor of it
+            params.extend(part.rows if part is not None else [p])
+            alphas.append(state["alpha"].reshape(-1))
+            fell_back.append(state["alpha_fell_back"].reshape(-1))
         if not params:
             return LLaCAAlphas([], torch.empty(0), torch.empty(0, dtype=torch.bool))
         device = alphas[0].device
         return LLaCAAlphas(
             params,
-            torch.stack([a.to(device, non_blocking=True) for a in alphas]),
-            torch.stack([f.to(device, non_blocking=True) for f in fell_back]),
+            torch.cat([a.to(device, non_blocking=True) for a in alphas]),
+            torch.cat([f.to(device, non_blocking=True) for f in fell_back]),
         )
 
     @contextmanager
@@ -241,6 +268,7 @@ class LLaCAOptimizerBase(Optimizer):
                     backup = p.detach().clone()
                     p.copy_(ema)
                     swapped.append((p, ema, backup))
+        self._masters_changed([p for p, _, _ in swapped])
         self._ema_swap = swapped
         try:
             yield
@@ -253,6 +281,7 @@ class LLaCAOptimizerBase(Optimizer):
                         ema.copy_(averaged)
                     else:
                         p.copy_(backup)
+            self._masters_changed([p for p, _, _ in swapped])
             self._ema_swap = None
 
     def end_task(self, keep_moments: bool = False) -> None:
@@ -263,8 +292,11 @@ class LLaCAOptimizerBase(Optimizer):
         self._check_not_swapped("end the task")
         self.flush_ema()
         with torch.no_grad():
+            ended = []
             for p, state in self._llaca_params():
                 p.copy_(state["ema"])
+                ended.append(p)
+        self._masters_changed(ended)
         self._reset_for_new_task(keep_moments)
         self._invalidate_plans()
 
@@ -408,11 +440,13 @@ class LLaCAOptimizerBase(Optimizer):
             self._validate_group(group, where)
         labels = {id(p): V.param_label(group, gi, pi) for gi, group in enumerate(self.param_groups)
                   for pi, p in enumerate(group["params"])}
-        llaca_of = {id(p): bool(group["llaca"]) for group in self.param_groups for p in group["params"]}
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         for pid in state_dict["state"]:
             p = id_map[pid]
+            part = self._zero.partition(group_of[id(p)], p)
             V.check_state(p, self.state[p], labels[id(p)], adamw=self._op == ADAMW_LLACA,
-                          llaca=llaca_of[id(p)], source=V.loaded_state(owner, pid))
+                          llaca=bool(group_of[id(p)]["llaca"]), source=V.loaded_state(owner, pid),
+                          slots=len(part.rows) if part else 1)
 
     @contextmanager
     def _restored_on_error(self, *optimizers: Optimizer) -> Iterator[None]:

@@ -156,7 +156,9 @@ class LLaCA(LLaCAOptimizerBase):
         id_map = self._check_layout(state_dict["llaca"], "LLaCA")
         check_inner_state_dict(self.optimizer, state_dict["inner"])
         with self._restored_on_error(self.optimizer, self):
+            groups = self.param_groups
             self.optimizer.load_state_dict(state_dict["inner"])
+            self._zero.regroup(groups, self.param_groups)
             super().load_state_dict(state_dict["llaca"])
             self._link_groups()
             live = self._restore_llaca_entries(state_dict["llaca"], id_map, self.state)

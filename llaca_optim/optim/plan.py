@@ -65,24 +65,25 @@ class StepPlanner:
     """Builds, caches and routes the buckets of one optimizer's steps.
 
     ``op``: the op the buckets are for (its role lists are what a bucket fills). ``backends``: the
-    optimizer's backend choice, per device type. ``given_params``: what DeepSpeed may have made of
-    the parameters (integrations/deepspeed.py). ``pending``: the blends left pending. ``owner``:
+    optimizer's backend choice, per device type. ``zero``: the parameters it was built with, and
+    the DeepSpeed ZeRO partitions stepped in their place (NOTE [ZeRO partitions] in
+    integrations/deepspeed.py). ``pending``: the blends left pending. ``owner``:
     the optimizer's name, for errors. Each step hands :meth:`plan` the groups, what the optimizer
     declared of each (its validated knobs and the parts of the role table it has on), and the
     state: the planner reads nothing else of the optimizer."""
 
-    def __init__(self, *, op: str, backends: BackendChoice, given_params: deepspeed.GivenParams,
+    def __init__(self, *, op: str, backends: BackendChoice, zero: deepspeed.ZeroPartitions,
                  pending: PendingBlends, owner: str) -> None:
         self.op = op
         self.roles: tuple[Role, ...] = roles_of(op)
         self.backends = backends
-        self.given_params = given_params
+        self.zero = zero
         self.pending = pending
         self.owner = owner
         self.invalidate()
 
     def invalidate(self) -> None:
-        self._plans: dict[int, GroupPlan] = {}
+        self._plans: dict[Any, GroupPlan] = {}
         self._planned_state: tuple[StateMap, int] | None = None
 
     def planned_buckets(self) -> list[tuple[Backend, Bucket]]:
@@ -105,16 +106,17 @@ class StepPlanner:
         plans: list[list[Any]] = []
         to_build = []
         for gi, (group, (scale, base_weight, parts)) in enumerate(zip(groups, declared)):
-            buckets = self._reuse(gi, group, parts)
+            key = self._plan_key(gi, group)
+            buckets = self._reuse(key, group, parts)
             if buckets is None:
-                to_build.append((len(plans), gi, group, parts, self._validated_pairs(gi, group, state)))
+                to_build.append((len(plans), key, group, parts, self._validated_pairs(gi, group, state)))
             plans.append([group, buckets, scale, base_weight])
         if to_build:
             self._check_step_tensors(groups, state, with_state=state_changed)
         flush_first: list[Tensor] = []
-        for index, gi, group, parts, pairs in to_build:
+        for index, key, group, parts, pairs in to_build:
             built = self._build(group, parts, pairs, state, flush_first) if parts is not None else []
-            self._plans[gi] = GroupPlan(
+            self._plans[key] = GroupPlan(
                 params=list(group["params"]), parts=parts, ema_dtype=group.get("ema_dtype"),
                 has_grad=[p.grad is not None for p in group["params"]],
                 grad_layouts=[(g.shape, g.dtype, g.device, g.stride()) for _, g in pairs],
@@ -128,9 +130,18 @@ class StepPlanner:
         self._planned_state = (state, state.changes)  # after planning's own changes
         return state, [tuple(p) for p in plans]  # type: ignore[misc]
 
-    def _reuse(self, gi: int, group: dict[str, Any], parts: frozenset[str] | None
+    def _plan_key(self, gi: int, group: dict[str, Any]) -> Any:
+        """A group's key in the plan cache: its index, and under ZeRO stage 3 also its flat
+        partition, since DeepSpeed steps a group's sub-groups one after the other, each with its
+        own flat tensor in the group (NOTE [ZeRO partitions])."""
+        params = group["params"]
+        if len(params) == 1 and self.zero.may_be_partition(params[0]):
+            return (gi, id(params[0]))
+        return gi
+
+    def _reuse(self, key: Any, group: dict[str, Any], parts: frozenset[str] | None
                ) -> list[tuple[Backend, Bucket]] | None:
-        plan = self._plans.get(gi)
+        plan = self._plans.get(key)
         params = group["params"]
         if plan is None or plan.parts != parts or plan.ema_dtype != group.get("ema_dtype"):
             return None
@@ -146,6 +157,10 @@ class StepPlanner:
                     or g.device != device or g.layout != strided):
                 return None
         for _, bucket, positions in plan.buckets:
+            if bucket.segments is not None:  # pieces of a ZeRO partition: of its new gradient
+                bucket.grads = [present[positions[0]].narrow(0, start, numel)
+                                for start, numel in bucket.segments]
+                continue
             if bucket.sources is None:
                 bucket.grads = [present[i] for i in positions]
                 continue
@@ -164,8 +179,9 @@ class StepPlanner:
             label = V.param_label(group, gi, pi)
             V.check_gradient(p, p.grad, label)
             if p in state:  # what the user may have put there (see state.py)
+                part = self.zero.partition(group, p)
                 V.check_state(p, state[p], label, adamw=self.op == ADAMW_LLACA,
-                              llaca=bool(group["llaca"]))
+                              llaca=bool(group["llaca"]), slots=len(part.rows) if part else 1)
             pairs.append((p, p.grad))
         return pairs
 
@@ -180,7 +196,7 @@ class StepPlanner:
         compared: a third of the work, for the re-planning of steps whose gradients come and go."""
         stepped = [(gi, pi, group, p) for gi, group in enumerate(groups)
                    for pi, p in enumerate(group["params"]) if p.grad is not None]
-        kind = self.given_params.partitioning(p for _, _, _, p in stepped)
+        kind = self.zero.unsupported(p for _, _, _, p in stepped)
         if kind is not None:
             raise RuntimeError(deepspeed.refusal(self.owner, kind))
         V.check_each_param_once(groups)
@@ -209,8 +225,14 @@ class StepPlanner:
         made = [r for r in MADE_ORDER if r in roles]
         llaca = "llaca" in parts
         opened: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int], list[tuple[Tensor, Any]]]] = {}
+        built = []
         for position, (p, g) in enumerate(pairs):
             entry = state[p]
+            part = self.zero.partition(group, p)
+            if part is not None:
+                built.append((*self._build_partition(p, g, entry, part, group, roles, made, llaca),
+                              [position] * len(part.segments)))
+                continue
             if any(r.state_key not in entry for r in made):
                 ema_dtype = V.ema_dtype_for(p, group.get("ema_dtype"))
                 with torch.no_grad():
@@ -231,7 +253,6 @@ class StepPlanner:
             for role in roles:
                 value = p if role.arg == "params" else g if role.arg == "grads" else entry[role.state_key]
                 getattr(bucket, role.arg).append(view(value) if role.shaped else value)
-        built = []
         for key, (backend, bucket, positions, members) in opened.items():
             layout = key[-1]
             if layout is not None and layout.sum_dims and llaca:
@@ -253,6 +274,42 @@ class StepPlanner:
                     flush_first.append(p)  # its new route would not apply the pending blend
             built.append((backend, bucket, positions))
         return built
+
+    def _build_partition(self, p: Tensor, g: Tensor, entry: dict[str, Any],
+                         part: deepspeed.ZeroPartition, group: dict[str, Any],
+                         roles: list[Role], made: list[Role], llaca: bool) -> tuple[Backend, Bucket]:
+        """The bucket of a ZeRO partition ``p`` (NOTE [ZeRO partitions]): its lists hold this
+        rank's pieces of the partition's tensors, views into ``p``, its gradient and its flat
+        state; the per-tensor slots are vectors with an element per tensor of the partition.
+        Its blends are applied within the step, after the cross-rank reduction."""
+        rows = len(part.rows)
+        if any(r.state_key not in entry for r in made):
+            ema_dtype = V.ema_dtype_for(p, group.get("ema_dtype"))
+            with torch.no_grad():
+                for role in made:
+                    if role.state_key not in entry:
+                        entry[role.state_key] = (
+                            role.new_entry(p, ema_dtype) if role.shaped else
+                            torch.full((rows,), role.init, dtype=role.slot_dtype, device=p.device))
+        shaped = [r for r in made if r.shaped]
+        backend = self.backends(p.device.type)
+        for seg in part.segments:
+            if not backend.accepts(p.narrow(0, seg.start, seg.numel),
+                                   [t.narrow(0, seg.start, seg.numel)
+                                    for t in (g, *(entry[r.state_key] for r in shaped))]):
+                backend = _REFERENCE
+                break
+        bucket = Bucket(segments=[(seg.start, seg.numel) for seg in part.segments])
+        for seg in part.segments:
+            for role in roles:
+                value = p if role.arg == "params" else g if role.arg == "grads" else entry[role.state_key]
+                piece = value.narrow(0, seg.start, seg.numel) if role.shaped else value[seg.row]
+                getattr(bucket, role.arg).append(piece)
+        if llaca:
+            bucket.shard = sharded.SegmentReduce([seg.row for seg in part.segments],
+                                                 entry["alpha"], entry["alpha_fell_back"],
+                                                 part.process_group)
+        return backend, bucket
 
     def _route(self, p: Tensor, companions: list[Tensor]) -> tuple[Backend, Any]:
         """The backend of ``p`` and, for a DTensor whose local shards it takes, the shards'
@@ -280,7 +337,9 @@ def run_step(plan: list[tuple[StepHyper, list[tuple[Backend, Bucket]]]], adamw: 
         for backend, bucket in buckets:
             if bucket.ema_pending:
                 pending.before_step(bucket)
-            if adamw:
+            if not bucket.params:
+                pass  # a ZeRO partition with no piece on this rank: it joins the reduction only
+            elif adamw:
                 backend.adamw_llaca(bucket, hyper)
             else:
                 backend.llaca_update(bucket, hyper)

@@ -112,24 +112,78 @@ class ShardReduce:
         float32). A tensor whose slot holds a negative alpha had its first LLaCA step (the
         kernels set its EMA to p, so it has no blend and falls back). With ``found_inf`` set, the
         kernels changed nothing, and neither does this."""
-        old_alpha = torch.stack(alphas)
-        fresh = old_alpha < 0
-        a, b, c = self.sums.unbind(1)
-        candidate = scale * (1.0 + b) / (a * c)
-        adaptive = (candidate > 0) & (candidate < 1) & ~fresh
-        alpha = torch.where(adaptive, candidate, base_weight)
-        new_fell_back = ~adaptive
-        new_pending = ~fresh
-        if found_inf is not None:
-            skipped = found_inf.to(device=self.sums.device) != 0
-            alpha = torch.where(skipped, old_alpha, alpha)
-            new_fell_back = torch.where(skipped, torch.stack(fell_back), new_fell_back)
-            new_pending = torch.where(skipped, torch.stack(pending), new_pending)
+        alpha, new_fell_back, new_pending = alphas_from_sums(
+            self.sums, torch.stack(alphas), torch.stack(fell_back), torch.stack(pending),
+            scale, base_weight, found_inf)
         self._alpha.copy_(alpha)  # rounded to float32 here, once
         self._fell_back.copy_(new_fell_back)
         self._pending.copy_(new_pending)
         for slots, views in zip((alphas, fell_back, pending), self._views):
             torch._foreach_copy_(slots, views)
+
+
+def alphas_from_sums(sums: Tensor, old_alpha: Tensor, old_fell_back: Tensor, old_pending: Tensor,
+                     scale: float, base_weight: float, found_inf: Tensor | None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Each tensor's alpha (float64, not yet rounded), fallback flag and pending mark from its
+    whole-tensor sums (``sums``, one ``(a, b, c)`` row per tensor), exactly as the kernels'
+    ``tensor_alpha`` computes them. A negative old alpha marks a tensor that had its first LLaCA
+    step (the kernels set its EMA to p, so it has no blend and falls back). With ``found_inf``
+    set, the kernels changed nothing, and neither does this: the old values are returned."""
+    fresh = old_alpha < 0
+    a, b, c = sums.unbind(1)
+    candidate = scale * (1.0 + b) / (a * c)
+    adaptive = (candidate > 0) & (candidate < 1) & ~fresh
+    alpha = torch.where(adaptive, candidate, base_weight)
+    fell_back = ~adaptive
+    pending = ~fresh
+    if found_inf is not None:
+        skipped = found_inf.to(device=sums.device) != 0
+        alpha = torch.where(skipped, old_alpha, alpha)
+        fell_back = torch.where(skipped, old_fell_back, fell_back)
+        pending = torch.where(skipped, old_pending, pending)
+    return alpha, fell_back, pending
+
+
+class SegmentReduce:
+    """The cross-rank part of a bucket that holds pieces ("segments") of tensors, each tensor
+    cut across ranks (DeepSpeed ZeRO's flat partitions, NOTE [ZeRO partitions] in
+    integrations/deepspeed.py). Like :class:`ShardReduce`, but a rank holds pieces of only some
+    tensors, and possibly none: the kernels' sums of this rank's pieces (``sums``, a row per
+    piece) go into the rows of their tensors in ``row_sums`` (a row per tensor of the partition,
+    the same on every rank), one all-reduce over ``process_group`` adds the ranks' rows, and the
+    alphas of every tensor of the partition are set in ``alpha`` and ``fell_back``, the state's
+    vectors (one element per row). The pieces' blends are applied at once, through
+    ``flags``."""
+
+    def __init__(self, rows: list[int], alpha: Tensor, fell_back: Tensor, process_group: Any) -> None:
+        device = alpha.device
+        self.process_group = process_group
+        self.alpha, self.fell_back = alpha, fell_back
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.sums = torch.zeros((len(rows), 3), dtype=torch.float64, device=device)
+        self.row_sums = torch.zeros((alpha.numel(), 3), dtype=torch.float64, device=device)
+        self._pending = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        self.flags = list(self._pending.unbind())
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        self.row_sums.zero_()
+        self.row_sums.index_copy_(0, self.rows, self.sums)
+        dist.all_reduce(self.row_sums, op=dist.ReduceOp.SUM, group=self.process_group)
+
+    def finish_alphas(self, alphas: list[Tensor], fell_back: list[Tensor], pending: list[Tensor],
+                      scale: float, base_weight: float, found_inf: Tensor | None) -> None:
+        """Every row's alpha and fallback flag into the state's vectors (``alphas`` and
+        ``fell_back``, the pieces' views of them, are not needed), and the pieces' blends
+        marked in ``pending`` (this bucket's ``flags``)."""
+        old_pending = torch.zeros_like(self.fell_back)
+        alpha, new_fell_back, new_pending = alphas_from_sums(
+            self.row_sums, self.alpha, self.fell_back, old_pending, scale, base_weight, found_inf)
+        self._pending.copy_(new_pending.index_select(0, self.rows))
+        self.alpha.copy_(alpha)  # rounded to float32 here, once
+        self.fell_back.copy_(new_fell_back)
 
 
 def finish_step(backend: Any, bucket: Any, scale: float, base_weight: float,
@@ -140,6 +194,6 @@ def finish_step(backend: Any, bucket: Any, scale: float, base_weight: float,
     shard.all_reduce()
     flags = bucket.ema_pending or shard.flags
     shard.finish_alphas(bucket.alphas, bucket.fell_back, flags, scale, base_weight, found_inf)
-    if not bucket.ema_pending:
+    if not bucket.ema_pending and bucket.params:
         backend.flush_ema(type(bucket)(params=bucket.params, emas=bucket.emas,
                                        alphas=bucket.alphas, ema_pending=flags))

@@ -200,11 +200,13 @@ def loaded_state(owner: str, pid: Any) -> StateSource:
 
 
 def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bool,
-                source: StateSource = OWN_STATE) -> None:
+                source: StateSource = OWN_STATE, slots: int = 1) -> None:
     """The state a step will use for ``param``: what the user may have put into
     ``optimizer.state`` between steps (torch's optimizers read it afresh at every step, and so
     does ours), or what a state dict is loading. Each entry the step reads must be what the
-    kernels take, checked before any tensor is touched."""
+    kernels take, checked before any tensor is touched. ``slots``: the elements of each
+    per-tensor slot (``step``, ``alpha``...), one per tensor of a DeepSpeed ZeRO partition
+    (NOTE [ZeRO partitions] in integrations/deepspeed.py), else one."""
     entry = source.entry.format(label=label)
     if not isinstance(state, dict):
         raise TypeError(f"llaca_optim: {entry} is a {type(state).__name__}, not a dict; "
@@ -225,12 +227,14 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
         where = f"llaca_optim: {source.item.format(key=key, label=label)}"
         if key in SLOT_DTYPES:
             dtype = SLOT_DTYPES[key]
-            if (not isinstance(value, Tensor) or value.numel() != 1 or value.dtype != dtype
-                    or value.device != param.device):
+            if (not isinstance(value, Tensor) or value.numel() != slots or value.dtype != dtype
+                    or value.device != param.device or (slots > 1 and value.dim() != 1)):
                 got = (f"{value.numel()} elements of {value.dtype} on {value.device}"
                        if isinstance(value, Tensor) else f"a {type(value).__name__}")
+                want = ("a one-element" if slots == 1 else
+                        f"a {slots}-element (one per tensor of its ZeRO partition)")
                 raise RuntimeError(
-                    f"{where} must be a one-element {dtype} tensor on {param.device}, got {got} "
+                    f"{where} must be {want} {dtype} tensor on {param.device}, got {got} "
                     f"(torch.tensor(value, dtype={dtype}, device=param.device) makes one); "
                     f"{source.fix}")
             continue

@@ -1,10 +1,17 @@
-"""One process (world size 1, gloo on the CPU) that hands LLaCAAdamW or LLaCA to DeepSpeed at
-ZeRO stages 0 to 3, and does to LLaCAAdamW what DeepSpeed's fp16 optimizers (GPU only) do to
-their client, and reports, as JSON on stdout, what each first step did: whether it raised (and
-what), and whether anything changed (the weights DeepSpeed holds, our state).
+"""Two ranks (gloo on the CPU, launched by torch.distributed.run) that hand LLaCAAdamW or LLaCA to
+DeepSpeed at ZeRO stages 0 to 3 and compare every step with an unsharded twin that trains the
+same model on the same global batches in one process. Each rank prints, as JSON on stdout, what
+it measured; tests/integrations/test_deepspeed.py asserts on it.
 
-Run by tests/integrations/test_deepspeed.py in a subprocess, so that DeepSpeed's process group and globals
-stay out of the test process."""
+Per case: the largest differences from the twin (parameters, moments, previous gradients, EMAs,
+alphas at every step, fallback flags), whether a run resumed from DeepSpeed's checkpoint
+continues bit for bit, whether ``ema_weights()`` puts the EMA into the model DeepSpeed
+evaluates, whether ``end_task()`` leaves the model at the twin's weights, and what the
+partitions looked like (pieces straddling ranks, ranks holding no piece).
+
+In bf16 (DeepSpeed's ``bf16`` section) the twin steps fp32 masters with the gradients DeepSpeed
+hands its optimizer (gathered with ``deepspeed.utils.safe_get_full_grad``): the forward in bf16
+differs between one process and two, the optimizer's work on the same gradients must not."""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -19,59 +27,249 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed  # noqa: E402
 import deepspeed.comm.torch as ds_torch_comm  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 import llaca_optim  # noqa: E402
+from llaca_optim.integrations import deepspeed as ds_integration  # noqa: E402
 
 # DeepSpeed builds a shared-memory all-reduce op (C++, minutes on two cores) when it starts its
-# communication backend on the CPU. A single process has nothing to reduce across: gloo alone
-# does.
+# communication backend on the CPU; gloo alone does the reductions of these tiny models.
 ds_torch_comm.build_shm_op = lambda: None
 
+STEPS, SAVE_AT, MICRO = 24, 12, 4
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "prev_grad", "ema")
 
-def make_optimizer(kind: str, params):
+
+class Net(torch.nn.Module):
+    """Tensors of 35, 7, 21, 3 and 1 elements: cut across the two ranks' partitions, and one of
+    a single element (in stage 3 the second rank holds none of it; alone in the second param
+    group, it leaves the second rank's partition of that group empty in stages 1 and 2). Every
+    parameter gets a real gradient (one whose gradient is zero would drift from rounding
+    noise, sharded or not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(5, 7)
+        self.fc2 = torch.nn.Linear(7, 3)
+        self.gain = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x))) * self.gain
+
+
+def groups(model, lr):
+    rest = [p for n, p in model.named_parameters() if n != "gain"]
+    return [{"params": rest}, {"params": [model.gain], "lr": lr / 2}]
+
+
+def make_optimizer(kind, model):
+    # A scale small enough for these small tensors' alphas to fall in (0, 1), not back to
+    # base_weight: the adaptive alpha is what needs the whole-tensor sums.
+    knobs = dict(scale=1e-3, base_weight=0.01)
     if kind == "LLaCAAdamW":
-        return llaca_optim.LLaCAAdamW(params, lr=1e-2)
-    return llaca_optim.LLaCA(torch.optim.AdamW(params, lr=1e-2))
+        return llaca_optim.LLaCAAdamW(groups(model, 1e-2), lr=1e-2, weight_decay=0.01, **knobs)
+    return llaca_optim.LLaCA(torch.optim.AdamW(groups(model, 1e-2), lr=1e-2, weight_decay=0.01), **knobs)
 
 
-def masters(engine, model) -> list[torch.Tensor]:
-    """The fp32 weights the optimizer updates: DeepSpeed's partitions in stages 1 to 3, the
-    model's parameters in stage 0."""
-    zero = engine.optimizer
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-        if hasattr(zero, name):
-            return [t.detach().clone() for t in getattr(zero, name)]
-    return [p.detach().clone() for p in model.parameters()]
+def batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    world = dist.get_world_size()
+    return [(torch.randn(MICRO * world, 5, generator=g), torch.randn(MICRO * world, 3, generator=g))
+            for _ in range(STEPS)]
 
 
-def run(stage: int, kind: str) -> dict:
-    torch.manual_seed(stage)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-    twin = copy.deepcopy(model)
-    optimizer = make_optimizer(kind, model.parameters())
-    config = {"train_batch_size": 4, "zero_optimization": {"stage": stage},
-              "zero_allow_untested_optimizer": True}
+def engine_for(kind, stage, bf16, seed):
+    torch.manual_seed(seed)
+    model = Net()
+    optimizer = make_optimizer(kind, model)
+    config = {"train_batch_size": MICRO * dist.get_world_size(),
+              "train_micro_batch_size_per_gpu": MICRO,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told not to
+              "steps_per_print": 10 ** 9}
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    elif stage == 3:
+        # Every parameter cut across the ranks: none kept whole between forwards ("persistent",
+        # DeepSpeed's default for small ones, which the bf16 case keeps).
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    x = torch.randn(4, 8)
-    engine.backward(engine(x).pow(2).mean())
-    before = masters(engine, model)
-    try:
+    return engine, model, optimizer
+
+
+def local_batch(batch):
+    x, y = batch
+    rank = dist.get_rank()
+    return x[rank * MICRO:(rank + 1) * MICRO], y[rank * MICRO:(rank + 1) * MICRO]
+
+
+def ds_step(engine, batch, dtype):
+    x, y = local_batch(batch)
+    engine.backward((engine(x.to(dtype)).float() - y).pow(2).mean())
+
+
+def gathered(optimizer):
+    """Every row's whole state tensors, by id of the model parameter: a collective."""
+    out = {key: {} for key in STATE_KEYS}
+    for part, state in optimizer._zero_states():
+        inner = getattr(optimizer, "optimizer", None)
+        inner_state = inner.state.get(part.flat, {}) if inner is not None else {}
+        for key in STATE_KEYS:
+            value = state.get(key, inner_state.get(key))
+            for p, whole in zip(part.rows, ds_integration.full_tensors(part, value)):
+                out[key][id(p)] = whole.clone()
+    return out
+
+
+def twin_state(twin_opt, p, key):
+    inner = getattr(twin_opt, "optimizer", None)
+    state = twin_opt.state.get(p, {})
+    if key not in state and inner is not None:
+        state = inner.state[p]
+    return state[key]
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30))
+
+
+def run(kind, stage, bf16=False):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    seed = 10 + stage
+    data = batches(seed + 100)
+    engine, model, optimizer = engine_for(kind, stage, bf16, seed)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    name_of = {id(p): n for n, p in params.items()}
+    # The twin starts from DeepSpeed's masters (in bf16 they are the bf16 weights, widened).
+    twin = Net()
+    with torch.no_grad():
+        for n, q in twin.named_parameters():
+            q.copy_(safe_get_full_fp32_param(params[n]).view_as(q))
+    twin_opt = make_optimizer(kind, twin)
+    twin_params = dict(twin.named_parameters())
+    diffs = {"alpha": 0.0, "fell_back_mismatches": 0, "adaptive_alphas": 0}
+    result = {"case": f"{kind}/stage{stage}{'/bf16' if bf16 else ''}", "rank": dist.get_rank()}
+    ckpt = None
+    for step, batch in enumerate(data):
+        ds_step(engine, batch, dtype)
+        if bf16:
+            grads = {n: safe_get_full_grad(params[n]).clone() for n in names}
+            for n in names:
+                twin_params[n].grad = grads[n].view_as(twin_params[n]).float()
+        else:
+            twin_opt.zero_grad()
+            x, y = batch
+            (twin(x) - y).pow(2).mean().backward()
         engine.step()
-        error = None
-    except RuntimeError as err:
-        error = str(err)
-    after = masters(engine, model)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    result = {"stage": stage, "kind": kind, "error": error,
-              "state_entries": len(optimizer.state) + (len(inner.state) if inner is not optimizer else 0),
-              "masters_unchanged": all(torch.equal(a, b) for a, b in zip(before, after))}
-    if error is None:  # the same step without DeepSpeed
-        twin_optimizer = make_optimizer(kind, twin.parameters())
-        twin(x).pow(2).mean().backward()
-        twin_optimizer.step()
-        result["equals_plain_step"] = all(
-            torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+        twin_opt.step()
+        ours, theirs = optimizer.alphas(), twin_opt.alphas()
+        twin_index = {id(q): i for i, q in enumerate(theirs.params)}
+        order = [twin_index[id(twin_params[name_of[id(p)]])] for p in ours.params]
+        diffs["alpha"] = max(diffs["alpha"], rel(ours.alphas, theirs.alphas[order]))
+        diffs["fell_back_mismatches"] += int((ours.fell_back != theirs.fell_back[order]).sum())
+        diffs["adaptive_alphas"] += int((~theirs.fell_back).sum())
+        result["alphas_per_step"] = len(ours.params)
+        if step + 1 == SAVE_AT:
+            ckpt = tempfile.mkdtemp() if dist.get_rank() == 0 else None
+            holder = [ckpt]
+            dist.broadcast_object_list(holder, src=0)
+            ckpt = holder[0]
+            engine.save_checkpoint(ckpt, tag="mid")
+    state = gathered(optimizer)
+    for n in names:
+        p = params[n]
+        diffs["param"] = max(diffs.get("param", 0.0), rel(safe_get_full_fp32_param(p).view_as(twin_params[n]), twin_params[n]))
+        for key in STATE_KEYS:
+            diffs[key] = max(diffs.get(key, 0.0), rel(state[key][id(p)].view_as(twin_params[n]),
+                                                      twin_state(twin_opt, twin_params[n], key)))
+    result["diffs"] = diffs
+    # DeepSpeed's own view of the EMA (its optimizer-state fragments) is ours.
+    result["deepspeed_sees_the_ema"] = all(
+        torch.equal(deepspeed.utils.safe_get_full_optimizer_state(params[n], "ema").view(-1),
+                    state["ema"][id(params[n])].view(-1))
+        for n in (["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"] if stage != 3 else names))
+    parts = [part for part, _ in optimizer._zero_states()]
+    result["partitions"] = len(parts)
+    result["pieces"] = [len(part.segments) for part in parts]
+    result["rows"] = [len(part.rows) for part in parts]
+    result["straddling"] = sum(1 for part in parts for s in part.segments
+                               if s.numel < part.row_shapes[s.row].numel())
+    # ema_weights(): the model DeepSpeed runs holds the EMA inside, the live weights after.
+    ema = ds_integration.ema_state_dict(model, optimizer)
+    live = {n: safe_get_full_fp32_param(params[n]).clone() for n in names}
+    x, _ = local_batch(data[0])
+    with torch.no_grad():
+        result["live_output_vs_twin"] = rel(engine(x.to(dtype)).float(), twin(x))
+    with optimizer.ema_weights():
+        inside = {n: safe_get_full_fp32_param(params[n]).clone() for n in names}
+        out_ema = engine(x.to(dtype)).float()
+    twin_ema = {n: twin_opt.ema(twin_params[n]) for n in names}
+    with twin_opt.ema_weights():
+        twin_out = twin(x)
+    after = {n: safe_get_full_fp32_param(params[n]) for n in names}
+    result["ema_weights"] = {
+        "masters_hold_the_ema": all(torch.equal(inside[n].view(-1), ema[n].view(-1)) for n in names),
+        "ema_vs_twin": max(rel(ema[n].view_as(twin_ema[n]), twin_ema[n]) for n in names),
+        "output_vs_twin": rel(out_ema, twin_out),
+        "live_restored": all(torch.equal(live[n], after[n]) for n in names),
+    }
+    # end_task(): the model DeepSpeed runs (and saves) holds the EMA.
+    optimizer.end_task()
+    twin_opt.end_task()
+    with torch.no_grad():
+        out_end = engine(x.to(dtype)).float()
+    result["end_task"] = {
+        "vs_twin": max(rel(safe_get_full_fp32_param(params[n]).view_as(twin_params[n]), twin_params[n]) for n in names),
+        "output_vs_twin": rel(out_end, twin(x)),
+        "state_cleared": not any(True for _ in optimizer._llaca_params()),
+    }
+    # Resume from the checkpoint taken at SAVE_AT into a new engine and optimizer: bit for bit.
+    engine.destroy()
+    engine2, model2, optimizer2 = engine_for(kind, stage, bf16, seed + 1000)
+    engine2.load_checkpoint(ckpt, tag="mid")
+    engine3, model3, optimizer3 = engine_for(kind, stage, bf16, seed)
+    for batch in data[:SAVE_AT]:
+        ds_step(engine3, batch, dtype)
+        engine3.step()
+    for batch in data[SAVE_AT:]:
+        ds_step(engine2, batch, dtype)
+        engine2.step()
+        ds_step(engine3, batch, dtype)
+        engine3.step()
+    p2, p3 = dict(model2.named_parameters()), dict(model3.named_parameters())
+    s2, s3 = gathered(optimizer2), gathered(optimizer3)
+    result["resume_bitwise"] = all(
+        torch.equal(safe_get_full_fp32_param(p2[n]), safe_get_full_fp32_param(p3[n]))
+        and all(torch.equal(s2[key][id(p2[n])], s3[key][id(p3[n])]) for key in STATE_KEYS)
+        for n in names) and torch.equal(optimizer2.alphas().alphas, optimizer3.alphas().alphas)
+    engine2.destroy()
+    engine3.destroy()
     return result
+
+
+def stage0(kind):
+    """Stage 0: DeepSpeed steps the model's own parameters; LLaCA is per tensor as without it."""
+    torch.manual_seed(0)
+    model = Net()
+    twin = copy.deepcopy(model)
+    optimizer = make_optimizer(kind, model)
+    config = {"train_batch_size": MICRO * dist.get_world_size(), "train_micro_batch_size_per_gpu": MICRO,
+              "zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True,
+              "gradient_clipping": 0.0}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    data = batches(5)
+    twin_opt = make_optimizer(kind, twin)
+    for batch in data[:4]:
+        ds_step(engine, batch, torch.float32)
+        engine.step()
+        twin_opt.zero_grad()
+        x, y = batch
+        (twin(x) - y).pow(2).mean().backward()
+        twin_opt.step()
+    return {"case": f"{kind}/stage0", "rank": dist.get_rank(), "state_entries": len(optimizer.state),
+            "param": max(rel(p, q) for p, q in zip(model.parameters(), twin.parameters()))}
 
 
 def fp16_optimizer(kind: str) -> dict:
@@ -96,14 +294,19 @@ def fp16_optimizer(kind: str) -> dict:
         error = None
     except RuntimeError as err:
         error = str(err)
-    return {"stage": "fp16", "kind": kind, "error": error, "state_entries": len(optimizer.state)}
+    return {"case": f"fp16/{kind}", "rank": dist.get_rank(), "error": error,
+            "state_entries": len(optimizer.state)}
 
 
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
-    results = [run(stage, kind) for stage in (0, 1, 2, 3) for kind in ("LLaCAAdamW", "LLaCA")]
+    results = [stage0("LLaCAAdamW")]
+    results += [run("LLaCAAdamW", stage) for stage in (1, 2, 3)]
+    results += [run("LLaCA", 2), run("LLaCAAdamW", 2, bf16=True), run("LLaCAAdamW", 3, bf16=True)]
     results += [fp16_optimizer(kind) for kind in ("flattened", "unfused")]
     sys.stdout.write("RESULTS " + json.dumps(results) + "\n")
+    sys.stdout.flush()
+    dist.barrier()
 
 
 if __name__ == "__main__":
