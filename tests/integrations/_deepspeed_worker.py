@@ -63,10 +63,10 @@ def groups(model, lr):
     return [{"params": rest}, {"params": [model.gain], "lr": lr / 2}]
 
 
-def make_optimizer(kind, model):
+def make_optimizer(kind, model, backend="auto"):
     # A scale small enough for these small tensors' alphas to fall in (0, 1), not back to
     # base_weight: the adaptive alpha is what needs the whole-tensor sums.
-    knobs = dict(scale=1e-3, base_weight=0.01)
+    knobs = dict(scale=1e-3, base_weight=0.01, backend=backend)
     if kind == "LLaCAAdamW":
         return llaca_optim.LLaCAAdamW(groups(model, 1e-2), lr=1e-2, weight_decay=0.01, **knobs)
     return llaca_optim.LLaCA(torch.optim.AdamW(groups(model, 1e-2), lr=1e-2, weight_decay=0.01), **knobs)
@@ -79,10 +79,10 @@ def batches(seed):
             for _ in range(STEPS)]
 
 
-def engine_for(kind, stage, bf16, seed):
+def engine_for(kind, stage, bf16, seed, backend):
     torch.manual_seed(seed)
     model = Net()
-    optimizer = make_optimizer(kind, model)
+    optimizer = make_optimizer(kind, model, backend)
     config = {"train_batch_size": MICRO * dist.get_world_size(),
               "train_micro_batch_size_per_gpu": MICRO,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
@@ -134,11 +134,11 @@ def rel(a, b):
     return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30))
 
 
-def run(kind, stage, bf16=False):
+def run(kind, stage, bf16=False, backend="auto"):
     dtype = torch.bfloat16 if bf16 else torch.float32
     seed = 10 + stage
     data = batches(seed + 100)
-    engine, model, optimizer = engine_for(kind, stage, bf16, seed)
+    engine, model, optimizer = engine_for(kind, stage, bf16, seed, backend)
     names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
     name_of = {id(p): n for n, p in params.items()}
@@ -147,10 +147,11 @@ def run(kind, stage, bf16=False):
     with torch.no_grad():
         for n, q in twin.named_parameters():
             q.copy_(safe_get_full_fp32_param(params[n]).view_as(q))
-    twin_opt = make_optimizer(kind, twin)
+    twin_opt = make_optimizer(kind, twin, backend)
     twin_params = dict(twin.named_parameters())
     diffs = {"alpha": 0.0, "fell_back_mismatches": 0, "adaptive_alphas": 0}
-    result = {"case": f"{kind}/stage{stage}{'/bf16' if bf16 else ''}", "rank": dist.get_rank()}
+    result = {"case": f"{kind}/stage{stage}{'/bf16' if bf16 else ''}"
+                      f"{'/' + backend if backend != 'auto' else ''}", "rank": dist.get_rank()}
     ckpt = None
     for step, batch in enumerate(data):
         ds_step(engine, batch, dtype)
@@ -227,9 +228,9 @@ def run(kind, stage, bf16=False):
     }
     # Resume from the checkpoint taken at SAVE_AT into a new engine and optimizer: bit for bit.
     engine.destroy()
-    engine2, model2, optimizer2 = engine_for(kind, stage, bf16, seed + 1000)
+    engine2, model2, optimizer2 = engine_for(kind, stage, bf16, seed + 1000, backend)
     engine2.load_checkpoint(ckpt, tag="mid")
-    engine3, model3, optimizer3 = engine_for(kind, stage, bf16, seed)
+    engine3, model3, optimizer3 = engine_for(kind, stage, bf16, seed, backend)
     for batch in data[:SAVE_AT]:
         ds_step(engine3, batch, dtype)
         engine3.step()
@@ -272,6 +273,38 @@ def stage0(kind):
             "param": max(rel(p, q) for p, q in zip(model.parameters(), twin.parameters()))}
 
 
+def trainer_case() -> dict:
+    """The Hugging Face Trainer with ``deepspeed=`` (ZeRO stage 2), building LLaCAAdamW itself
+    from ``optimizer_cls_and_kwargs``, with LLaCACallback: alphas logged per tensor, the task
+    ended on every rank."""
+    from transformers import Trainer, TrainingArguments
+
+    from llaca_optim.integrations.huggingface import LLaCACallback, llaca_optimizer
+
+    class Wrapped(Net):
+        def forward(self, x, y):
+            return {"loss": (super().forward(x) - y).pow(2).mean()}
+
+    torch.manual_seed(3)
+    model = Wrapped()
+    data = [{"x": x, "y": y} for batch in batches(7)[:3] for x, y in zip(*batch)]
+    config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+              "gradient_clipping": "auto", "zero_optimization": {"stage": 2},
+              "zero_allow_untested_optimizer": True}
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, deepspeed=config,
+                             per_device_train_batch_size=MICRO, max_steps=6, logging_steps=2,
+                             report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[LLaCACallback()],
+                      optimizer_cls_and_kwargs=(llaca_optim.LLaCAAdamW, {"scale": 1e-3}))
+    trainer.train()
+    optimizer = llaca_optimizer(trainer.optimizer)
+    logged = [entry for entry in trainer.state.log_history if "llaca/alpha_median" in entry]
+    return {"case": "trainer/stage2", "rank": dist.get_rank(),
+            "partitions": len(list(optimizer._zero.partitions())),
+            "logged_alphas": len(logged),
+            "state_cleared": not any(True for _ in optimizer._llaca_params())}
+
+
 def fp16_optimizer(kind: str) -> dict:
     """What DeepSpeed's fp16 optimizers (GPU only) do to their client, done here: the fused one
     makes the parameters views of one flat buffer and steps one flat fp32 copy per group; the
@@ -302,8 +335,10 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     results = [stage0("LLaCAAdamW")]
     results += [run("LLaCAAdamW", stage) for stage in (1, 2, 3)]
-    results += [run("LLaCA", 2), run("LLaCAAdamW", 2, bf16=True), run("LLaCAAdamW", 3, bf16=True)]
+    results += [run("LLaCA", 2), run("LLaCAAdamW", 2, bf16=True), run("LLaCAAdamW", 3, bf16=True),
+                run("LLaCAAdamW", 1, backend="reference")]
     results += [fp16_optimizer(kind) for kind in ("flattened", "unfused")]
+    results.append(trainer_case())
     sys.stdout.write("RESULTS " + json.dumps(results) + "\n")
     sys.stdout.flush()
     dist.barrier()

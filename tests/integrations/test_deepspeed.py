@@ -27,7 +27,8 @@ if importlib.util.find_spec("deepspeed") is None:
 
 WORKER = Path(__file__).with_name("_deepspeed_worker.py")
 ZERO_CASES = ["LLaCAAdamW/stage1", "LLaCAAdamW/stage2", "LLaCAAdamW/stage3", "LLaCA/stage2",
-              "LLaCAAdamW/stage2/bf16", "LLaCAAdamW/stage3/bf16"]
+              "LLaCAAdamW/stage2/bf16", "LLaCAAdamW/stage3/bf16",
+              "LLaCAAdamW/stage1/reference"]  # the reference kernels on the pieces
 # fp32 rounding: the ranks' gradients are averaged in another order than one process sums them.
 ROUNDING = 2e-5
 
@@ -121,3 +122,12 @@ def test_flattened_groups_of_the_fp16_optimizer_are_refused(results, flattened):
         assert "nothing was changed" in r["error"] and r["state_entries"] == 0
     else:
         assert r["error"] is None and r["state_entries"] == 4
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_trainer_with_a_deepspeed_config(results, rank):
+    """The Hugging Face Trainer with ``deepspeed=`` (ZeRO stage 2) builds LLaCAAdamW from
+    ``optimizer_cls_and_kwargs``: its partitions are mapped, LLaCACallback logs the alphas and
+    ends the task on every rank."""
+    r = results[("trainer/stage2", rank)]
+    assert r["partitions"] == 2 and r["logged_alphas"] >= 3 and r["state_cleared"]

@@ -67,17 +67,20 @@ def test_opcheck_sharded_mode(cpu_backend, fresh):
     torch.library.opcheck(torch.ops.llaca_optim.adamw_llaca_.default, args, kwargs)
 
 
-def test_sharded_mode_writes_the_local_sums_and_nothing_else(cpu_backend):
+@pytest.mark.parametrize("namespace", ["llaca_optim", "llaca_optim_reference"])
+def test_sharded_mode_writes_the_local_sums_and_nothing_else(cpu_backend, namespace):
     """shard_sums (NOTE [sharded parameters]): the AdamW step runs, each row gets the tensor's
     L1 sums against the stepped parameter, and alpha, the fallback flag and the EMA are left for
-    the caller (who reduces the sums across shards first)."""
+    the caller (who reduces the sums across shards first). The reference kernels too: they
+    step the pieces of DeepSpeed's ZeRO partitions that the native kernels do not take."""
+    ops = getattr(torch.ops, namespace)
     args, kwargs = adamw_args(amsgrad=False)
     params, grads, emas, prev = args[0], args[1], args[6], args[7]
     ema_before = [e.clone() for e in emas]
     prev_before = [g.clone() for g in prev]
     alphas_before = [a.clone() for a in args[8]]
     sums = torch.full((len(params), 3), float("nan"), dtype=torch.float64)
-    torch.ops.llaca_optim.adamw_llaca_(*args, **kwargs, shard_sums=sums)
+    ops.adamw_llaca_(*args, **kwargs, shard_sums=sums)
     for i, p in enumerate(params):
         expected = torch.stack([
             (p.double() - ema_before[i].double()).abs().sum(),
@@ -205,3 +208,22 @@ def test_functional_refuses_lists_of_other_lengths():
     with pytest.raises(ValueError, match="emas has 0 tensors but params has 1"):
         lists[4] = []  # the EMAs
         functional.adamw_llaca([p], [torch.randn(4)], *lists)
+
+
+def test_reference_flush_applies_the_blends_a_sharded_step_leaves(cpu_backend):
+    """After a sharded step the caller sets each alpha and flags the blends; the reference's
+    llaca_flush_ applies exactly the flagged ones, as the native kernels' does, and clears
+    the flags."""
+    params = [torch.randn(5), torch.randn(2, 3), torch.randn(4)]
+    emas = [p + 0.1 * torch.randn_like(p) for p in params]
+    alphas = [torch.tensor(0.25), torch.tensor(0.5), torch.tensor(0.75)]
+    outs = {}
+    for namespace in ("llaca_optim", "llaca_optim_reference"):
+        e = [t.clone() for t in emas]
+        flags = [torch.tensor(True), torch.tensor(False), torch.tensor(True)]
+        getattr(torch.ops, namespace).llaca_flush_(params, e, alphas, flags)
+        assert not any(bool(f) for f in flags)
+        outs[namespace] = e
+    assert torch.equal(outs["llaca_optim_reference"][1], emas[1])
+    for ours, theirs in zip(outs["llaca_optim_reference"], outs["llaca_optim"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
