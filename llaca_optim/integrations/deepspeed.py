@@ -279,6 +279,67 @@ def ema_state_dict(model: torch.nn.Module, optimizer: Any) -> dict[str, Tensor]:
     return out
 
 
+def ema_weights_from_zero_checkpoint(checkpoint_dir: str, tag: str | None = None) -> dict[str, Tensor]:
+    """The weights ``end_task()`` would leave in the model at a DeepSpeed ZeRO checkpoint (each
+    parameter's EMA, or its live weights where it has none), whole, in fp32, by parameter name,
+    read from the checkpoint files alone: no engine, no ranks, any stage. ``checkpoint_dir`` and
+    ``tag`` are those of ``engine.save_checkpoint`` (``tag=None``: the ``latest`` file's).
+
+    DeepSpeed's ``zero_to_fp32`` consolidates the fp32 masters from each rank's optim-states
+    file; the EMAs lie beside them in the same files, in the optimizer's state, shaped like the
+    masters (NOTE [ZeRO partitions]). So each file is copied with the EMAs in the masters' place
+    into a temporary folder (the model-states files linked), and ``zero_to_fp32`` consolidates
+    that: the same merging, padding and shapes as DeepSpeed's own."""
+    import glob
+    import os
+    import shutil
+    import tempfile
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if tag is None:
+        with open(os.path.join(checkpoint_dir, "latest")) as f:
+            tag = f.read().strip()
+    source = os.path.join(checkpoint_dir, tag)
+    optim_files = sorted(glob.glob(os.path.join(source, "*_optim_states.pt")))
+    if not optim_files:
+        raise FileNotFoundError(f"llaca_optim: no *_optim_states.pt files in {source!r}; pass the "
+                                "folder and tag given to engine.save_checkpoint")
+    scratch = tempfile.mkdtemp()
+    try:
+        target = os.path.join(scratch, tag)
+        os.makedirs(target)
+        for name in os.listdir(source):
+            if not name.endswith("_optim_states.pt"):
+                os.symlink(os.path.join(source, name), os.path.join(target, name))
+        for path in optim_files:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            _emas_in_place_of_masters(saved["optimizer_state_dict"], path)
+            torch.save(saved, os.path.join(target, os.path.basename(path)))
+        return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=tag)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _emas_in_place_of_masters(zero_state: dict[str, Any], path: str) -> None:
+    """Puts, in one rank's saved ZeRO optimizer state, each flat partition's EMA where its fp32
+    masters are (a partition without an EMA keeps its masters), and drops the rest of the
+    optimizer's state, which consolidation does not read."""
+    if zero_state.get("zero_stage", 0) == 3:
+        masters_key, client = "fp32_flat_groups", zero_state.pop("optimizer_state_dict", None)
+    else:
+        masters_key, client = "single_partition_of_fp32_groups", zero_state.pop("base_optimizer_state", None)
+    if not isinstance(client, dict) or "state" not in client.get("llaca", client):
+        raise ValueError(f"llaca_optim: {path!r} holds no state dict of LLaCAAdamW or LLaCA "
+                         "(an elastic checkpoint, or another optimizer's)")
+    state = client.get("llaca", client)["state"]  # the LLaCA wrapper saves it under "llaca"
+    masters = zero_state[masters_key]
+    for i, flat in enumerate(masters):
+        ema = state.get(i, {}).get("ema")
+        if ema is not None:  # stages 1 and 2 save the masters without the last rank's padding
+            masters[i] = ema.reshape(-1)[: flat.numel()].to(flat.dtype).view_as(flat).clone()
+
+
 def refusal(optimizer_name: str, kind: str) -> str:
     return (
         f"llaca_optim: {optimizer_name} is being stepped by DeepSpeed's {kind}, which hands the "

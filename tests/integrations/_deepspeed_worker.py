@@ -178,6 +178,7 @@ def run(kind, stage, bf16=False, backend="auto"):
             dist.broadcast_object_list(holder, src=0)
             ckpt = holder[0]
             engine.save_checkpoint(ckpt, tag="mid")
+            ema_at_save = ds_integration.ema_state_dict(model, optimizer)
     state = gathered(optimizer)
     for n in names:
         p = params[n]
@@ -247,6 +248,11 @@ def run(kind, stage, bf16=False, backend="auto"):
         for n in names) and torch.equal(optimizer2.alphas().alphas, optimizer3.alphas().alphas)
     engine2.destroy()
     engine3.destroy()
+    # The EMA weights read from the checkpoint files alone, as zero_to_fp32 reads the masters.
+    offline = ds_integration.ema_weights_from_zero_checkpoint(ckpt, tag="mid")
+    result["offline_ema_bitwise"] = sorted(offline) == sorted(names) and all(
+        torch.equal(offline[n].view(-1), ema_at_save[n].view(-1)) for n in names)
+    dist.barrier()
     return result
 
 

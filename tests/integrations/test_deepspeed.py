@@ -105,6 +105,15 @@ def test_deepspeed_checkpoint_resumes_bit_for_bit(results, case, rank):
 
 
 @pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("case", ZERO_CASES)
+def test_ema_weights_from_the_checkpoint_files(results, case, rank):
+    """ema_weights_from_zero_checkpoint reads the EMA weights out of the checkpoint files alone
+    (zero_to_fp32's consolidation, EMAs in the masters' place): bit for bit what
+    ema_state_dict gathered from the ranks when the checkpoint was saved."""
+    assert results[(case, rank)]["offline_ema_bitwise"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
 def test_stage_0_steps_as_without_deepspeed(results, rank):
     r = results[("LLaCAAdamW/stage0", rank)]
     assert r["state_entries"] == 5 and r["param"] < ROUNDING
