@@ -79,7 +79,7 @@ def batches(seed):
             for _ in range(STEPS)]
 
 
-def engine_for(kind, stage, bf16, seed, backend):
+def engine_for(kind, stage, bf16, seed, backend, offload):
     torch.manual_seed(seed)
     model = Net()
     optimizer = make_optimizer(kind, model, backend)
@@ -88,6 +88,9 @@ def engine_for(kind, stage, bf16, seed, backend):
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
               "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told not to
               "steps_per_print": 10 ** 9}
+    if offload:  # ZeRO-Offload: DeepSpeed's own code paths for masters kept on the host
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        config["zero_force_ds_cpu_optimizer"] = False
     if bf16:
         config["bf16"] = {"enabled": True}
     elif stage == 3:
@@ -134,11 +137,11 @@ def rel(a, b):
     return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30))
 
 
-def run(kind, stage, bf16=False, backend="auto"):
+def run(kind, stage, bf16=False, backend="auto", offload=False):
     dtype = torch.bfloat16 if bf16 else torch.float32
     seed = 10 + stage
     data = batches(seed + 100)
-    engine, model, optimizer = engine_for(kind, stage, bf16, seed, backend)
+    engine, model, optimizer = engine_for(kind, stage, bf16, seed, backend, offload)
     names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
     name_of = {id(p): n for n, p in params.items()}
@@ -151,7 +154,8 @@ def run(kind, stage, bf16=False, backend="auto"):
     twin_params = dict(twin.named_parameters())
     diffs = {"alpha": 0.0, "fell_back_mismatches": 0, "adaptive_alphas": 0}
     result = {"case": f"{kind}/stage{stage}{'/bf16' if bf16 else ''}"
-                      f"{'/' + backend if backend != 'auto' else ''}", "rank": dist.get_rank()}
+                      f"{'/' + backend if backend != 'auto' else ''}{'/offload' if offload else ''}",
+              "rank": dist.get_rank()}
     ckpt = None
     for step, batch in enumerate(data):
         ds_step(engine, batch, dtype)
@@ -229,9 +233,9 @@ def run(kind, stage, bf16=False, backend="auto"):
     }
     # Resume from the checkpoint taken at SAVE_AT into a new engine and optimizer: bit for bit.
     engine.destroy()
-    engine2, model2, optimizer2 = engine_for(kind, stage, bf16, seed + 1000, backend)
+    engine2, model2, optimizer2 = engine_for(kind, stage, bf16, seed + 1000, backend, offload)
     engine2.load_checkpoint(ckpt, tag="mid")
-    engine3, model3, optimizer3 = engine_for(kind, stage, bf16, seed, backend)
+    engine3, model3, optimizer3 = engine_for(kind, stage, bf16, seed, backend, offload)
     for batch in data[:SAVE_AT]:
         ds_step(engine3, batch, dtype)
         engine3.step()
@@ -342,7 +346,8 @@ def main() -> None:
     results = [stage0("LLaCAAdamW")]
     results += [run("LLaCAAdamW", stage) for stage in (1, 2, 3)]
     results += [run("LLaCA", 2), run("LLaCAAdamW", 2, bf16=True), run("LLaCAAdamW", 3, bf16=True),
-                run("LLaCAAdamW", 1, backend="reference")]
+                run("LLaCAAdamW", 1, backend="reference"), run("LLaCAAdamW", 2, offload=True),
+                run("LLaCAAdamW", 3, offload=True)]
     results += [fp16_optimizer(kind) for kind in ("flattened", "unfused")]
     results.append(trainer_case())
     sys.stdout.write("RESULTS " + json.dumps(results) + "\n")
