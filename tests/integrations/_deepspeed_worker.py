@@ -202,6 +202,7 @@ def run(kind, stage, bf16=False, backend="auto", offload=False):
     result["rows"] = [len(part.rows) for part in parts]
     result["straddling"] = sum(1 for part in parts for s in part.segments
                                if s.numel < part.row_shapes[s.row].numel())
+    result["bad_input"] = bad_input(engine, model, optimizer, data[0], dtype)
     # ema_weights(): the model DeepSpeed runs holds the EMA inside, the live weights after.
     ema = ds_integration.ema_state_dict(model, optimizer)
     live = {n: safe_get_full_fp32_param(params[n]).clone() for n in names}
@@ -258,6 +259,32 @@ def run(kind, stage, bf16=False, backend="auto", offload=False):
         torch.equal(offline[n].view(-1), ema_at_save[n].view(-1)) for n in names)
     dist.barrier()
     return result
+
+
+def bad_input(engine, model, optimizer, batch, dtype) -> dict:
+    """Under ZeRO: ema(param) of a partitioned parameter names the way to the EMA; a per-tensor
+    slot of the wrong length (a hand-edited state) is refused at the step, naming the entry,
+    with nothing changed; the state put back, training goes on."""
+    out = {}
+    try:
+        optimizer.ema(next(model.parameters()))
+        out["ema_of_a_partitioned_param"] = None
+    except ValueError as err:
+        out["ema_of_a_partitioned_param"] = str(err)
+    part, state = next(iter(optimizer._zero_states()))
+    good = state["alpha"]
+    state["alpha"] = good[:1].clone()
+    before = {key: value.clone() for key, value in state.items()}
+    ds_step(engine, batch, dtype)
+    try:
+        engine.step()
+        out["short_slot"] = None
+    except RuntimeError as err:
+        out["short_slot"] = str(err)
+    out["nothing_changed"] = all(torch.equal(before[k], state[k]) for k in before)
+    state["alpha"] = good
+    engine.optimizer.zero_grad()
+    return out
 
 
 def stage0(kind):

@@ -141,3 +141,16 @@ def test_trainer_with_a_deepspeed_config(results, rank):
     ends the task on every rank."""
     r = results[("trainer/stage2", rank)]
     assert r["partitions"] == 2 and r["logged_alphas"] >= 3 and r["state_cleared"]
+
+
+@pytest.mark.parametrize("case", ["LLaCAAdamW/stage2", "LLaCAAdamW/stage3", "LLaCA/stage2"])
+def test_bad_input_under_zero(results, case):
+    """optimizer.ema(param) of a partitioned parameter says where its EMA is; a per-tensor slot
+    of a ZeRO partition edited to the wrong length is refused at the step, naming the entry and
+    the length it needs, before anything changes."""
+    r = results[(case, 0)]["bad_input"]
+    assert "ema_state_dict(model" in r["ema_of_a_partitioned_param"]
+    message = r["short_slot"]
+    assert message is not None and "['alpha']" in message and "got 1 elements" in message
+    assert "must be a 4-element (one per tensor of its ZeRO partition)" in message
+    assert r["nothing_changed"]
