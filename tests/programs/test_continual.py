@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from llaca_optim.demo import Result
+
+ROOT = str(Path(__file__).resolve().parents[2])  # the repository: benchmarks/ is run from there
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -91,3 +98,43 @@ def test_each_family_runs_the_steps_it_reports():
         st["run"]("AdamW", lambda ps: torch.optim.AdamW(ps, lr=1e-3), 0, base, counter)
         assert counter.n == st["tasks"] * st["steps"], st["name"]
         assert f"x {st['steps']} steps" in st["protocol"], st["name"]
+
+
+def test_alpha_against_tensor_size_runs_and_reports_every_tensor(tmp_path, cpu_backend):
+    """benchmarks/continual/alpha_size.py at a tiny size: one row per trainable tensor, from the
+    smallest to the largest, with the quantiles in order and a fitted slope (docs/coin-recipe.md
+    reports the full-size run; no value is asserted here)."""
+    from benchmarks.continual import alpha_size
+
+    alpha_size.main(["--lora-widths", "64", "128", "--full-widths", "8", "--steps", "4",
+                     "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "alpha_vs_size.json").read_text())
+    sizes = [row["numel"] for row in data["summary"]]
+    assert sizes == sorted(sizes) and len(sizes) == 6  # 2 x (A, B) + weight + bias
+    assert all(r["R_p10"] <= r["R_median"] <= r["R_p90"] for r in data["summary"])
+    assert math.isfinite(data["loglog_slope_R_vs_numel"])
+    assert (tmp_path / "alpha_vs_size.png").stat().st_size > 0
+
+
+def test_published_code_path_probe(tmp_path):
+    """benchmarks/continual/published_path.py (docs/coin-recipe.md): through the Hugging Face
+    Trainer, right after optimizer.step() (where the published LLaCA code reads the gradients),
+    every trainable tensor has its gradient without DeepSpeed and none has one under the
+    published DeepSpeed configuration."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    pytest.importorskip("deepspeed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+         str(port), "-m", "benchmarks.continual.published_path"],
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    lines = [json.loads(l[6:]) for l in run.stdout.splitlines() if l.startswith("PROBE ")]
+    assert run.returncode == 0 and len(lines) == 2, run.stderr[-4000:]
+    plain, published = lines
+    assert plain["deepspeed"] is None and plain["tensor_steps_without_grad"] == 0
+    assert published["tensor_steps"] > 0
+    assert published["tensor_steps_without_grad"] == published["tensor_steps"]
