@@ -165,6 +165,7 @@ class SegmentReduce:
         self.row_sums = torch.zeros((alpha.numel(), 3), dtype=torch.float64, device=device)
         self._pending = torch.zeros(len(rows), dtype=torch.bool, device=device)
         self.flags = list(self._pending.unbind())
+        self._none_pending = torch.zeros(alpha.numel(), dtype=torch.bool, device=device)
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
@@ -178,9 +179,9 @@ class SegmentReduce:
         """Every row's alpha and fallback flag into the state's vectors (``alphas`` and
         ``fell_back``, the pieces' views of them, are not needed), and the pieces' blends
         marked in ``pending`` (this bucket's ``flags``)."""
-        old_pending = torch.zeros_like(self.fell_back)
         alpha, new_fell_back, new_pending = alphas_from_sums(
-            self.row_sums, self.alpha, self.fell_back, old_pending, scale, base_weight, found_inf)
+            self.row_sums, self.alpha, self.fell_back, self._none_pending, scale, base_weight,
+            found_inf)
         self._pending.copy_(new_pending.index_select(0, self.rows))
         self.alpha.copy_(alpha)  # rounded to float32 here, once
         self.fell_back.copy_(new_fell_back)
