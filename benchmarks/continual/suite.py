@@ -6,10 +6,12 @@ and a plot of Forgetting against New.ACC (one point per method and setting).
     python -m benchmarks.continual --family digits    # only permuted digits (about 4 minutes)
     python -m benchmarks.continual --quick --out /tmp/c   # CI size: checks that it runs
 
-Task families (``--family``): ``digits`` (permuted scikit-learn digits, a small MLP; digits.py)
-and ``lm`` (a tiny Llama from transformers, instruction-tuned on four generated tasks in
-sequence, full fine-tuning and LoRA through peft; lm.py); ``all`` runs both. Each setting writes
-into its own folder under benchmarks/results/continual/ (digits, lm-full, lm-lora).
+Task families (``--family``): ``digits`` (permuted scikit-learn digits, a small MLP; digits.py),
+``lm`` (a tiny Llama from transformers, instruction-tuned on four generated tasks in sequence,
+full fine-tuning and LoRA through peft; lm.py) and ``digits-lora`` (the digits tasks through
+rank-128 LoRA factors of 4096-wide layers, the published recipe's tensor size and alpha regime;
+digits_lora.py); ``all`` runs them all. Each setting writes into its own folder under
+benchmarks/results/continual/ (digits, lm-full, lm-lora, digits-lora).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results" / "continual"
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.continual", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", default="all", choices=["digits", "lm", "all"])
+    p.add_argument("--family", default="all", choices=["digits", "lm", "digits-lora", "all"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--tasks", type=int, default=5, help="digits: number of tasks")
     p.add_argument("--steps", type=int, default=None,
@@ -90,6 +92,22 @@ def settings_of(args) -> list[dict]:
             # default arguments bind the values now: the lm branch below reuses these names
             run=lambda name, make, seed, base, progress, tasks=tasks, steps=steps, width=width:
                 digits.run(name, make, seed, tasks, steps, width, progress)))
+    if args.family in ("digits-lora", "all"):
+        from . import digits_lora
+
+        steps = args.steps or (5 if args.quick else 150)
+        tasks, width, rank, pre_steps = (3, 64, 8, 5) if args.quick else (args.tasks, 4096, 128, 150)
+        lr = args.lr or 2e-4
+        out.append(dict(
+            name="digits-lora", lr=lr, grid=[], steps=steps,
+            protocol=(f"permuted digits, {tasks} tasks x {steps} steps, MLP 64-{width}-{width}-10 "
+                      f"pre-trained {pre_steps} steps on its own permutation, hidden layers frozen "
+                      f"with rank-{rank} LoRA (factors of {rank * width} elements), head trained, "
+                      f"lr {lr}, batch 64"),
+            tasks=tasks,
+            prepare=lambda seed, width=width, pre_steps=pre_steps: digits_lora.pretrain(seed, width, pre_steps),
+            run=lambda name, make, seed, base, progress, tasks=tasks, steps=steps, width=width, rank=rank:
+                digits_lora.run(name, make, base, tasks, steps, width, rank, progress)))
     if args.family in ("lm", "all"):
         from . import lm
 

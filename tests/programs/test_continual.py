@@ -39,7 +39,7 @@ def test_quick_run_writes_results(tmp_path, cpu_backend):
 
     root = suite.run(["--quick", "--out", str(tmp_path), "--no-progress"])
     for family, tasks, grid in (("digits", 3, None), ("lm-full", 4, suite.LM_GRID),
-                                ("lm-lora", 4, suite.LM_GRID)):
+                                ("lm-lora", 4, suite.LM_GRID), ("digits-lora", 3, [])):
         data = json.loads((root / family / "results.json").read_text())
         names = [row["method"] for row in data["results"]]
         assert names == [name for name, _, _ in methods(1e-3, grid=grid)], family
