@@ -46,15 +46,17 @@ class Role:
             return param.dtype
         return ema_dtype if self.dtype == "ema" else getattr(torch, self.dtype)
 
-    def new_entry(self, param: Tensor, ema_dtype: torch.dtype) -> Tensor:
-        """This role's state tensor for a parameter that has none yet."""
+    def new_entry(self, param: Tensor, ema_dtype: torch.dtype, slots: int | None = None) -> Tensor:
+        """This role's state tensor for a parameter that has none yet. ``slots``: a one-element
+        role's entry is a vector of that many elements (one per tensor of a DeepSpeed ZeRO
+        partition, NOTE [ZeRO partitions] in integrations/deepspeed.py), else one element."""
         dtype = self.dtype_for(param, ema_dtype)
         if self.init == "copy":
             return param.detach().to(dtype, copy=True)
         if self.shaped:  # zeros_like where it can: DTensors take it with their placements
             fill = torch.zeros_like if self.init == 0 else (lambda t, **kw: torch.full_like(t, self.init, **kw))
             return fill(param, dtype=dtype, memory_format=torch.preserve_format)
-        return torch.full((), self.init, dtype=dtype, device=param.device)
+        return torch.full(() if slots is None else (slots,), self.init, dtype=dtype, device=param.device)
 
 
 _ALL_W = {ADAMW_LLACA: "w"}

@@ -233,12 +233,7 @@ class StepPlanner:
                 built.append((*self._build_partition(p, g, entry, part, group, roles, made, llaca),
                               [position] * len(part.segments)))
                 continue
-            if any(r.state_key not in entry for r in made):
-                ema_dtype = V.ema_dtype_for(p, group.get("ema_dtype"))
-                with torch.no_grad():
-                    for role in made:
-                        if role.state_key not in entry:
-                            entry[role.state_key] = role.new_entry(p, ema_dtype)
+            _make_missing_state(p, entry, made, group)
             companions = [entry[r.state_key] for r in made if r.shaped]
             backend, layout = self._route(p, [g, *companions])
             key = (backend.name, p.device, p.dtype, entry["ema"].dtype if llaca else None, layout)
@@ -282,15 +277,7 @@ class StepPlanner:
         rank's pieces of the partition's tensors, views into ``p``, its gradient and its flat
         state; the per-tensor slots are vectors with an element per tensor of the partition.
         Its blends are applied within the step, after the cross-rank reduction."""
-        rows = len(part.rows)
-        if any(r.state_key not in entry for r in made):
-            ema_dtype = V.ema_dtype_for(p, group.get("ema_dtype"))
-            with torch.no_grad():
-                for role in made:
-                    if role.state_key not in entry:
-                        entry[role.state_key] = (
-                            role.new_entry(p, ema_dtype) if role.shaped else
-                            torch.full((rows,), role.init, dtype=role.slot_dtype, device=p.device))
+        _make_missing_state(p, entry, made, group, slots=len(part.rows))
         shaped = [r for r in made if r.shaped]
         backend = self.backends(p.device.type)
         for seg in part.segments:
@@ -326,6 +313,18 @@ class StepPlanner:
             if backend.runs_on_shards and backend.accepts(sharded.local(p), [sharded.local(t) for t in companions]):
                 return backend, layout
         return _REFERENCE, None
+
+
+def _make_missing_state(p: Tensor, entry: dict[str, Any], made: list[Role], group: dict[str, Any],
+                        slots: int | None = None) -> None:
+    """Makes the state entries of ``made`` that ``p`` lacks, from the role table (``slots``: see
+    ``Role.new_entry``)."""
+    if any(r.state_key not in entry for r in made):
+        ema_dtype = V.ema_dtype_for(p, group.get("ema_dtype"))
+        with torch.no_grad():
+            for role in made:
+                if role.state_key not in entry:
+                    entry[role.state_key] = role.new_entry(p, ema_dtype, slots)
 
 
 def run_step(plan: list[tuple[StepHyper, list[tuple[Backend, Bucket]]]], adamw: bool,
