@@ -26,6 +26,7 @@ from .ops import library
 from .ops.registry import Backend, resolve_backend
 from .ops.roles import ADAMW_LLACA, LLACA_UPDATE, MADE_ORDER, roles_of
 from .optim import validation as V
+from .presets import Preset
 
 __all__ = ["adamw_llaca", "llaca_update", "new_state", "state_lists"]
 
@@ -53,9 +54,11 @@ def _ops(backend: str | Backend, params: list[Tensor]) -> Any:
     return resolve_backend(backend, params[0].device.type).ops
 
 
-def _knobs(preset: str, scale: float | None, base_weight: float | None) -> tuple[float, float]:
+def _knobs(preset: str, scale: float | None, base_weight: float | None,
+           norms: str | None) -> Preset:
     return V.resolve_llaca_knobs(
-        dict(preset=preset, scale=scale, base_weight=base_weight, llaca=True, ema_dtype=None),
+        dict(preset=preset, scale=scale, base_weight=base_weight, norms=norms, llaca=True,
+             ema_dtype=None),
         "functional arguments")
 
 
@@ -76,8 +79,9 @@ def adamw_llaca(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                 beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 1e-2,
                 eps: float = 1e-8, amsgrad: bool = False, maximize: bool = False,
                 llaca: bool = True, preset: str = "coin", scale: float | None = None,
-                base_weight: float | None = None, grad_scale: Tensor | None = None,
-                found_inf: Tensor | None = None, backend: str | Backend = "auto") -> None:
+                base_weight: float | None = None, norms: str | None = None,
+                grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                backend: str | Backend = "auto") -> None:
     """One ``torch.optim.AdamW`` step of every tensor, then (``llaca``) its LLaCA update: the
     balance weight from the gradient, its change and the drift from the EMA, then the EMA blend
     (docs/spec.md section 2). ``alphas`` holds -1 for a tensor with no LLaCA step yet; the call
@@ -88,13 +92,14 @@ def adamw_llaca(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                    state_steps=state_steps, **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}),
                    **(dict(emas=emas, prev_grads=prev_grads, alphas=alphas, fell_back=fell_back)
                       if llaca else {}))
-    scale, base_weight = _knobs(preset, scale, base_weight)
+    balance = _knobs(preset, scale, base_weight, norms)
     lr_tensor = lr if isinstance(lr, Tensor) else None
     _ops(backend, params).adamw_llaca_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas, prev_grads,
         alphas, fell_back, [], lr=0.0 if lr_tensor is not None else float(lr), beta1=beta1,
         beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
-        llaca=llaca, scale=scale, base_weight=base_weight, lr_tensor=lr_tensor,
+        llaca=llaca, scale=balance.scale, base_weight=balance.base_weight,
+        mean_norms=balance.mean_norms, lr_tensor=lr_tensor,
         grad_scale=grad_scale, found_inf=found_inf)
 
 
@@ -102,13 +107,14 @@ def adamw_llaca(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
 def llaca_update(params: list[Tensor], grads: list[Tensor], emas: list[Tensor],
                  prev_grads: list[Tensor], alphas: list[Tensor], fell_back: list[Tensor], *,
                  preset: str = "coin", scale: float | None = None,
-                 base_weight: float | None = None, grad_scale: Tensor | None = None,
-                 found_inf: Tensor | None = None, backend: str | Backend = "auto") -> None:
+                 base_weight: float | None = None, norms: str | None = None,
+                 grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                 backend: str | Backend = "auto") -> None:
     """The LLaCA update alone, after any other optimizer's step of ``params`` (arguments as in
     :func:`adamw_llaca`)."""
     _check_lengths(**dict(zip((r.arg for r in roles_of(LLACA_UPDATE)),
                               (params, grads, emas, prev_grads, alphas, fell_back))))
-    scale, base_weight = _knobs(preset, scale, base_weight)
+    balance = _knobs(preset, scale, base_weight, norms)
     _ops(backend, params).llaca_update_(
-        params, grads, emas, prev_grads, alphas, fell_back, scale=scale, base_weight=base_weight,
-        grad_scale=grad_scale, found_inf=found_inf)
+        params, grads, emas, prev_grads, alphas, fell_back, scale=balance.scale,
+        base_weight=balance.base_weight, mean_norms=balance.mean_norms, grad_scale=grad_scale, found_inf=found_inf)

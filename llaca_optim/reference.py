@@ -14,6 +14,7 @@ The LLaCA update, after that step, for a tensor ``p`` with gradient ``g``::
         b = sum |g|             (L1 norm of the gradient)
         c = sum |g - g_prev|    (L1 norm of the gradient change)
         alpha = scale * (1 + b) / (a * c);  alpha = base_weight unless 0 < alpha < 1
+        (with norms="mean", a, b and c are first divided by the tensor's element count)
     else:
         alpha = base_weight
     ema = ema + alpha * (p - ema);  g_prev = copy(g)
@@ -117,13 +118,15 @@ def llaca_update_(
     fresh: bool,
     scale: float,
     base_weight: float,
+    mean_norms: bool = False,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[float, bool]:
     """The LLaCA update of one tensor after its inner optimizer step, in place.
 
     ``grad`` is the gradient the optimizer saw (unscaled, any dtype); ``fresh`` says that the
     tensor has no EMA and no previous gradient yet (its first LLaCA step), in which case ``ema``
-    and ``prev_grad`` are only storage to fill. Returns ``(alpha, fell_back)``.
+    and ``prev_grad`` are only storage to fill. ``mean_norms`` divides the three sums by the
+    tensor's element count (``norms="mean"``). Returns ``(alpha, fell_back)``.
     """
     p = param.detach().to(compute_dtype)
     g = grad.detach().to(compute_dtype)
@@ -131,8 +134,11 @@ def llaca_update_(
         ema.copy_(p)
         alpha, fell_back = base_weight, True
     else:
-        alpha, fell_back = balance_weight(*llaca_sums(p, g, ema, prev_grad, compute_dtype),
-                                          scale, base_weight)
+        # An empty tensor's sums are 0: it falls back whatever they are divided by.
+        elements = float(max(param.numel(), 1)) if mean_norms else 1.0
+        a, b, c = llaca_sums(p, g, ema, prev_grad, compute_dtype)
+        alpha, fell_back = balance_weight(a / elements, b / elements, c / elements, scale,
+                                          base_weight)
         blend_(param, ema, alpha, compute_dtype)
     prev_grad.copy_(g)
     return alpha, fell_back

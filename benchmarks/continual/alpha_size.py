@@ -75,11 +75,10 @@ def run(args) -> dict:
                           + [FullSite(w, g) for w in args.full_widths])
     params = [p for p in sites.parameters() if p.requires_grad]
     names = {id(p): n for n, p in sites.named_parameters()}
-    optimizer = llaca_optim.LLaCAAdamW(params, lr=args.lr, weight_decay=0.0, preset="coin",
+    optimizer = llaca_optim.LLaCAAdamW(params, lr=args.lr, weight_decay=0.0, preset=args.preset,
                                        backend=args.backend)
-    scale = optimizer.param_groups[0]["scale"] or 2.0
-    rows = {id(p): {"name": names[id(p)], "numel": p.numel(), "R": [], "alpha": [], "fell_back": []}
-            for p in params}
+    rows = {id(p): {"name": names[id(p)], "numel": p.numel(), "R": [], "R_mean": [], "alpha": [],
+                    "fell_back": []} for p in params}
     for task in range(args.tasks):
         targets = [teacher(site, g) for site in sites]
         for _ in range(args.steps):
@@ -100,30 +99,45 @@ def run(args) -> dict:
                 a, b, c = llaca_sums(p, p.grad, ema, prev)
                 row = rows[id(p)]
                 row["R"].append((1.0 + b) / (a * c) if a * c > 0 else math.inf)
+                n = p.numel()  # the same ratio of the L1 means (norms="mean")
+                row["R_mean"].append((1.0 + b / n) / ((a / n) * (c / n)) if a * c > 0 else math.inf)
                 row["alpha"].append(alpha)
                 row["fell_back"].append(bool(fell))
         optimizer.end_task()
     summary = []
     for row in sorted(rows.values(), key=lambda r: r["numel"]):
-        finite = torch.tensor([r for r in row["R"] if math.isfinite(r)], dtype=torch.float64)
-        if finite.numel() == 0:
+        if not any(math.isfinite(r) for r in row["R"]):
             continue
-        q = torch.quantile(finite, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-        summary.append({
-            "tensor": row["name"], "numel": row["numel"], "steps": len(row["R"]),
-            "R_p10": q[0], "R_median": q[1], "R_p90": q[2],
-            "coin_alpha_median": float(torch.tensor(row["alpha"]).median()),
-            "coin_fallback_fraction": sum(row["fell_back"]) / len(row["fell_back"]),
-            "scale_for_median_alpha_0.1": 0.1 / q[1],
-        })
-    logs = torch.tensor([[math.log(s["numel"]), math.log(s["R_median"])] for s in summary],
-                        dtype=torch.float64)
-    x, y = logs[:, 0], logs[:, 1]
-    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-    return {"summary": summary, "loglog_slope_R_vs_numel": slope, "scale": scale,
+        entry = {"tensor": row["name"], "numel": row["numel"], "steps": len(row["R"])}
+        for key in ("R", "R_mean"):
+            finite = torch.tensor([r for r in row[key] if math.isfinite(r)], dtype=torch.float64)
+            q = torch.quantile(finite, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+            entry |= {f"{key}_p10": q[0], f"{key}_median": q[1], f"{key}_p90": q[2]}
+        entry |= {
+            "alpha_median": float(torch.tensor(row["alpha"]).median()),
+            "fallback_fraction": sum(row["fell_back"]) / len(row["fell_back"]),
+            "scale_for_median_alpha_0.1": 0.1 / entry["R_median"],
+        }
+        summary.append(entry)
+    # The mean-norms scale that gives a tensor of the recipe's size (the largest LoRA factor)
+    # the median alpha the published sums give it with coin's scale 2.0: the calibration of the
+    # coin-mean preset (llaca_optim/presets.py).
+    largest = max(summary, key=lambda r: r["numel"])
+    return {"summary": summary, "preset": args.preset,
+            "loglog_slope_R_vs_numel": _slope(summary, "R_median"),
+            "loglog_slope_R_mean_vs_numel": _slope(summary, "R_mean_median"),
+            "coin_mean_scale": 2.0 * largest["R_median"] / largest["R_mean_median"],
             "config": {k: v for k, v in vars(args).items() if k != "out"} | {"rank": RANK},
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat()}
+
+
+def _slope(summary: list[dict], key: str) -> float:
+    """Least-squares slope of log(key) against log(numel)."""
+    logs = torch.tensor([[math.log(s["numel"]), math.log(s[key])] for s in summary],
+                        dtype=torch.float64)
+    x, y = logs[:, 0], logs[:, 1]
+    return float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
 
 
 def plot(result: dict, path: Path) -> None:
@@ -132,20 +146,31 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from llaca_optim.presets import PRESETS
+
     s = result["summary"]
     n = [r["numel"] for r in s]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    ax.errorbar(n, [r["R_median"] for r in s],
-                yerr=[[r["R_median"] - r["R_p10"] for r in s], [r["R_p90"] - r["R_median"] for r in s]],
-                fmt="o", capsize=3, label="R = (1+|g|) / (|p-ema| |g-g_prev|): median, 10-90%")
-    for scale, label in ((2.0, "coin (scale 2)"), (0.01, "continual-next (scale 0.01)")):
-        ax.axhline(1.0 / scale, ls="--", lw=1, label=f"{label}: alpha adaptive below this R")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tensor size (elements)")
-    ax.set_ylabel("R")
-    ax.set_title(f"LLaCA's ratio against tensor size (log-log slope {result['loglog_slope_R_vs_numel']:.2f})")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    panels = (
+        ("R", "R = (1+|g|) / (|p-ema| |g-g_prev|), L1 sums", "coin", "continual-next"),
+        ("R_mean", "R_mean = (1+mean|g|) / (mean|p-ema| mean|g-g_prev|), L1 means", "coin-mean", None),
+    )
+    for ax, (key, label, *presets) in zip(axes, panels):
+        ax.errorbar(n, [r[f"{key}_median"] for r in s],
+                    yerr=[[r[f"{key}_median"] - r[f"{key}_p10"] for r in s],
+                          [r[f"{key}_p90"] - r[f"{key}_median"] for r in s]],
+                    fmt="o", capsize=3, label=f"{label}: median, 10-90%")
+        for name in (p for p in presets if p in PRESETS):
+            ax.axhline(1.0 / PRESETS[name].scale, ls="--", lw=1,
+                       label=f"{name} (scale {PRESETS[name].scale:g}): alpha adaptive below")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tensor size (elements)")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} against tensor size (log-log slope "
+                     f"{result[f'loglog_slope_{key}_vs_numel']:.2f})")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"LLaCA's balance ratio against tensor size (trained with {result['preset']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -162,18 +187,25 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--preset", default="coin", help="the preset the model is trained with")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "alpha_vs_size.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / "alpha_vs_size.png")
+    stem = "alpha_vs_size" if args.preset == "coin" else f"alpha_vs_size_{args.preset}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / f"{stem}.png")
+    print(f"trained with {args.preset}")
     print(f"{'tensor':<16} {'elements':>9} {'R median':>10} {'R p10':>10} {'R p90':>10} "
-          f"{'coin alpha':>10} {'coin fallback':>13}")
+          f"{'R_mean median':>13} {'alpha':>10} {'fallback':>8}")
     for r in result["summary"]:
         print(f"{r['tensor']:<16} {r['numel']:>9} {r['R_median']:>10.3g} {r['R_p10']:>10.3g} "
-              f"{r['R_p90']:>10.3g} {r['coin_alpha_median']:>10.3g} {r['coin_fallback_fraction']:>13.2f}")
-    print(f"log-log slope of the median R against the size: {result['loglog_slope_R_vs_numel']:.2f}")
+              f"{r['R_p90']:>10.3g} {r['R_mean_median']:>13.3g} {r['alpha_median']:>10.3g} "
+              f"{r['fallback_fraction']:>8.2f}")
+    print(f"log-log slope of the median R against the size: {result['loglog_slope_R_vs_numel']:.2f}, "
+          f"of the median R_mean: {result['loglog_slope_R_mean_vs_numel']:.2f}")
+    print(f"mean-norms scale matching coin's median alpha at {result['summary'][-1]['numel']} "
+          f"elements: {result['coin_mean_scale']:.3g}")
 
 
 if __name__ == "__main__":

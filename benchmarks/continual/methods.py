@@ -4,8 +4,10 @@
 * ``AdamW + EMA(0.99)``: AdamW with a fixed-weight EMA of the weights, which replaces them at the
   end of each task (the same task boundary as LLaCA, with a constant weight 0.01 instead of
   LLaCA's per-tensor, per-step one). Written here independently of llaca_optim.
-* ``LLaCAAdamW coin`` / ``continual-next``: the two presets (scale 2.0 / 0.01, base weight
-  0.01 / 0.001).
+* ``LLaCAAdamW coin`` / ``continual-next``: the two presets of the published update (scale
+  2.0 / 0.01, base weight 0.01 / 0.001).
+* ``LLaCAAdamW coin-mean``: the size-invariant balance weight (``norms="mean"``), calibrated to
+  coin's alpha at the published recipe's tensor size (llaca_optim/presets.py).
 * a sweep over ``scale`` x ``base_weight`` that shows the stability-plasticity trade-off.
 """
 
@@ -16,6 +18,7 @@ from typing import Callable
 import torch
 
 import llaca_optim
+from llaca_optim.presets import PRESETS
 
 Factory = Callable[[object], torch.optim.Optimizer]
 
@@ -68,6 +71,9 @@ def methods(lr: float, backend: str = "auto", sweep: bool = True,
          lambda ps: llaca_optim.LLaCAAdamW(ps, lr=lr, preset="coin", backend=backend)),
         ("LLaCAAdamW continual-next", {"scale": 0.01, "base_weight": 0.001},
          lambda ps: llaca_optim.LLaCAAdamW(ps, lr=lr, preset="continual-next", backend=backend)),
+        ("LLaCAAdamW coin-mean", {"scale": PRESETS["coin-mean"].scale, "base_weight": 0.01,
+                                  "norms": "mean"},
+         lambda ps: llaca_optim.LLaCAAdamW(ps, lr=lr, preset="coin-mean", backend=backend)),
     ]
     if sweep:
         for scale, base_weight in grid if grid is not None else SWEEP:

@@ -5,6 +5,8 @@ and a plot of Forgetting against New.ACC (one point per method and setting).
     python -m benchmarks.continual                    # both families, 3 seeds, with the sweeps
     python -m benchmarks.continual --family digits    # only permuted digits (about 4 minutes)
     python -m benchmarks.continual --quick --out /tmp/c   # CI size: checks that it runs
+    python -m benchmarks.continual --methods "LLaCAAdamW coin-mean" --merge
+                            # run one method and put its rows into the existing results
 
 Task families (``--family``): ``digits`` (permuted scikit-learn digits, a small MLP; digits.py),
 ``lm`` (a tiny Llama from transformers, instruction-tuned on four generated tasks in sequence,
@@ -48,6 +50,11 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny run for the tests")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help="run only the methods of these names (as in the results' 'method')")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the other methods in an existing results.json of the "
+                        "same protocol, replacing the rows of the methods run now")
     return p.parse_args(argv)
 
 
@@ -136,6 +143,12 @@ def run(argv: list[str] | None = None) -> Path:
     settings = settings_of(args)
     plans = {st["name"]: methods(st["lr"], args.backend, sweep=not args.no_sweep, grid=st["grid"])
              for st in settings}
+    if args.methods is not None:
+        known = {name for plan in plans.values() for name, _, _ in plan}
+        unknown = sorted(set(args.methods) - known)
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; the methods are {sorted(known)}")
+        plans = {key: [m for m in plan if m[0] in args.methods] for key, plan in plans.items()}
     total = sum(len(plans[st["name"]]) * args.seeds * st["tasks"] * st["steps"] for st in settings)
     with tqdm(total=total, unit="step", desc="continual", disable=args.no_progress,
               file=sys.stderr, mininterval=0.5) as progress:
@@ -152,21 +165,21 @@ def run(argv: list[str] | None = None) -> Path:
 
 def write(out: Path, st: dict, args, argv, plan, runs) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python -m benchmarks.continual", *(argv if argv is not None else sys.argv[1:])])
+    environment = {"torch": torch.__version__, "python": platform.python_version(),
+                   "threads": torch.get_num_threads(),
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    protocol = st["protocol"] + f", seeds 0..{args.seeds - 1}"
     summary = []
     for name, settings, _ in plan:
         row = {"method": name, "settings": settings, **metrics.summarize(runs[name])}
         row["accuracy_matrices"] = [r.accuracy for r in runs[name]]
         summary.append(row)
-    data = {
-        "family": st["name"],
-        "protocol": st["protocol"] + f", seeds 0..{args.seeds - 1}",
-        "command": " ".join(["python -m benchmarks.continual",
-                             *(argv if argv is not None else sys.argv[1:])]),
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads(),
-                        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-        "results": summary,
-    }
+    data = {"family": st["name"], "protocol": protocol, "command": command,
+            "environment": environment, "results": summary}
+    if args.merge and (out / "results.json").exists():
+        data = merged(json.loads((out / "results.json").read_text()), data)
+    summary = data["results"]
     (out / "results.json").write_text(json.dumps(data, indent=1))
     plot(summary, f"{st['name']}: {st['tasks']} tasks, {args.seeds} seeds",
          out / "forgetting_vs_new_acc.png")
@@ -178,6 +191,20 @@ def write(out: Path, st: dict, args, argv, plan, runs) -> None:
         cells = "".join(f"{100 * row[m]:>8.1f} ±{100 * row[m + '_std']:4.1f}" for m in metrics.METRICS)
         print(f"{row['method']:<38}{cells}")
     print(f"wrote {out / 'results.json'} and {out / 'forgetting_vs_new_acc.png'}")
+
+
+def merged(old: dict, new: dict) -> dict:
+    """``old`` (a results.json of the same protocol) with the rows of ``new``'s methods replaced
+    or added, and ``new``'s command and environment listed under ``"later_runs"``."""
+    if old["protocol"] != new["protocol"]:
+        raise SystemExit(f"--merge: the existing results are of another protocol\n  "
+                         f"{old['protocol']}\n  this run: {new['protocol']}")
+    rows = {row["method"]: row for row in old["results"]}
+    for row in new["results"]:
+        rows[row["method"]] = row | {"run": len(old.get("later_runs", [])) + 1}
+    later = old.get("later_runs", []) + [{"command": new["command"], "environment": new["environment"],
+                                          "methods": [row["method"] for row in new["results"]]}]
+    return old | {"results": list(rows.values()), "later_runs": later}
 
 
 def main(argv: list[str] | None = None) -> None:

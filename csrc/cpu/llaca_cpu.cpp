@@ -92,6 +92,7 @@ struct CallScalars {
   float grad_scale = 1.0f;
   double scale = 0.0;
   double base_weight = 0.0;
+  bool mean_norms = false;  // norms="mean": the sums are divided by the tensor's size
   bool sharded = false;  // shard_sums given: sums out, no alpha, no blend
 };
 
@@ -195,7 +196,9 @@ bool finish_alpha(const TensorJob& job, double a, double b, double c, const Call
     job.shard_sums[2] = c;
     return false;
   }
-  *job.fell_back = tensor_alpha(job.fresh(), a, b, c, call.scale, call.base_weight, *job.alpha);
+  const double elements = call.mean_norms ? static_cast<double>(job.numel) : 1.0;
+  *job.fell_back =
+      tensor_alpha(job.fresh(), a, b, c, elements, call.scale, call.base_weight, *job.alpha);
   return true;
 }
 
@@ -400,7 +403,7 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                      TensorList emas, TensorList prev_grads, TensorList alphas,
                      TensorList fell_back, TensorList ema_pending, double lr, double beta1,
                      double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
-                     bool llaca, double scale, double base_weight,
+                     bool llaca, double scale, double base_weight, bool mean_norms,
                      const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
                      const std::optional<Tensor>& found_inf,
                      const std::optional<Tensor>& shard_sums) {
@@ -408,6 +411,7 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   call.maximize = maximize;
   call.scale = scale;
   call.base_weight = base_weight;
+  call.mean_norms = mean_norms;
   std::vector<TensorJob> jobs;
   const Lists lists = adamw_llaca_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                                state_steps, emas, prev_grads, alphas, fell_back,
@@ -434,11 +438,12 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
 
 void llaca_update_cpu(TensorList params, TensorList grads, TensorList emas, TensorList prev_grads,
                       TensorList alphas, TensorList fell_back, double scale, double base_weight,
-                      const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+                      bool mean_norms, const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
                       const std::optional<Tensor>& shard_sums) {
   CallScalars call;
   call.scale = scale;
   call.base_weight = base_weight;
+  call.mean_norms = mean_norms;
   std::vector<TensorJob> jobs;
   const Lists lists = llaca_update_lists(params, grads, emas, prev_grads, alphas, fell_back);
   const at::ScalarType ema_dtype =

@@ -128,6 +128,7 @@ struct StepArgs {
   const float* found_inf;
   // LLaCA.
   double scale, base_weight;
+  int32_t mean_norms;  // norms="mean": the sums are divided by the tensor's size
   // Sharded mode (NOTE [CUDA sharded mode]): [3 * n_tensors] local sums out; null otherwise.
   double* shard_sums;
 };

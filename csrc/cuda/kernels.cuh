@@ -324,7 +324,9 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
       if (threadIdx.x == 0) {
         if (meta.pending != nullptr) set_flag(meta.pending, false);  // blended below, or fresh
         float alpha;
-        *meta.fell_back = tensor_alpha(fresh, sum_a, sum_b, sum_c, args.scale, args.base_weight, alpha);
+        const double elements = args.mean_norms ? static_cast<double>(meta.numel) : 1.0;
+        *meta.fell_back = tensor_alpha(fresh, sum_a, sum_b, sum_c, elements, args.scale,
+                                       args.base_weight, alpha);
         *meta.alpha = alpha;
         alpha_shared = alpha;
       }
@@ -383,7 +385,9 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
   if (threadIdx.x == 0 && sharded) write_sums(args.shard_sums + 3 * t, a, b, c);
   if (threadIdx.x == 0 && !sharded) {
     float alpha;
-    *meta.fell_back = tensor_alpha(fresh, a, b, c, args.scale, args.base_weight, alpha);
+    const double elements = args.mean_norms ? static_cast<double>(meta.numel) : 1.0;
+    *meta.fell_back =
+        tensor_alpha(fresh, a, b, c, elements, args.scale, args.base_weight, alpha);
     *meta.alpha = alpha;
   }
 }

@@ -44,7 +44,7 @@ class Ops {
                           double lr, double beta1,
                           double beta2, double weight_decay, double eps, bool amsgrad,
                           bool maximize, bool llaca, double scale, double base_weight,
-                          const std::optional<Tensor>& lr_tensor,
+                          bool mean_norms, const std::optional<Tensor>& lr_tensor,
                           const std::optional<Tensor>& grad_scale,
                           const std::optional<Tensor>& found_inf,
                           const std::optional<Tensor>& shard_sums) {
@@ -56,7 +56,7 @@ class Ops {
     double* sum_rows = shard_sum_rows(shard_sums, lists, llaca);
     if (params.empty()) return;
     const c10::Device device = params[0].device();
-    StepArgs hyper = llaca_scalars(device, scale, base_weight, grad_scale, found_inf);
+    StepArgs hyper = llaca_scalars(device, scale, base_weight, mean_norms, grad_scale, found_inf);
     hyper.lr = lr;
     if (lr_tensor.has_value() && lr_tensor->defined()) {
       if (lr_tensor->device().is_cpu()) {
@@ -85,7 +85,7 @@ class Ops {
 
   static void llaca_update(TensorList params, TensorList grads, TensorList emas,
                            TensorList prev_grads, TensorList alphas, TensorList fell_back,
-                           double scale, double base_weight,
+                           double scale, double base_weight, bool mean_norms,
                            const std::optional<Tensor>& grad_scale,
                            const std::optional<Tensor>& found_inf,
                            const std::optional<Tensor>& shard_sums) {
@@ -94,7 +94,8 @@ class Ops {
                                                  Runtime::kDeviceType, Runtime::kName);
     double* sum_rows = shard_sum_rows(shard_sums, lists, /*llaca=*/true);
     if (params.empty()) return;
-    StepArgs hyper = llaca_scalars(params[0].device(), scale, base_weight, grad_scale, found_inf);
+    StepArgs hyper =
+        llaca_scalars(params[0].device(), scale, base_weight, mean_norms, grad_scale, found_inf);
     hyper.shard_sums = sum_rows;
     CallShape flags;
     flags.llaca = true;
@@ -118,11 +119,12 @@ class Ops {
  private:
   // The LLaCA scalars of a call, and its AMP tensors as device pointers.
   static StepArgs llaca_scalars(const c10::Device& device, double scale, double base_weight,
-                                const std::optional<Tensor>& grad_scale,
+                                bool mean_norms, const std::optional<Tensor>& grad_scale,
                                 const std::optional<Tensor>& found_inf) {
     StepArgs hyper{};
     hyper.scale = scale;
     hyper.base_weight = base_weight;
+    hyper.mean_norms = mean_norms;
     hyper.grad_scale = amp_pointer(grad_scale, "grad_scale", device);
     hyper.found_inf = amp_pointer(found_inf, "found_inf", device);
     return hyper;

@@ -38,6 +38,10 @@ gradient. Keeping that mark on the device, rather than as a host-side flag, mean
 for an AMP overflow leaves it in place without any host synchronisation. With ``found_inf``
 non-zero nothing is changed (AMP overflow); ``grad_scale`` divides the gradients.
 
+``mean_norms`` picks the balance weight's norms (the ``norms`` knob, docs/spec.md section 2): false
+for the published L1 sums, true for the size-invariant L1 means, each sum divided by its tensor's
+element count before alpha is formed.
+
 ``shard_sums`` (float64, one row ``(a, b, c)`` per tensor) is the sharded-training mode (NOTE
 [sharded parameters] in optim/sharded.py): the tensors are local shards of larger ones, so their
 sums are not the whole tensor's. Given it, a kernel writes each tensor's local sums
@@ -63,9 +67,9 @@ NAMESPACE = "llaca_optim"
 _SCALARS = {
     ADAMW_LLACA: ("float lr", "float beta1", "float beta2", "float weight_decay", "float eps",
                   "bool amsgrad", "bool maximize", "bool llaca", "float scale",
-                  "float base_weight", "Tensor? lr_tensor=None", "Tensor? grad_scale=None",
+                  "float base_weight", "bool mean_norms=False", "Tensor? lr_tensor=None", "Tensor? grad_scale=None",
                   "Tensor? found_inf=None", "Tensor!? shard_sums=None"),
-    LLACA_UPDATE: ("float scale", "float base_weight", "Tensor? grad_scale=None",
+    LLACA_UPDATE: ("float scale", "float base_weight", "bool mean_norms=False", "Tensor? grad_scale=None",
                    "Tensor? found_inf=None", "Tensor!? shard_sums=None"),
     LLACA_FLUSH: (),
 }

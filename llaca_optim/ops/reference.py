@@ -36,7 +36,7 @@ def _overflowed(found_inf: Tensor | None) -> bool:
 
 
 def _llaca(i: int, params, grad, emas, prev_grads, alphas, fell_back, scale, base_weight,
-           compute_dtype, shard_sums=None) -> None:
+           mean_norms, compute_dtype, shard_sums=None) -> None:
     fresh = bool(alphas[i].item() < 0)
     dtype = _compute_dtype(params[i], compute_dtype)
     if shard_sums is not None:  # the sharded mode: this piece's sums, no alpha, no blend
@@ -50,7 +50,7 @@ def _llaca(i: int, params, grad, emas, prev_grads, alphas, fell_back, scale, bas
         return
     alpha, fell = reference.llaca_update_(
         params[i], grad, emas[i], prev_grads[i], fresh=fresh, scale=scale,
-        base_weight=base_weight, compute_dtype=dtype)
+        base_weight=base_weight, mean_norms=mean_norms, compute_dtype=dtype)
     alphas[i].fill_(alpha)
     fell_back[i].fill_(fell)
 
@@ -61,7 +61,7 @@ def kernels(compute_dtype: torch.dtype = torch.float32) -> dict[str, Callable[..
     def adamw_llaca_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas,
                      prev_grads, alphas, fell_back, ema_pending, *, lr, beta1, beta2,
                      weight_decay, eps, amsgrad, maximize, llaca, scale, base_weight,
-                     lr_tensor=None, grad_scale=None, found_inf=None, shard_sums=None) -> None:
+                     mean_norms=False, lr_tensor=None, grad_scale=None, found_inf=None, shard_sums=None) -> None:
         if _overflowed(found_inf):
             return
         lr = float(lr_tensor) if lr_tensor is not None else lr
@@ -75,10 +75,10 @@ def kernels(compute_dtype: torch.dtype = torch.float32) -> dict[str, Callable[..
                     compute_dtype=_compute_dtype(param, compute_dtype))
                 if llaca:
                     _llaca(i, params, grad, emas, prev_grads, alphas, fell_back, scale,
-                           base_weight, compute_dtype, shard_sums)
+                           base_weight, mean_norms, compute_dtype, shard_sums)
 
     def llaca_update_(params, grads, emas, prev_grads, alphas, fell_back, *, scale, base_weight,
-                      grad_scale=None, found_inf=None, shard_sums=None) -> None:
+                      mean_norms=False, grad_scale=None, found_inf=None, shard_sums=None) -> None:
         if _overflowed(found_inf):
             return
         with torch.no_grad():
@@ -87,7 +87,7 @@ def kernels(compute_dtype: torch.dtype = torch.float32) -> dict[str, Callable[..
                 if grad_scale is not None:
                     grad = grad / grad_scale.to(device=grad.device, dtype=grad.dtype)
                 _llaca(i, params, grad, emas, prev_grads, alphas, fell_back, scale, base_weight,
-                       compute_dtype, shard_sums)
+                       mean_norms, compute_dtype, shard_sums)
 
     def llaca_flush_(params, emas, alphas, ema_pending) -> None:
         # The reference never defers a blend itself; what it finds pending is a sharded step's.

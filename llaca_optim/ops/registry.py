@@ -146,12 +146,12 @@ class Backend:
             ADAMW_LLACA, bucket, lr=0.0 if lr_tensor is not None else float(h.lr),
             beta1=h.beta1, beta2=h.beta2, weight_decay=h.weight_decay, eps=h.eps,
             amsgrad=h.amsgrad, maximize=h.maximize, llaca=h.llaca, scale=h.scale,
-            base_weight=h.base_weight, lr_tensor=lr_tensor, grad_scale=h.grad_scale,
+            base_weight=h.base_weight, mean_norms=h.mean_norms, lr_tensor=lr_tensor, grad_scale=h.grad_scale,
             found_inf=h.found_inf, shard_sums=_shard_sums(bucket))
 
     def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
         self._call(LLACA_UPDATE, bucket, scale=h.scale, base_weight=h.base_weight,
-                   grad_scale=h.grad_scale, found_inf=h.found_inf, shard_sums=_shard_sums(bucket))
+                   mean_norms=h.mean_norms, grad_scale=h.grad_scale, found_inf=h.found_inf, shard_sums=_shard_sums(bucket))
 
     def flush_ema(self, bucket: Bucket) -> None:
         """Applies and clears the blends pending in ``bucket`` (params, emas, alphas and

@@ -167,5 +167,6 @@ class StepHyper:
     llaca: bool = True
     scale: float = 2.0
     base_weight: float = 0.01
+    mean_norms: bool = False
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..ops.registry import Backend, StepHyper
 from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS
+from ..presets import Preset
 from . import validation as V
 from .base import LLaCAOptimizerBase, eager_under_compile
 from .plan import run_step
@@ -34,9 +35,13 @@ class LLaCAAdamW(LLaCAOptimizerBase):
     previous gradient yet. At the end of a task, :meth:`end_task` copies the EMA into the weights.
 
     Args (beyond AdamW's):
-        preset: ``"coin"`` (scale 2.0, base_weight 0.01, the authors' code) or
-            ``"continual-next"`` (0.01, 0.001).
-        scale, base_weight: override the preset.
+        preset: ``"coin"`` (scale 2.0, base_weight 0.01, the authors' code),
+            ``"continual-next"`` (0.01, 0.001) or ``"coin-mean"`` (``norms="mean"``, scale
+            1e-9, base_weight 0.01).
+        scale, base_weight, norms: override the preset. ``norms="sum"`` (the published update)
+            forms alpha from the three L1 sums; ``"mean"`` from the L1 means (each sum over the
+            tensor's number of elements), whose regime does not fall with the tensor's size
+            (docs/spec.md section 2).
         llaca: ``False`` turns the EMA off for the group (plain AdamW).
         ema_dtype: ``None`` (float32 for 16-bit parameters, else the parameter's dtype),
             ``"param"`` (the parameter's dtype, as the published code), or a torch dtype.
@@ -54,8 +59,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             capturable (the step counter lives on the device), whatever they say.
         differentiable: only ``False``: the kernels update in place outside autograd.
 
-    All of ``preset``, ``scale``, ``base_weight``, ``llaca``, ``ema_dtype`` and ``defer_blend`` are
-    per param group.
+    All of ``preset``, ``scale``, ``base_weight``, ``norms``, ``llaca``, ``ema_dtype`` and
+    ``defer_blend`` are per param group.
     Works with ``torch.amp.GradScaler`` the way torch's fused AdamW does: the kernels unscale the
     gradients and skip the whole step (EMA included) when an overflow was found. Works with
     DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism): the kernels run on the local
@@ -83,6 +88,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         preset: str = "coin",
         scale: float | None = None,
         base_weight: float | None = None,
+        norms: str | None = None,
         llaca: bool = True,
         ema_dtype: Any = None,
         defer_blend: bool = True,
@@ -92,7 +98,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            preset=preset, scale=scale, base_weight=base_weight, llaca=llaca, ema_dtype=ema_dtype,
+            preset=preset, scale=scale, base_weight=base_weight, norms=norms, llaca=llaca,
+            ema_dtype=ema_dtype,
             defer_blend=defer_blend,
         )
         # Validate the defaults before torch builds any group, so the error names the argument.
@@ -120,7 +127,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._add_group_checked(super().add_param_group, param_group)
 
-    def _validate_group(self, group: dict[str, Any], where: str) -> tuple[float, float]:
+    def _validate_group(self, group: dict[str, Any], where: str) -> Preset:
         V.validate_adamw_group(group, where)
         return super()._validate_group(group, where)
 
@@ -154,16 +161,17 @@ class LLaCAAdamW(LLaCAOptimizerBase):
     @torch.no_grad()
     def _fused_step(self) -> None:
         self._check_not_swapped("step")
-        plan = [(self._hyper(group, scale, base_weight), buckets)
-                for group, buckets, scale, base_weight in self._plan_step() if buckets]
+        plan = [(self._hyper(group, balance), buckets)
+                for group, buckets, balance in self._plan_step() if buckets]
         run_step(plan, adamw=True, pending=self._pending)
 
-    def _hyper(self, group: dict[str, Any], scale: float, base_weight: float) -> StepHyper:
+    def _hyper(self, group: dict[str, Any], balance: Preset) -> StepHyper:
         beta1, beta2 = (float(b) for b in group["betas"])
         return StepHyper(
             lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=float(group["weight_decay"]),
             eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
-            llaca=group["llaca"], scale=scale, base_weight=base_weight,
+            llaca=group["llaca"], scale=balance.scale, base_weight=balance.base_weight,
+            mean_norms=balance.mean_norms,
             # GradScaler's, when it hands them to the step instead of unscaling itself.
             grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
         )

@@ -19,6 +19,7 @@ from ..integrations import deepspeed
 from ..ops.registry import Backend, BackendChoice
 from ..ops.roles import ADAMW_LLACA
 from ..ops.roles import SHAPED_STATE_KEYS as _ROLE_SHAPED_KEYS
+from ..presets import Preset
 from ..state import counting
 from . import sharded
 from . import validation as V
@@ -102,7 +103,7 @@ class LLaCAOptimizerBase(Optimizer):
 
     # ------------------------------------------------------------------ param groups
 
-    def _validate_group(self, group: dict[str, Any], where: str) -> tuple[float, float]:
+    def _validate_group(self, group: dict[str, Any], where: str) -> Preset:
         return V.resolve_llaca_knobs(group, where)
 
     def _add_group_checked(self, add: Any, param_group: dict[str, Any]) -> None:
@@ -157,11 +158,11 @@ class LLaCAOptimizerBase(Optimizer):
     # tests/optim/test_torch_compile.py holds compiled steps to the eager bits.
     @eager_under_compile
     def _plan_step(self) -> list[PlannedGroup]:
-        """Every (group, buckets, scale, base_weight) of this step (plan.py). All groups are
+        """Every (group, buckets, balance weight) of this step (plan.py). All groups are
         validated before the planner makes any state or touches any tensor."""
         self._complete_groups()
         groups = self.param_groups
-        declared = [(*self._validate_group(group, f"param_groups[{gi}]"), self._parts(group))
+        declared = [(self._validate_group(group, f"param_groups[{gi}]"), self._parts(group))
                     for gi, group in enumerate(groups)]
         self.state, plan = self._planner.plan(groups, declared, self.state)
         return plan

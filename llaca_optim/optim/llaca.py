@@ -23,7 +23,7 @@ class LLaCA(LLaCAOptimizerBase):
     that has a gradient, with the same kernels and task API as :class:`LLaCAAdamW`.
 
     The wrapper *shares* the inner optimizer's ``param_groups`` (LR schedulers, ``zero_grad`` and
-    ``add_param_group`` act on both); the LLaCA knobs (``preset``, ``scale``, ``base_weight``,
+    ``add_param_group`` act on both); the LLaCA knobs (``preset``, ``scale``, ``base_weight``, ``norms``,
     ``llaca``, ``ema_dtype``) are stored in those groups, so each group can set its own, and a
     group that already carries one of these keys keeps its value. ``state_dict()`` holds the inner
     optimizer's state dict under ``"inner"`` and the LLaCA state under ``"llaca"``.
@@ -40,6 +40,7 @@ class LLaCA(LLaCAOptimizerBase):
         preset: str = "coin",
         scale: float | None = None,
         base_weight: float | None = None,
+        norms: str | None = None,
         llaca: bool = True,
         ema_dtype: Any = None,
         backend: str | Backend = "auto",
@@ -48,7 +49,8 @@ class LLaCA(LLaCAOptimizerBase):
             raise TypeError(
                 f"llaca_optim: LLaCA wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        knobs = dict(preset=preset, scale=scale, base_weight=base_weight, llaca=llaca, ema_dtype=ema_dtype)
+        knobs = dict(preset=preset, scale=scale, base_weight=base_weight, norms=norms, llaca=llaca,
+                     ema_dtype=ema_dtype)
         V.resolve_llaca_knobs(knobs, "constructor arguments")
         V.check_each_param_once(optimizer.param_groups)
         for gi, group in enumerate(optimizer.param_groups):  # validate all before changing any
@@ -130,8 +132,9 @@ class LLaCA(LLaCAOptimizerBase):
     @eager_under_compile
     @torch.no_grad()
     def _update(self, plan) -> None:
-        run_step([(StepHyper(scale=scale, base_weight=base_weight), buckets)
-                  for _, buckets, scale, base_weight in plan if buckets],
+        run_step([(StepHyper(scale=balance.scale, base_weight=balance.base_weight,
+                             mean_norms=balance.mean_norms), buckets)
+                  for _, buckets, balance in plan if buckets],
                  adamw=False, pending=self._pending)
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:

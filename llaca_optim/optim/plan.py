@@ -31,6 +31,7 @@ from torch import Tensor
 from ..integrations import deepspeed
 from ..ops.registry import Backend, BackendChoice, StepHyper, reference_backend
 from ..ops.roles import ADAMW_LLACA, MADE_ORDER, Bucket, Role, roles_of
+from ..presets import Preset
 from ..state import StateMap, counting
 from . import sharded
 from . import validation as V
@@ -55,10 +56,11 @@ class GroupPlan:
     buckets: list[tuple[Backend, Bucket, list[int]]]  # with each tensor's position among the grads
 
 
-# One group of a step: (group, [(backend, bucket)], scale, base_weight).
-PlannedGroup = tuple[dict[str, Any], list[tuple[Backend, Bucket]], float, float]
-# What the optimizer declares of a group: (scale, base_weight, parts of the role table it has on).
-Declared = tuple[float, float, "frozenset[str] | None"]
+# One group of a step: (group, [(backend, bucket)], its balance weight's setting).
+PlannedGroup = tuple[dict[str, Any], list[tuple[Backend, Bucket]], Preset]
+# What the optimizer declares of a group: (its balance weight's setting, parts of the role table
+# it has on).
+Declared = tuple[Preset, "frozenset[str] | None"]
 
 
 class StepPlanner:
@@ -96,7 +98,7 @@ class StepPlanner:
              ) -> tuple[StateMap, list[PlannedGroup]]:
         """This step's groups with their buckets, and the state map to keep (``state`` itself,
         or a counting map that adopted what the user put in its place). ``declared`` holds, per
-        group, its ``(scale, base_weight, parts)``: validated knobs, and the parts of the role
+        group, its ``(balance, parts)``: validated knobs, and the parts of the role
         table it has on (None: the group is not stepped here)."""
         planned = self._planned_state
         state_changed = planned is None or state is not planned[0] or planned[0].changes != planned[1]
@@ -105,12 +107,12 @@ class StepPlanner:
             self.invalidate()
         plans: list[list[Any]] = []
         to_build = []
-        for gi, (group, (scale, base_weight, parts)) in enumerate(zip(groups, declared)):
+        for gi, (group, (balance, parts)) in enumerate(zip(groups, declared)):
             key = self._plan_key(gi, group)
             buckets = self._reuse(key, group, parts)
             if buckets is None:
                 to_build.append((len(plans), key, group, parts, self._validated_pairs(gi, group, state)))
-            plans.append([group, buckets, scale, base_weight])
+            plans.append([group, buckets, balance])
         if to_build:
             self._check_step_tensors(groups, state, with_state=state_changed)
         flush_first: list[Tensor] = []
@@ -254,7 +256,8 @@ class StepPlanner:
                 # The cross-shard reduction of the sums (a DTensor replicated on every mesh
                 # dimension needs none: each rank holds the whole tensor and computes the same
                 # alpha as the others).
-                bucket.shard = sharded.ShardReduce(layout, len(bucket.params), bucket.params[0].device)
+                bucket.shard = sharded.ShardReduce(layout, [p.numel() for p in bucket.sources],
+                                                   bucket.params[0].device)
             # Deferring needs a backend that defers and a tensor its kernels do not finish in one
             # visit (or a sharded bucket, whose blend comes after the reduction anyway); a bucket
             # that would never leave a blend pending gets no flags: one list less to pass.
@@ -294,6 +297,7 @@ class StepPlanner:
                 getattr(bucket, role.arg).append(piece)
         if llaca:
             bucket.shard = sharded.SegmentReduce([seg.row for seg in part.segments],
+                                                 [shape.numel() for shape in part.row_shapes],
                                                  entry["alpha"], entry["alpha_fell_back"],
                                                  part.process_group)
         return backend, bucket
@@ -343,4 +347,4 @@ def run_step(plan: list[tuple[StepHyper, list[tuple[Backend, Bucket]]]], adamw: 
             else:
                 backend.llaca_update(bucket, hyper)
             if bucket.shard is not None:
-                sharded.finish_step(backend, bucket, hyper.scale, hyper.base_weight, hyper.found_inf)
+                sharded.finish_step(backend, bucket, hyper)

@@ -86,9 +86,12 @@ class ShardReduce:
     mesh dimensions its tensors are sharded along, then the alphas from the reduced sums. Every
     buffer is allocated once and reused (a step allocates nothing in proportion to the model)."""
 
-    def __init__(self, layout: ShardLayout, n_tensors: int, device: torch.device) -> None:
+    def __init__(self, layout: ShardLayout, elements: list[int], device: torch.device) -> None:
+        n_tensors = len(elements)
         self.layout = layout
         self.sums = torch.zeros((n_tensors, 3), dtype=torch.float64, device=device)
+        # Each whole tensor's element count, for the mean norms (norms="mean").
+        self.elements = torch.tensor(elements, dtype=torch.float64, device=device)
         # Flags for blends applied at once (backends or groups that do not defer).
         self.flags = [torch.zeros((), dtype=torch.bool, device=device) for _ in range(n_tensors)]
         # finish_alphas' results, one element per tensor, and views of those elements: the
@@ -105,16 +108,16 @@ class ShardReduce:
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM, group=self.layout.mesh.get_group(dim))
 
     def finish_alphas(self, alphas: list[Tensor], fell_back: list[Tensor], pending: list[Tensor],
-                      scale: float, base_weight: float, found_inf: Tensor | None) -> None:
+                      hyper: Any) -> None:
         """Step 3 of NOTE [sharded parameters]: each tensor's alpha and fallback flag from its
         whole-tensor sums, and its blend marked pending, exactly as the kernels'
         ``tensor_alpha`` would (float64, the same operations in the same order, then rounded to
         float32). A tensor whose slot holds a negative alpha had its first LLaCA step (the
         kernels set its EMA to p, so it has no blend and falls back). With ``found_inf`` set, the
-        kernels changed nothing, and neither does this."""
+        kernels changed nothing, and neither does this. ``hyper``: the step's StepHyper."""
         alpha, new_fell_back, new_pending = alphas_from_sums(
-            self.sums, torch.stack(alphas), torch.stack(fell_back), torch.stack(pending),
-            scale, base_weight, found_inf)
+            self.sums, torch.stack(alphas), torch.stack(fell_back), torch.stack(pending), hyper,
+            self.elements)
         self._alpha.copy_(alpha)  # rounded to float32 here, once
         self._fell_back.copy_(new_fell_back)
         self._pending.copy_(new_pending)
@@ -123,22 +126,25 @@ class ShardReduce:
 
 
 def alphas_from_sums(sums: Tensor, old_alpha: Tensor, old_fell_back: Tensor, old_pending: Tensor,
-                     scale: float, base_weight: float, found_inf: Tensor | None
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+                     hyper: Any, elements: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Each tensor's alpha (float64, not yet rounded), fallback flag and pending mark from its
-    whole-tensor sums (``sums``, one ``(a, b, c)`` row per tensor), exactly as the kernels'
-    ``tensor_alpha`` computes them. A negative old alpha marks a tensor that had its first LLaCA
-    step (the kernels set its EMA to p, so it has no blend and falls back). With ``found_inf``
-    set, the kernels changed nothing, and neither does this: the old values are returned."""
+    whole-tensor sums (``sums``, one ``(a, b, c)`` row per tensor, ``elements`` its element
+    count), exactly as the kernels' ``tensor_alpha`` computes them with the step's ``hyper``
+    (StepHyper: scale, base_weight, mean_norms, found_inf). A negative old alpha marks a tensor
+    that had its first LLaCA step (the kernels set its EMA to p, so it has no blend and falls
+    back). With ``found_inf`` set, the kernels changed nothing, and neither does this: the old
+    values are returned."""
     fresh = old_alpha < 0
+    if hyper.mean_norms:
+        sums = sums / elements.unsqueeze(1)
     a, b, c = sums.unbind(1)
-    candidate = scale * (1.0 + b) / (a * c)
+    candidate = hyper.scale * (1.0 + b) / (a * c)
     adaptive = (candidate > 0) & (candidate < 1) & ~fresh
-    alpha = torch.where(adaptive, candidate, base_weight)
+    alpha = torch.where(adaptive, candidate, hyper.base_weight)
     fell_back = ~adaptive
     pending = ~fresh
-    if found_inf is not None:
-        skipped = found_inf.to(device=sums.device) != 0
+    if hyper.found_inf is not None:
+        skipped = hyper.found_inf.to(device=sums.device) != 0
         alpha = torch.where(skipped, old_alpha, alpha)
         fell_back = torch.where(skipped, old_fell_back, fell_back)
         pending = torch.where(skipped, old_pending, pending)
@@ -156,8 +162,11 @@ class SegmentReduce:
     vectors (one element per row). The pieces' blends are applied at once, through
     ``flags``."""
 
-    def __init__(self, rows: list[int], alpha: Tensor, fell_back: Tensor, process_group: Any) -> None:
+    def __init__(self, rows: list[int], elements: list[int], alpha: Tensor, fell_back: Tensor,
+                 process_group: Any) -> None:
         device = alpha.device
+        # Each row's (whole tensor's) element count, for the mean norms (norms="mean").
+        self.elements = torch.tensor(elements, dtype=torch.float64, device=device)
         self.process_group = process_group
         self.alpha, self.fell_back = alpha, fell_back
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
@@ -175,26 +184,25 @@ class SegmentReduce:
         dist.all_reduce(self.row_sums, op=dist.ReduceOp.SUM, group=self.process_group)
 
     def finish_alphas(self, alphas: list[Tensor], fell_back: list[Tensor], pending: list[Tensor],
-                      scale: float, base_weight: float, found_inf: Tensor | None) -> None:
+                      hyper: Any) -> None:
         """Every row's alpha and fallback flag into the state's vectors (``alphas`` and
         ``fell_back``, the pieces' views of them, are not needed), and the pieces' blends
         marked in ``pending`` (this bucket's ``flags``)."""
         alpha, new_fell_back, new_pending = alphas_from_sums(
-            self.row_sums, self.alpha, self.fell_back, self._none_pending, scale, base_weight,
-            found_inf)
+            self.row_sums, self.alpha, self.fell_back, self._none_pending, hyper, self.elements)
         self._pending.copy_(new_pending.index_select(0, self.rows))
         self.alpha.copy_(alpha)  # rounded to float32 here, once
         self.fell_back.copy_(new_fell_back)
 
 
-def finish_step(backend: Any, bucket: Any, scale: float, base_weight: float,
-                found_inf: Tensor | None) -> None:
+def finish_step(backend: Any, bucket: Any, hyper: Any) -> None:
     """Steps 2 to 4 of NOTE [sharded parameters] for a bucket whose kernels just wrote their
-    local sums: reduce them, set the alphas, and blend now unless the bucket defers its blends."""
+    local sums: reduce them, set the alphas (with the step's StepHyper ``hyper``), and blend now
+    unless the bucket defers its blends."""
     shard = bucket.shard
     shard.all_reduce()
     flags = bucket.ema_pending or shard.flags
-    shard.finish_alphas(bucket.alphas, bucket.fell_back, flags, scale, base_weight, found_inf)
+    shard.finish_alphas(bucket.alphas, bucket.fell_back, flags, hyper)
     if not bucket.ema_pending and bucket.params:
         backend.flush_ema(type(bucket)(params=bucket.params, emas=bucket.emas,
                                        alphas=bucket.alphas, ema_pending=flags))

@@ -12,12 +12,13 @@ from torch import Tensor
 
 from ..ops import roles
 from ..ops.registry import is_dense
-from ..presets import PRESETS
+from ..presets import NORMS, PRESETS, Preset
 
 LLACA_GROUP_DEFAULTS: dict[str, Any] = {
     "preset": "coin",
     "scale": None,
     "base_weight": None,
+    "norms": None,
     "llaca": True,
     "ema_dtype": None,
 }
@@ -39,16 +40,18 @@ def _finite_nonnegative(name: str, value: Any, where: str) -> None:
         raise ValueError(f"llaca_optim: {name} must be finite and >= 0, got {number} ({where})")
 
 
-def resolve_llaca_knobs(group: dict[str, Any], where: str) -> tuple[float, float]:
-    """Validates a group's LLaCA knobs and returns its ``(scale, base_weight)``, presets applied."""
+def resolve_llaca_knobs(group: dict[str, Any], where: str) -> Preset:
+    """Validates a group's LLaCA knobs and returns its balance weight's setting, the preset's
+    values in place of the knobs left None."""
     preset = group["preset"]
     if preset not in PRESETS:
         raise ValueError(
             f"llaca_optim: unknown preset {preset!r} ({where}); choose one of {sorted(PRESETS)} "
-            "or pass scale= and base_weight= explicitly"
+            "or pass scale=, base_weight= and norms= explicitly"
         )
     scale = PRESETS[preset].scale if group["scale"] is None else group["scale"]
     base_weight = PRESETS[preset].base_weight if group["base_weight"] is None else group["base_weight"]
+    norms = PRESETS[preset].norms if group.get("norms") is None else group["norms"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"llaca_optim: scale must be a finite number > 0, got {scale!r} ({where})")
     if (
@@ -60,6 +63,10 @@ def resolve_llaca_knobs(group: dict[str, Any], where: str) -> tuple[float, float
             f"llaca_optim: base_weight must lie in (0, 1], got {base_weight!r} ({where}); it is "
             "the EMA weight used when the adaptive one is out of range"
         )
+    if norms not in NORMS:
+        raise ValueError(
+            f"llaca_optim: norms must be 'sum' (the published L1 sums) or 'mean' (L1 means, "
+            f"independent of the tensor's size), got {norms!r} ({where})")
     if not isinstance(group["llaca"], bool):
         raise TypeError(f"llaca_optim: llaca must be True or False, got {group['llaca']!r} ({where})")
     ema_dtype = group["ema_dtype"]
@@ -68,7 +75,7 @@ def resolve_llaca_knobs(group: dict[str, Any], where: str) -> tuple[float, float
             f"llaca_optim: ema_dtype must be None (float32 for 16-bit parameters), 'param' or one "
             f"of {_EMA_DTYPES}, got {ema_dtype!r} ({where})"
         )
-    return float(scale), float(base_weight)
+    return Preset(scale=float(scale), base_weight=float(base_weight), norms=norms)
 
 
 def validate_adamw_group(group: dict[str, Any], where: str) -> None:

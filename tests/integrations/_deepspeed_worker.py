@@ -63,10 +63,12 @@ def groups(model, lr):
     return [{"params": rest}, {"params": [model.gain], "lr": lr / 2}]
 
 
-def make_optimizer(kind, model, backend="auto"):
+def make_optimizer(kind, model, backend="auto", norms="sum"):
     # A scale small enough for these small tensors' alphas to fall in (0, 1), not back to
-    # base_weight: the adaptive alpha is what needs the whole-tensor sums.
-    knobs = dict(scale=1e-3, base_weight=0.01, backend=backend)
+    # base_weight: the adaptive alpha is what needs the whole-tensor sums. With the mean norms
+    # (each row's sums over its whole tensor's size) the scale that does so is smaller.
+    knobs = dict(scale=1e-3 if norms == "sum" else 1e-5, base_weight=0.01, norms=norms,
+                 backend=backend)
     if kind == "LLaCAAdamW":
         return llaca_optim.LLaCAAdamW(groups(model, 1e-2), lr=1e-2, weight_decay=0.01, **knobs)
     return llaca_optim.LLaCA(torch.optim.AdamW(groups(model, 1e-2), lr=1e-2, weight_decay=0.01), **knobs)
@@ -79,10 +81,10 @@ def batches(seed):
             for _ in range(STEPS)]
 
 
-def engine_for(kind, stage, bf16, seed, backend, offload):
+def engine_for(kind, stage, bf16, seed, backend, offload, norms):
     torch.manual_seed(seed)
     model = Net()
-    optimizer = make_optimizer(kind, model, backend)
+    optimizer = make_optimizer(kind, model, backend, norms)
     config = {"train_batch_size": MICRO * dist.get_world_size(),
               "train_micro_batch_size_per_gpu": MICRO,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
@@ -137,11 +139,11 @@ def rel(a, b):
     return float((a.double() - b.double()).abs().max() / (b.double().abs().max() + 1e-30))
 
 
-def run(kind, stage, bf16=False, backend="auto", offload=False):
+def run(kind, stage, bf16=False, backend="auto", offload=False, norms="sum"):
     dtype = torch.bfloat16 if bf16 else torch.float32
     seed = 10 + stage
     data = batches(seed + 100)
-    engine, model, optimizer = engine_for(kind, stage, bf16, seed, backend, offload)
+    engine, model, optimizer = engine_for(kind, stage, bf16, seed, backend, offload, norms)
     names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
     name_of = {id(p): n for n, p in params.items()}
@@ -150,11 +152,12 @@ def run(kind, stage, bf16=False, backend="auto", offload=False):
     with torch.no_grad():
         for n, q in twin.named_parameters():
             q.copy_(safe_get_full_fp32_param(params[n]).view_as(q))
-    twin_opt = make_optimizer(kind, twin, backend)
+    twin_opt = make_optimizer(kind, twin, backend, norms)
     twin_params = dict(twin.named_parameters())
     diffs = {"alpha": 0.0, "fell_back_mismatches": 0, "adaptive_alphas": 0}
     result = {"case": f"{kind}/stage{stage}{'/bf16' if bf16 else ''}"
-                      f"{'/' + backend if backend != 'auto' else ''}{'/offload' if offload else ''}",
+                      f"{'/' + backend if backend != 'auto' else ''}{'/offload' if offload else ''}"
+                      f"{'/mean' if norms == 'mean' else ''}",
               "rank": dist.get_rank()}
     ckpt = None
     for step, batch in enumerate(data):
@@ -234,9 +237,9 @@ def run(kind, stage, bf16=False, backend="auto", offload=False):
     }
     # Resume from the checkpoint taken at SAVE_AT into a new engine and optimizer: bit for bit.
     engine.destroy()
-    engine2, model2, optimizer2 = engine_for(kind, stage, bf16, seed + 1000, backend, offload)
+    engine2, model2, optimizer2 = engine_for(kind, stage, bf16, seed + 1000, backend, offload, norms)
     engine2.load_checkpoint(ckpt, tag="mid")
-    engine3, model3, optimizer3 = engine_for(kind, stage, bf16, seed, backend, offload)
+    engine3, model3, optimizer3 = engine_for(kind, stage, bf16, seed, backend, offload, norms)
     for batch in data[:SAVE_AT]:
         ds_step(engine3, batch, dtype)
         engine3.step()
@@ -374,7 +377,8 @@ def main() -> None:
     results += [run("LLaCAAdamW", stage) for stage in (1, 2, 3)]
     results += [run("LLaCA", 2), run("LLaCAAdamW", 2, bf16=True), run("LLaCAAdamW", 3, bf16=True),
                 run("LLaCAAdamW", 1, backend="reference"), run("LLaCAAdamW", 2, offload=True),
-                run("LLaCAAdamW", 3, offload=True)]
+                run("LLaCAAdamW", 3, offload=True), run("LLaCAAdamW", 2, norms="mean"),
+                run("LLaCAAdamW", 3, norms="mean")]
     results += [fp16_optimizer(kind) for kind in ("flattened", "unfused")]
     results.append(trainer_case())
     sys.stdout.write("RESULTS " + json.dumps(results) + "\n")

@@ -29,7 +29,9 @@ WORKER = Path(__file__).with_name("_deepspeed_worker.py")
 ZERO_CASES = ["LLaCAAdamW/stage1", "LLaCAAdamW/stage2", "LLaCAAdamW/stage3", "LLaCA/stage2",
               "LLaCAAdamW/stage2/bf16", "LLaCAAdamW/stage3/bf16",
               "LLaCAAdamW/stage1/reference",  # the reference kernels on the pieces
-              "LLaCAAdamW/stage2/offload", "LLaCAAdamW/stage3/offload"]
+              "LLaCAAdamW/stage2/offload", "LLaCAAdamW/stage3/offload",
+              # the mean norms: each row's sums divided by its whole tensor's size
+              "LLaCAAdamW/stage2/mean", "LLaCAAdamW/stage3/mean"]
 # fp32 rounding: the ranks' gradients are averaged in another order than one process sums them.
 ROUNDING = 2e-5
 

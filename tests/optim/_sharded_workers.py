@@ -49,7 +49,8 @@ def build_optimizer(params: list[nn.Parameter], config: dict[str, Any]):
     from llaca_optim import LLaCA, LLaCAAdamW
 
     backend = resolve_backend(config["backend"])
-    knobs = dict(scale=config["scale"], base_weight=0.01, backend=backend)
+    knobs = dict(scale=config["scale"], base_weight=0.01, norms=config.get("norms", "sum"),
+                 backend=backend)
     if config.get("wrapper"):
         inner = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
         return LLaCA(inner, **knobs)

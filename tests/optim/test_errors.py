@@ -106,6 +106,8 @@ def test_complex_parameters_are_refused():
         ({"base_weight": 0.0}, r"base_weight must lie in \(0, 1\]"),
         ({"base_weight": 1.5}, r"base_weight must lie in \(0, 1\]"),
         ({"ema_dtype": torch.int8}, "ema_dtype must be"),
+        ({"norms": "median"}, "norms must be 'sum' .* or 'mean' .*got 'median'"),
+        ({"norms": True}, "norms must be 'sum'"),
         ({"backend": "tpu"}, "unknown backend 'tpu'"),
     ],
 )
@@ -132,6 +134,11 @@ def test_bad_group_edits_are_caught_at_step_and_add_param_group():
     with pytest.raises(ValueError, match=r"base_weight .* \(param_groups\[1\]\)"):
         opt.add_param_group({"params": [("extra", nn.Parameter(torch.randn(2)))], "base_weight": 2.0})
     assert len(opt.param_groups) == groups
+    opt.param_groups[0]["norms"] = "l2"
+    with pytest.raises(ValueError, match=r"norms must be .*got 'l2' \(param_groups\[0\]\)"):
+        opt.step()
+    assert_unchanged(before, model, opt)
+    opt.param_groups[0]["norms"] = None
 
 
 def test_unavailable_backend_says_why():

@@ -45,6 +45,10 @@ JOBS = {
     # tensor, so no reduction runs and any number of ranks matches bit for bit.
     "cpu-bf16-replicated": dict(backend="cpu", dtype=torch.bfloat16, replicated=True),
     "wrapper-cuda_sim-bf16": dict(backend="cuda_sim", dtype=torch.bfloat16, wrapper=True),
+    # The mean norms: the reduced sums are divided by the whole tensor's size, not the shard's
+    # (scale 1e-3 puts these tensors' mean-norm alphas in (0, 1)).
+    "cpu-fp32-mean": dict(backend="cpu", dtype=torch.float32, norms="mean", scale=1e-3),
+    "cuda_sim-bf16-mean": dict(backend="cuda_sim", dtype=torch.bfloat16, norms="mean", scale=1e-3),
 }
 # On a GPU machine, one rank (one GPU, NCCL): the real kernels' sharded mode, bit for bit.
 GPU_JOBS = {
@@ -76,7 +80,7 @@ def _jobs(seed: int, world: int) -> dict[str, dict]:
         if _backend_available(job):
             # Scale 50 puts alphas in (0, 1) for most steps, so the adaptive branch is exercised.
             jobs[name] = {"kind": "trajectory", "seed": seed + len(jobs), "base_seed": seed,
-                          "steps": STEPS, "scale": 50.0, **job}
+                          "steps": STEPS, "scale": 50.0, **job}  # a job's own scale wins
     return jobs
 
 

@@ -86,11 +86,15 @@ LLACA_HOST_DEVICE bool balance_weight(acc_t a, acc_t b, acc_t c, acc_t scale, ac
 
 // One tensor's alpha and fallback flag at the end of its step: base_weight (fell back) on its
 // first LLaCA step, when there is no previous gradient yet (docs/spec.md section 2's `else` branch), else
-// balance_weight of its whole-tensor sums. Returns the fallback flag.
-LLACA_HOST_DEVICE bool tensor_alpha(bool fresh, double a, double b, double c, double scale,
-                                    double base_weight, float& alpha_out) {
+// balance_weight of its whole-tensor sums. `elements` divides the three sums first: 1 for the
+// published L1 sums, the tensor's element count for the size-invariant L1 means (norms="mean",
+// docs/spec.md section 2); x / 1.0 is exact, so the sums mode is unchanged. Returns the fallback flag.
+LLACA_HOST_DEVICE bool tensor_alpha(bool fresh, double a, double b, double c, double elements,
+                                    double scale, double base_weight, float& alpha_out) {
   double alpha = base_weight;
-  const bool fell_back = fresh || balance_weight<double>(a, b, c, scale, base_weight, alpha);
+  const bool fell_back =
+      fresh || balance_weight<double>(a / elements, b / elements, c / elements, scale,
+                                      base_weight, alpha);
   alpha_out = static_cast<float>(fell_back ? base_weight : alpha);
   return fell_back;
 }

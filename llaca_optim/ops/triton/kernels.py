@@ -240,10 +240,10 @@ def _step_block(
 
 @triton.jit
 def _finish_tensors(
-    table, tensor_first_block, tensor_blocks, partials, fresh_marks, n_tensors,
+    table, tensor_first_block, tensor_blocks, partials, fresh_marks, n_tensors, numels,
     scale_hi, scale_lo, base_weight, found_inf_ptr, shard_sums,
     ADAMW: tl.constexpr, LLACA: tl.constexpr, HAS_FOUND_INF: tl.constexpr, DEFER: tl.constexpr,
-    SHARDED: tl.constexpr, RBLOCK: tl.constexpr,
+    SHARDED: tl.constexpr, MEAN_NORMS: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     if HAS_FOUND_INF:
@@ -287,6 +287,11 @@ def _finish_tensors(
         # scale arrives as an fp32 pair (hi + lo == the Python float), so alpha is formed from
         # the very double the other backends use.
         scale = tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
+        if MEAN_NORMS:  # norms="mean": the L1 means, the sums over the tensor's element count
+            elements = tl.load(numels + t).to(tl.float64)
+            a = a / elements
+            b = b / elements
+            c = c / elements
         candidate = scale * (1.0 + b) / (a * c)
         # NaN compares false, so 0/0 and non-finite gradients fall back too (docs/spec.md section 2).
         adaptive = (candidate > 0.0) & (candidate < 1.0) & (fresh == 0)

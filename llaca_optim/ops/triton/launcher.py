@@ -128,7 +128,7 @@ class TritonLauncher:
     def launch(self, lists: dict[str, list[Tensor]], *, adamw: bool, lr: float = 0.0,
                beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.0,
                eps: float = 1e-8, amsgrad: bool = False, maximize: bool = False,
-               llaca: bool = True, scale: float, base_weight: float,
+               llaca: bool = True, scale: float, base_weight: float, mean_norms: bool = False,
                lr_tensor: Tensor | None = None, grad_scale: Tensor | None = None,
                found_inf: Tensor | None = None, shard_sums: Tensor | None = None) -> None:
         """One op call: ``lists`` holds the op's role lists by name, the rest its scalars."""
@@ -172,9 +172,10 @@ class TritonLauncher:
         sharded = llaca and shard_sums is not None
         K._finish_tensors[(n,)](
             table, tables.first_block, tables.block_count, tables.partials, tables.fresh, n,
-            *_split(float(scale)), float(base_weight),
+            tables.numels, *_split(float(scale)), float(base_weight),
             shard_sums=shard_sums if sharded else dummy,
-            ADAMW=adamw, LLACA=llaca, DEFER=defer, SHARDED=sharded, RBLOCK=RBLOCK, **common,
+            ADAMW=adamw, LLACA=llaca, DEFER=defer, SHARDED=sharded, MEAN_NORMS=bool(mean_norms),
+            RBLOCK=RBLOCK, **common,
         )
         if llaca and not defer and not sharded and tables.n_blocks:
             K._blend_blocks[(tables.n_blocks,)](
