@@ -17,9 +17,10 @@ from .optim.base import LLaCAAlphas
 from .optim.llaca import LLaCA
 from .presets import PRESETS
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
+    "__version__",
     "LLaCAAdamW",
     "LLaCA",
     "LLaCAAlphas",

@@ -12,7 +12,7 @@ benchmark). After each task every task seen so far is evaluated, giving the accu
 
 Each method starts every task with a freshly built optimizer state, as the published recipe does
 by launching one training run per task; LLaCAAdamW additionally replaces the weights by their
-EMA at the end of each task (``end_task``). Run ``python -m llaca_optim.demo --help``.
+EMA at the end of each task (``end_task``). Run ``python -m llaca_optim demo --help``.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def run_method(name, make_optimizer, tasks, args, progress) -> Result:
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m llaca_optim demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=5, help="number of permuted-digits tasks (>= 3)")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per task")
     parser.add_argument("--batch", type=int, default=64)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import sys
 import threading
+import time
 
 _lock = threading.Lock()
 _result: tuple[bool, str] | None = None
@@ -26,6 +28,13 @@ def _build_on_first_use() -> None:
     from torch.utils import cpp_extension
 
     name = "llaca_optim_jit_cuda_C" if with_cuda else "llaca_optim_jit_C"
+    # Said before the compiler runs: a first build takes a while, a cached one a second.
+    print(f"llaca_optim: the package was installed without its native kernels; building them now "
+          f"({'CPU and CUDA kernels: several minutes' if with_cuda else 'CPU kernels: about 30 s'} "
+          f"the first time, cached in {os.environ.get('TORCH_EXTENSIONS_DIR') or cpp_extension.get_default_build_root()}; "
+          "`pip install --no-build-isolation .` from a checkout installs them prebuilt)",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
     cpp_extension.load(
         # A sanitized build (tests/toolchain/test_sanitizers.py) is cached apart from the plain one.
         name=name + ("_sanitized" if _build.sanitizer_flags() else ""),
@@ -36,6 +45,8 @@ def _build_on_first_use() -> None:
         extra_ldflags=_build.link_flags(),
         verbose=os.environ.get("LLACA_VERBOSE_BUILD", "0") == "1",
     )
+    print(f"llaca_optim: native kernels ready ({time.perf_counter() - start:.0f} s)",
+          file=sys.stderr, flush=True)
 
 
 def load() -> tuple[bool, str]:
