@@ -89,11 +89,12 @@ def adamw_step_(
     m = exp_avg.to(compute_dtype)
     v = exp_avg_sq.to(compute_dtype)
 
+    # torch.optim.AdamW's for-loop implementation, op for op: in fp32 the two agree bit for bit.
     p.mul_(1.0 - lr * weight_decay)
-    m.mul_(beta1).add_(g_adam, alpha=1.0 - beta1)
+    m.lerp_(g_adam, 1.0 - beta1)
     v.mul_(beta2).addcmul_(g_adam, g_adam, value=1.0 - beta2)
     step_size = lr / (1.0 - beta1**t)
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
+    bias_correction2_sqrt = (1.0 - beta2**t) ** 0.5
     if amsgrad:
         assert max_exp_avg_sq is not None
         v_max = torch.maximum(max_exp_avg_sq.to(compute_dtype), v)

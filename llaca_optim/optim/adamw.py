@@ -24,7 +24,9 @@ class LLaCAAdamW(LLaCAOptimizerBase):
     Drop-in for ``torch.optim.AdamW``: same signature, defaults, param-group keys, state layout
     (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and state-dict format, plus, per
     parameter, ``ema``, ``prev_grad``, ``alpha`` and ``alpha_fell_back``. With ``llaca=False`` it is
-    AdamW step for step. After the AdamW update of a tensor ``p`` with gradient ``g``:
+    AdamW: on the ``cpu`` backend bit for bit ``torch.optim.AdamW(fused=True)`` (docs/api.md says
+    where else it is exact, and to what the other backends agree). After the AdamW update of a
+    tensor ``p`` with gradient ``g``:
 
     .. math::
         \alpha = \mathrm{scale}\,\frac{1 + \lVert g\rVert_1}{\lVert p - \bar p\rVert_1\,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import platform
 
 import pytest
 import torch
@@ -56,6 +57,58 @@ def test_llaca_off_is_adamw(backend, amsgrad, torch_impl):
             for key, value in theirs.state[q].items():
                 assert_close(ours.state[p][key].cpu(), value.cpu(), rtol=1e-5, atol=1e-6, what=f"{name}.{key}")
     assert ours.state_dict()["param_groups"][0].keys() >= theirs.state_dict()["param_groups"][0].keys()
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_the_reference_is_adamws_for_loop_bit_for_bit(amsgrad, maximize):
+    """In fp32 the reference backend with llaca=False runs torch.optim.AdamW(foreach=False)'s
+    operations in its order: the same bits after every step, state included."""
+    model = small_model()
+    twin = small_model()
+    twin.load_state_dict(model.state_dict())
+    kwargs = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.1, amsgrad=amsgrad,
+                  maximize=maximize)
+    ours = LLaCAAdamW(model.parameters(), llaca=False, backend="reference", **kwargs)
+    theirs = torch.optim.AdamW(twin.parameters(), foreach=False, **kwargs)
+    seed = int(torch.randint(0, 2**31, ()))
+    for net, optimizer in ((model, ours), (twin, theirs)):
+        torch.manual_seed(seed)
+        train(net, optimizer, steps=25)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), name
+        for key, value in theirs.state.get(q, {}).items():
+            assert torch.equal(ours.state[p][key], value), f"{name}.{key}"
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64")
+                    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="the cpu kernels follow torch's x86-64 AVX2/AVX512 build of fused AdamW")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("amsgrad,maximize", [(False, False), (True, True)])
+def test_the_cpu_backend_is_torchs_fused_adamw_bit_for_bit(cpu_backend, dtype, amsgrad, maximize):
+    """llaca=False on the cpu backend against torch.optim.AdamW(fused=True) over 25 steps: the
+    same bits, state included, for sizes that end in torch's scalar loop (NOTE [torch's AdamW
+    bits] in csrc/include/llaca/math.h) and sizes split across threads. The AdamW part of a
+    LLaCA step is the same code, so these bits are also LLaCAAdamW's."""
+    sizes = [7, 13, 31, 1000, 4097, 70001, 2**18 + 4099]
+    base = [torch.randn(n).to(dtype) for n in sizes]
+    ours_params = [nn.Parameter(b.clone()) for b in base]
+    their_params = [nn.Parameter(b.clone()) for b in base]
+    kwargs = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.1, amsgrad=amsgrad,
+                  maximize=maximize)
+    ours = LLaCAAdamW(ours_params, llaca=False, backend=cpu_backend, **kwargs)
+    theirs = torch.optim.AdamW(their_params, fused=True, **kwargs)
+    for _ in range(25):
+        for p, q in zip(ours_params, their_params):
+            p.grad = torch.randn(p.shape).to(dtype)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for i, (p, q) in enumerate(zip(ours_params, their_params)):
+        assert torch.equal(p, q), f"param {i} ({sizes[i]} elements)"
+        for key, value in theirs.state[q].items():
+            assert torch.equal(ours.state[p][key], value), f"{key} of param {i}"
 
 
 def test_group_keys_and_defaults_match_adamw():
