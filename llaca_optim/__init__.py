@@ -6,7 +6,7 @@
 
 The layers, top down: the optimizers (``optim/``: LLaCAAdamW, the LLaCA wrapper, the step
 planner), the functional API (``functional.py``), the ops and their kernels (``ops/``), and the
-math they all match (``reference.py``). See README.md for the API, the backends and the build.
+math they all match (``reference.py``). See README.md and docs/ for the API, the backends and the build.
 """
 
 from . import ops  # noqa: F401  (declares the torch.library ops, with their default kernels)

@@ -1,7 +1,7 @@
 """The one description of the native build: which sources, which include paths, which flags.
 
 ``setup.py`` (what users run), the build-on-first-use path (``ops/native.py``) and
-CMakeLists.txt (a C++ developer build for IDEs and tooling, see the README) all take everything
+CMakeLists.txt (a C++ developer build for IDEs and tooling, see docs/building.md) all take everything
 from here, so a source file is added by creating it under ``csrc/`` and nowhere else, and every
 build compiles with the same flags (which the kernels' numerics depend on: ``-ffp-contract=off``,
 ``--fmad=false``). CMake reads it by running this file: ``python llaca_optim/_build.py --cmake``

@@ -14,12 +14,25 @@ if not torch.cuda.is_available():
 
 from support.backends import backend_or_skip, backend_value  # noqa: E402
 
+# Under pytest-xdist (the README's `pytest -n 2`) every worker is a process of its own: one torch
+# thread each keeps the workers from oversubscribing the cores they share. The sanitizer check
+# (`extended`) reruns the kernels' tests in a child with torch's own thread count.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # Markers, set here in one place: `build` for the toolchain folder (compilers, CMake, sanitizer
 # builds), `gpu` for the modules that need one, `slow` for modules of subprocesses and trainers
 # and for every Triton test that runs through the interpreter (each program runs in Python).
-# `pytest -m "not slow and not build"` is the quick subset; the default run runs everything.
+# `pytest -m "not slow and not build"` is the quick subset; the README's test command runs all but
+# `extended`, which .ci/run runs after it.
 FOLDER_MARKERS = {"toolchain": "build"}
 GPU_MODULES = ("test_cuda_gpu.py", "test_large_tensors.py")
+# The long checks .ci/run adds after the README's test command: they rebuild the kernels another
+# way (instrumented, through CMake) and rerun part of the suite there.
+EXTENDED_MODULES = ("test_sanitizers.py", "test_cmake_build.py")
+# Modules whose tests share a costly module-scoped fixture (a launch of ranks, a batch of nvcc
+# compiles): under pytest-xdist (`--dist loadgroup`) each stays on one worker, so it runs once.
+SHARED_FIXTURE_MODULES = ("test_deepspeed.py", "test_sharded.py", "test_cuda_compile.py")
 SLOW_MODULES = ("test_sanitizers.py", "test_sharded.py", "test_deepspeed.py", "test_huggingface.py",
                 "test_continual.py", "test_benchmarks.py", "test_demo.py", "test_cmake_build.py",
                 "test_cuda_compile.py", "test_triton_compile.py", "test_gpu_script.py")
@@ -35,6 +48,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("gpu")
         if path.name in SLOW_MODULES or (interpreted and "triton" in item.nodeid):
             item.add_marker("slow")
+        if path.name in EXTENDED_MODULES:
+            item.add_marker("extended")
+        if path.name in SHARED_FIXTURE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(path.stem))
 
 
 @pytest.fixture

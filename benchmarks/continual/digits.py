@@ -3,7 +3,8 @@
 scikit-learn's 1,797 handwritten 8x8 digits (shipped inside the package, nothing downloaded);
 task k sees them through its own fixed permutation of the 64 pixels; a small MLP learns the tasks
 one after another. The data, model and training loop are the main job's (llaca_optim.demo), so the
-README's demo numbers and this suite measure the same thing; here over several seeds and methods.
+demo's numbers (docs/continual.md) and this suite measure the same thing; here over several seeds
+and methods.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@
 // sharded mode uses the same entry path, its caller sets the flags.
 
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -66,7 +65,6 @@ enum class EmaOnEntry { kFresh, kCurrent, kPending };
 // what the step works out for it.
 struct TensorJob : Pointers {
   int64_t numel = 0;
-  int64_t torch_tail = 0;  // first element torch's fused AdamW steps in its scalar loop
   double* shard_sums = nullptr;  // sharded mode: this tensor's row of (a, b, c)
   EmaOnEntry entry = EmaOnEntry::kCurrent; // read from the alpha slot and the flag before anything is written
   bool whole = false;  // one work item: finished (alpha and blend) by the thread that stepped it
@@ -147,7 +145,7 @@ void chunk_step(const TensorJob& job, int64_t begin, int64_t end, const CallScal
       float mf = P::load(m[i]);
       float vf = P::load(v[i]);
       float vmaxf = AMSGRAD ? P::load(vmax[i]) : 0.0f;
-      adamw_element<AMSGRAD>(pf, sign * gf, mf, vf, vmaxf, s, i >= job.torch_tail);
+      adamw_element<AMSGRAD>(pf, sign * gf, mf, vf, vmaxf, s);
       const praw stored = P::store(pf);
       p[i] = stored;
       pf = P::load(stored);  // LLaCA sees the parameter as stored, rounding included
@@ -356,15 +354,6 @@ void run_step(std::vector<TensorJob>& jobs, const CallScalars& call) {
   });
 }
 
-// How many elements of a tensor of this element size torch's fused CPU AdamW steps per vector
-// (at::vec::Vectorized of the parameter's type, at the CPU capability torch dispatches to): the
-// last numel % that elements go through its scalar loop (NOTE [torch's AdamW bits] in
-// llaca/math.h).
-int64_t torch_vector_elements(int64_t element_size) {
-  static const int64_t vector_bytes = at::get_cpu_capability() == "AVX512" ? 64 : 32;
-  return vector_bytes / element_size;
-}
-
 // Checks the lists (llaca/checks.h) and fills the jobs from them; returns the EMA dtype.
 at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
                           const std::optional<Tensor>& shard_sums, std::vector<TensorJob>& jobs,
@@ -378,7 +367,6 @@ at::ScalarType build_jobs(const Lists& l, bool adamw, bool amsgrad, bool llaca,
   for (int64_t i = 0; i < n; ++i) {
     TensorJob& job = jobs[i];
     job.numel = l.params[i].numel();
-    job.torch_tail = job.numel - job.numel % torch_vector_elements(l.params[i].element_size());
     point_at(job, roles, i);
     if (llaca) {
       // A negative alpha slot marks a tensor with no EMA step yet (see llaca_optim/ops/library.py).

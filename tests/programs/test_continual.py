@@ -1,6 +1,6 @@
 """The continual-learning suite (benchmarks/continual): its metrics follow their definitions, and
-a CI-sized run writes well-formed results. What the suite measures is reported in the README, not
-asserted here."""
+a CI-sized run writes well-formed results. What the suite measures is reported in
+docs/continual.md, not asserted here."""
 
 from __future__ import annotations
 
@@ -37,12 +37,13 @@ def test_quick_run_writes_results(tmp_path, cpu_backend):
     from benchmarks.continual import suite
     from benchmarks.continual.methods import methods
 
-    root = suite.run(["--quick", "--out", str(tmp_path), "--no-progress"])
+    # The sweep's rows are LLaCAAdamW with other scales: the presets' rows run the same code.
+    root = suite.run(["--quick", "--no-sweep", "--out", str(tmp_path), "--no-progress"])
     for family, tasks, grid in (("digits", 3, None), ("lm-full", 4, suite.LM_GRID),
                                 ("lm-lora", 4, suite.LM_GRID), ("digits-lora", 3, [])):
         data = json.loads((root / family / "results.json").read_text())
         names = [row["method"] for row in data["results"]]
-        assert names == [name for name, _, _ in methods(1e-3, grid=grid)], family
+        assert names == [name for name, _, _ in methods(1e-3, sweep=False, grid=grid)], family
         assert {"AdamW", "AdamW + EMA(0.99)", "LLaCAAdamW coin",
                 "LLaCAAdamW continual-next"} <= set(names)
         for row in data["results"]:
@@ -113,7 +114,30 @@ def test_alpha_against_tensor_size_runs_and_reports_every_tensor(tmp_path, cpu_b
     assert sizes == sorted(sizes) and len(sizes) == 6  # 2 x (A, B) + weight + bias
     assert all(r["R_p10"] <= r["R_median"] <= r["R_p90"] for r in data["summary"])
     assert math.isfinite(data["loglog_slope_R_vs_numel"])
+    assert math.isfinite(data["loglog_slope_R_mean_vs_numel"])
+    assert all(r["R_mean_p10"] <= r["R_mean_median"] <= r["R_mean_p90"] for r in data["summary"])
     assert (tmp_path / "alpha_vs_size.png").stat().st_size > 0
+
+
+def test_methods_and_merge(tmp_path, cpu_backend):
+    """--methods runs only the named methods; --merge puts their rows into results of the same
+    protocol, keeping the others and listing the later run; another protocol is refused."""
+    from benchmarks.continual import suite
+
+    quick = ["--quick", "--family", "digits", "--out", str(tmp_path), "--no-progress"]
+    suite.run([*quick, "--methods", "AdamW", "LLaCAAdamW coin"])
+    first = json.loads((tmp_path / "digits" / "results.json").read_text())
+    assert [row["method"] for row in first["results"]] == ["AdamW", "LLaCAAdamW coin"]
+    suite.run([*quick, "--methods", "LLaCAAdamW coin-mean", "LLaCAAdamW coin", "--merge"])
+    merged = json.loads((tmp_path / "digits" / "results.json").read_text())
+    assert [row["method"] for row in merged["results"]] == [
+        "AdamW", "LLaCAAdamW coin", "LLaCAAdamW coin-mean"]
+    assert merged["results"][0] == first["results"][0]  # kept as it was
+    assert merged["later_runs"][0]["methods"] == ["LLaCAAdamW coin", "LLaCAAdamW coin-mean"]
+    with pytest.raises(SystemExit, match="another protocol"):
+        suite.run([*quick, "--steps", "7", "--methods", "AdamW", "--merge"])
+    with pytest.raises(SystemExit, match="unknown method"):
+        suite.run([*quick, "--methods", "SGD"])
 
 
 def test_published_code_path_probe(tmp_path):

@@ -15,7 +15,8 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_gr
               "alpha_fell_back")
 
 
-def tensor_zoo(dtype: torch.dtype, large: bool = True) -> list[Callable[[], Tensor]]:
+def tensor_zoo(dtype: torch.dtype, large: bool = True,
+               many_chunks: bool = True) -> list[Callable[[], Tensor]]:
     """Makers of fresh parameter tensors with the same values each call: empty, one element, two
     small ones (one chunk of the emulated CUDA kernels: finished in registers), an odd size, several CPU sum blocks (one work item), one past the CPU kernel's whole-tensor limit
     (2^18 elements: split over threads, alpha and blend in later passes), a transposed (dense,
@@ -26,16 +27,17 @@ def tensor_zoo(dtype: torch.dtype, large: bool = True) -> list[Callable[[], Tens
               "split": (2**18 + 4099,), "matrix": (37, 65)}
     base = {name: torch.randn(shape) for name, shape in shapes.items()}
     strided_base = torch.randn(40, 64)
-    # large=False leaves out the tensor past the CPU kernel's limit (Triton's interpreter, which
-    # runs the Triton tests on a CPU, needs seconds for it; Triton's blocks are 1024 elements, so
-    # the other tensors already span many blocks).
+    # large=False leaves out the tensor past the CPU kernel's limit, many_chunks=False the
+    # 70001-element one (18 of the CUDA kernels' chunks): kernels emulated on a CPU (Triton's
+    # interpreter, the CUDA emulation) run every block in turn and need seconds for them
+    # (tests/support/parity.py says which leaves out what).
     return [
         lambda: base["empty"].to(dtype, copy=True),
         lambda: base["one"].to(dtype, copy=True),
         lambda: base["small"].to(dtype, copy=True),   # one chunk of the emulated CUDA kernels,
         lambda: base["chunk"].to(dtype, copy=True),   # finished on chip, and exactly one chunk
         lambda: base["odd"].to(dtype, copy=True),
-        lambda: base["multi_chunk"].to(dtype, copy=True),
+        *([lambda: base["multi_chunk"].to(dtype, copy=True)] if many_chunks else []),
         *([lambda: base["split"].to(dtype, copy=True)] if large else []),
         lambda: base["matrix"].to(dtype, copy=True).t(),             # strides (1, 37): dense, not contiguous
         lambda: strided_base.to(dtype, copy=True)[:, ::2],           # every other column: not dense

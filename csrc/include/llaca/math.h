@@ -34,23 +34,31 @@ struct AdamWScalars {
 
 // One element of torch.optim.AdamW (decoupled weight decay), in the order torch applies it:
 //   p <- p * (1 - lr * wd);  m <- m + (1-b1) (g - m), one rounding (torch's lerp_, a fused
-//   multiply-add);  v <- b2 v + ((1-b2) g) g, as one of two FMAs (below);  [vmax <- max(vmax, v)]
+//   multiply-add);  v <- fma((1-b2) g, g, b2 v);  [vmax <- max(vmax, v)]
 //   p <- p - step_size * m / (sqrt(v or vmax) / sqrt(1 - b2^t) + eps)
 // `g` already carries the maximize sign and the gradient unscaling. NOTE [torch's AdamW bits]:
-// torch's fused CPU AdamW computes these lines in its vector loop and, for the last elements of a
-// tensor that fill no whole vector, in a scalar loop; its build contracts `b2 v + ((1-b2) g) g`
-// into fma((1-b2) g, g, b2 v) in the first and into fma(v, b2, ((1-b2) g) g) in the second
-// (measured with torch 2.13 on x86-64). `torch_tail` picks the second. With it set where torch's
-// scalar loop runs (llaca_cpu.cpp), the CPU kernels give torch's fused AdamW's bits
-// (tests/optim/test_adamw_compat.py). The FMAs are written out (fmaf): the build forbids the
-// compiler to contract a*b+c on its own.
+// these are the roundings of torch's fused CPU AdamW in its vector loop, where its build contracts
+// `b2 v + ((1-b2) g) g` into that FMA (measured with torch 2.13 on x86-64), so the CPU kernels give
+// its bits (tests/optim/test_adamw_compat.py). torch steps the last numel % (vector width)
+// elements of a tensor in a scalar loop, contracted as fma(v, b2, ((1-b2) g) g) instead; there
+// the two can part by a rounding. Following that too would make an element's bits depend on where
+// the tensor ends, so a sharded tensor (FSDP2, ZeRO) would no longer step as the whole tensor
+// does, which every sharded path here keeps bit for bit. The FMAs are written out (fmaf): the
+// build forbids the compiler to contract a*b+c on its own.
 template <bool AMSGRAD>
 LLACA_HOST_DEVICE void adamw_element(float& p, float g, float& m, float& v, float& vmax,
-                                     const AdamWScalars& s, bool torch_tail = false) {
+                                     const AdamWScalars& s) {
   p = p * s.decay;
+#if defined(__CUDA_ARCH__)
+  // On the GPU torch's AdamW has roundings of its own, so there is nothing to match, and the
+  // FMA forms cost the fp16 amsgrad kernel a register it does not have at two blocks per SM
+  // (tests/toolchain/test_cuda_compile.py counts spills).
+  m = s.beta1 * m + s.one_minus_beta1 * g;
+  v = s.beta2 * v + s.one_minus_beta2 * g * g;
+#else
   m = fmaf(s.one_minus_beta1, g - m, m);
-  const float scaled_g = s.one_minus_beta2 * g;
-  v = torch_tail ? fmaf(v, s.beta2, scaled_g * g) : fmaf(scaled_g, g, s.beta2 * v);
+  v = fmaf(s.one_minus_beta2 * g, g, s.beta2 * v);
+#endif
   float second = v;
   if (AMSGRAD) {
     vmax = vmax > v ? vmax : v;
