@@ -90,6 +90,13 @@ def nvcc_path() -> str | None:
     return shutil.which("nvcc")
 
 
+def first_use_cache() -> str:
+    """Where a build on first use keeps its objects (torch.utils.cpp_extension's folder)."""
+    from torch.utils import cpp_extension
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+
+
 def use_cuda_toolkit() -> str | None:
     """Points torch's extension build at cuda_home() (its include and library folders, its
     nvcc) and returns it. Call before a CUDA build: CUDA_HOME is set for torch.utils.cpp_extension

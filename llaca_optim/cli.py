@@ -63,7 +63,7 @@ def info_lines() -> list[str]:
         + (f" ({_first_line([nvcc, '--version'])})" if nvcc else ""),
         f"threads: {torch.get_num_threads()} (torch.get_num_threads(); OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')})",
-        f"first-use build cache: {_build_cache()}",
+        f"first-use build cache: {_build.first_use_cache()}",
         "backends (name: runs here? why / what it is):",
     ]
     for name, (ok, why) in llaca_optim.backend_status().items():
@@ -75,12 +75,6 @@ def info_lines() -> list[str]:
     return lines
 
 
-def _build_cache() -> str:
-    from torch.utils import cpp_extension
-
-    return os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m llaca_optim", description=__doc__,
@@ -89,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
-    args, rest = parser.parse_known_args(argv[:1])
+    args = parser.parse_args(argv[:1])
     rest = argv[1:]
     if args.command == "info":
         if rest:

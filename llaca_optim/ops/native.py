@@ -31,7 +31,7 @@ def _build_on_first_use() -> None:
     # Said before the compiler runs: a first build takes a while, a cached one a second.
     print(f"llaca_optim: the package was installed without its native kernels; building them now "
           f"({'CPU and CUDA kernels: several minutes' if with_cuda else 'CPU kernels: about 30 s'} "
-          f"the first time, cached in {os.environ.get('TORCH_EXTENSIONS_DIR') or cpp_extension.get_default_build_root()}; "
+          f"the first time, cached in {_build.first_use_cache()}; "
           "`pip install --no-build-isolation .` from a checkout installs them prebuilt)",
           file=sys.stderr, flush=True)
     start = time.perf_counter()
