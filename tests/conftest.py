@@ -38,7 +38,30 @@ SLOW_MODULES = ("test_sanitizers.py", "test_sharded.py", "test_deepspeed.py", "t
                 "test_cuda_compile.py", "test_triton_compile.py", "test_gpu_script.py")
 
 
+# A wrapper: the marks are set before pytest-xdist's own hook of this name reads the xdist_group
+# marks (under `--dist loadgroup` it appends the group to each test's id, which is what groups
+# them).
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
+    _mark(items)
+    return (yield)
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    # pytest 9.2 ignores the id pytest-xdist 3.8 rewrites (pytest-dev/pytest-xdist#1386), and
+    # loadgroup then scatters a group's tests over the workers, each setting up the costly module
+    # fixture. Said here, on the controller, where a message reaches the user.
+    if node.config.getvalue("dist") != "loadgroup":
+        return
+    scattered = [i for i in ids if i.split("::")[0].endswith(SHARED_FIXTURE_MODULES) and "@" not in i]
+    if scattered:
+        pytest.exit(f"--dist loadgroup did not group {scattered[0]}: pytest {pytest.__version__} "
+                    "with this pytest-xdist loses the groups (pytest-dev/pytest-xdist#1386). "
+                    "pip install 'pytest<9.2', as the test extra pins, or run without -n.",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def _mark(items):
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
         path = item.path
