@@ -27,9 +27,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # `extended`, which .ci/run runs after it.
 FOLDER_MARKERS = {"toolchain": "build"}
 GPU_MODULES = ("test_cuda_gpu.py", "test_large_tensors.py")
-# The long checks .ci/run adds after the README's test command: they rebuild the kernels another
-# way (instrumented, through CMake) and rerun part of the suite there.
-EXTENDED_MODULES = ("test_sanitizers.py", "test_cmake_build.py")
+# The long checks .ci/run adds after the README's test command: the kernels rebuilt another way
+# (instrumented, through CMake) with part of the suite rerun there, the device code compiled for
+# the GPUs (nvcc for sm_80 and sm_90, Triton for sm_90) and the GPU script's dry run; and the
+# cases of a product past its pairwise cover (support/cases.py).
+EXTENDED_MODULES = ("test_sanitizers.py", "test_cmake_build.py", "test_cuda_compile.py",
+                    "test_triton_compile.py", "test_gpu_script.py")
 # Modules whose tests share a costly module-scoped fixture (a launch of ranks, a batch of nvcc
 # compiles): under pytest-xdist (`--dist loadgroup`) each stays on one worker, so it runs once.
 SHARED_FIXTURE_MODULES = ("test_deepspeed.py", "test_sharded.py", "test_cuda_compile.py")

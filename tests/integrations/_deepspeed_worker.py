@@ -16,6 +16,7 @@ differs between one process and two, the optimizer's work on the same gradients 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import sys
@@ -26,7 +27,6 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed  # noqa: E402
-import deepspeed.comm.torch as ds_torch_comm  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
@@ -35,7 +35,10 @@ from llaca_optim.integrations import deepspeed as ds_integration  # noqa: E402
 
 # DeepSpeed builds a shared-memory all-reduce op (C++, minutes on two cores) when it starts its
 # communication backend on the CPU; gloo alone does the reductions of these tiny models.
-ds_torch_comm.build_shm_op = lambda: None
+# By sys.modules: `import deepspeed.comm.torch as m` binds the attribute `torch` of
+# deepspeed.comm, which is the torch package itself.
+importlib.import_module("deepspeed.comm.torch")
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 STEPS, SAVE_AT, MICRO = 24, 12, 4
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "prev_grad", "ema")
