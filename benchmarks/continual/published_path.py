@@ -74,9 +74,14 @@ def probe(deepspeed_config: dict | None) -> dict:
 
 
 def main() -> None:
-    import deepspeed.comm.torch as ds_torch_comm
+    import importlib
+    import sys
 
-    ds_torch_comm.build_shm_op = lambda: None  # one rank: nothing to reduce across
+    # One rank: nothing to reduce across, so no shared-memory all-reduce op to build. Patched
+    # through sys.modules: `import deepspeed.comm.torch as m` would bind deepspeed.comm's
+    # attribute `torch`, the torch package itself.
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     # The published zero1.json: ZeRO stage 0, bf16 and the batch sizes left to the Trainer.
     published = {"bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
                  "train_batch_size": "auto", "gradient_accumulation_steps": "auto",

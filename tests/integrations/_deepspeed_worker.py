@@ -376,6 +376,7 @@ def fp16_optimizer(kind: str) -> dict:
 
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
+    assert deepspeed.comm.comm.cdb.shm_comm_op is None, "the shm op stub was not used"
     results = [stage0("LLaCAAdamW")]
     results += [run("LLaCAAdamW", stage) for stage in (1, 2, 3)]
     results += [run("LLaCA", 2), run("LLaCAAdamW", 2, bf16=True), run("LLaCAAdamW", 3, bf16=True),
