@@ -22,13 +22,14 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import digits, metrics
+from . import digits, frontier, metrics
 from .methods import methods
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "continual"
@@ -52,6 +53,9 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                    help="run only the methods of these names (as in the results' 'method')")
+    p.add_argument("--frontier", action="store_true",
+                   help="sweep a fixed EMA's weight and LLaCA's scale (norms sum and mean) "
+                        "instead of the presets, into <family>/frontier/ (frontier.py)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of the other methods in an existing results.json of the "
                         "same protocol, replacing the rows of the methods run now")
@@ -141,8 +145,12 @@ def run(argv: list[str] | None = None) -> Path:
         args.seeds = 2
     root = args.out or RESULTS
     settings = settings_of(args)
-    plans = {st["name"]: methods(st["lr"], args.backend, sweep=not args.no_sweep, grid=st["grid"])
-             for st in settings}
+    if args.frontier:
+        plans = {st["name"]: frontier.frontier_methods(st["name"], st["lr"], args.backend, args.quick)
+                 for st in settings}
+    else:
+        plans = {st["name"]: methods(st["lr"], args.backend, sweep=not args.no_sweep, grid=st["grid"])
+                 for st in settings}
     if args.methods is not None:
         known = {name for plan in plans.values() for name, _, _ in plan}
         unknown = sorted(set(args.methods) - known)
@@ -154,16 +162,24 @@ def run(argv: list[str] | None = None) -> Path:
               file=sys.stderr, mininterval=0.5) as progress:
         for st in settings:
             runs: dict[str, list] = {name: [] for name, _, _ in plans[st["name"]]}
+            telemetry: dict[str, list] = {name: [] for name, _, _ in plans[st["name"]]}
             for seed in range(args.seeds):
                 base = st["prepare"](seed)  # shared by every method of this seed
                 for name, _, factory in plans[st["name"]]:
                     progress.set_postfix_str(f"{st['name']} seed {seed}: {name}")
+                    if isinstance(factory, frontier.Telemetry):
+                        factory.start_run()
                     runs[name].append(st["run"](name, factory, seed, base, progress))
-            write(root / st["name"], st, args, argv, plans[st["name"]], runs)
+                    if isinstance(factory, frontier.Telemetry):
+                        telemetry[name].append(factory.last_run())
+            out = root / st["name"] / ("frontier" if args.frontier else "")
+            write(out, st, args, argv, plans[st["name"]], runs, telemetry)
+            if args.frontier:
+                frontier.report(out)
     return root
 
 
-def write(out: Path, st: dict, args, argv, plan, runs) -> None:
+def write(out: Path, st: dict, args, argv, plan, runs, telemetry=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m benchmarks.continual", *(argv if argv is not None else sys.argv[1:])])
     environment = {"torch": torch.__version__, "python": platform.python_version(),
@@ -174,6 +190,11 @@ def write(out: Path, st: dict, args, argv, plan, runs) -> None:
     for name, settings, _ in plan:
         row = {"method": name, "settings": settings, **metrics.summarize(runs[name])}
         row["accuracy_matrices"] = [r.accuracy for r in runs[name]]
+        seen = [t for t in (telemetry or {}).get(name, []) if t["median_alpha"] is not None]
+        if seen:  # the balance weight's behaviour, per seed and on average
+            row["median_alpha"] = statistics.fmean(t["median_alpha"] for t in seen)
+            row["fallback_fraction"] = statistics.fmean(t["fallback_fraction"] for t in seen)
+            row["telemetry"] = seen
         summary.append(row)
     data = {"family": st["name"], "protocol": protocol, "command": command,
             "environment": environment, "results": summary}

@@ -1,0 +1,250 @@
+"""Frontiers: does LLaCA's adaptive weight forget less than a fixed EMA whose weight was swept as
+carefully, at the same learning of each new task?
+
+``python -m benchmarks.continual --frontier --family F`` runs, per family, AdamW, a fixed EMA of
+the weights at six weights log-spaced over 0.001-0.3, and LLaCAAdamW over seven values of
+``scale`` with ``norms="sum"`` (the published update) and seven with ``norms="mean"`` (the
+size-invariant one), 3 seeds each, into ``<family>/frontier/results.json``. ``--methods`` and
+``--merge`` run it in pieces. Each LLaCA run also records how its balance weight behaved: the
+median alpha (over tensors and sampled steps) and the fraction of tensor-steps that fell back to
+``base_weight`` (where LLaCA *is* a fixed EMA).
+
+``python -m benchmarks.continual.frontier [FOLDER...]`` then writes, per family, ``frontier.json``
+and ``frontier.png`` (Forgetting against New.ACC, one curve per method, AdamW a point) and says
+whether LLaCA's curve lies below the fixed EMA's by more than the seeds' spread: for each LLaCA
+point it reads the fixed EMA's curve at that point's New.ACC (linear between its neighbours) and
+compares the gap in Forgetting with the two points' standard deviations added in quadrature.
+
+The scale grids differ by family because the balance weight's level does with ``norms="sum"``
+(it falls about as 1/size, docs/coin-recipe.md) and, with ``"mean"``, by the square of the
+tensors' size (alpha = scale n (n + b) / (a c) with the sums a, b, c): each grid spans the
+scales between an EMA too slow to follow a task and one that is AdamW, read off the suite's
+earlier sweeps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+import llaca_optim
+
+EMA_WEIGHTS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+BASE_WEIGHT = 0.01  # coin's: the weight of a tensor whose alpha is out of range
+
+SCALES: dict[str, dict[str, tuple[float, ...]]] = {
+    "digits": {"sum": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 50.0),
+               "mean": (1e-10, 3e-10, 1e-9, 3e-9, 1e-8, 3e-8, 1e-7)},
+    "lm-full": {"sum": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+                "mean": (1e-9, 3e-9, 1e-8, 3e-8, 1e-7, 3e-7, 1e-6)},
+    "lm-lora": {"sum": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+                "mean": (1e-8, 3e-8, 1e-7, 3e-7, 1e-6, 3e-6, 1e-5)},
+    "digits-lora": {"sum": (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0),
+                    "mean": (1e-9, 3e-9, 1e-8, 3e-8, 1e-7, 3e-7, 1e-6)},
+}
+QUICK_SCALES = {"sum": (0.1, 2.0), "mean": (1e-9, 1e-7)}
+
+
+class Recorded:
+    """An optimizer whose balance weights are sampled every ``every`` steps (a host read, which
+    a benchmark of forgetting may pay): the median alpha and the fraction that fell back."""
+
+    def __init__(self, optimizer, every: int = 10) -> None:
+        self.optimizer, self.every, self.steps = optimizer, every, 0
+        self.alphas: list[float] = []
+        self.fell_back: list[bool] = []
+
+    def __getattr__(self, name):
+        return getattr(self.optimizer, name)
+
+    def step(self, closure=None):
+        out = self.optimizer.step(closure)
+        self.steps += 1
+        if self.steps % self.every == 0:
+            last = self.optimizer.alphas()
+            seen = last.alphas >= 0  # -1: no LLaCA step yet
+            self.alphas += last.alphas[seen].tolist()
+            self.fell_back += last.fell_back[seen].tolist()
+        return out
+
+    def end_task(self, *args, **kwargs):
+        return self.optimizer.end_task(*args, **kwargs)
+
+
+class Telemetry:
+    """A factory ``params -> Recorded(optimizer)`` that keeps what every optimizer it made saw,
+    run by run (``start_run`` marks a new run)."""
+
+    def __init__(self, factory) -> None:
+        self.factory, self.runs = factory, []
+
+    def start_run(self) -> None:
+        self.runs.append([])
+
+    def __call__(self, params):
+        made = Recorded(self.factory(params))
+        self.runs[-1].append(made)
+        return made
+
+    def last_run(self) -> dict:
+        alphas = [a for made in self.runs[-1] for a in made.alphas]
+        fell = [f for made in self.runs[-1] for f in made.fell_back]
+        return {"median_alpha": statistics.median(alphas) if alphas else None,
+                "fallback_fraction": statistics.fmean(fell) if fell else None}
+
+
+def frontier_methods(family: str, lr: float, backend: str = "auto", quick: bool = False):
+    """(name, settings, factory) of every frontier method, AdamW first."""
+    from .methods import AdamWWithFixedEMA
+
+    out = [("AdamW", {"kind": "adamw"}, lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True))]
+    weights = EMA_WEIGHTS[1::2] if quick else EMA_WEIGHTS
+    for w in weights:
+        out.append((f"EMA w={w:g}", {"kind": "ema", "ema_weight": w},
+                    lambda ps, w=w: AdamWWithFixedEMA(ps, lr, weight=w)))
+    grids = QUICK_SCALES if quick else SCALES[family]
+    for norms in ("sum", "mean"):
+        for scale in grids[norms]:
+            factory = (lambda ps, s=scale, n=norms: llaca_optim.LLaCAAdamW(
+                ps, lr=lr, scale=s, base_weight=BASE_WEIGHT, norms=n, backend=backend))
+            out.append((f"LLaCA {norms} scale={scale:g}",
+                        {"kind": f"llaca-{norms}", "scale": scale, "base_weight": BASE_WEIGHT,
+                         "norms": norms}, Telemetry(factory)))
+    return out
+
+
+# --------------------------------------------------------------------------- analysis
+
+def _curve(rows: list[dict], kind: str) -> list[dict]:
+    return sorted((r for r in rows if r["settings"].get("kind") == kind), key=lambda r: r["new_acc"])
+
+
+def _ema_at(curve: list[dict], new_acc: float) -> tuple[float, float] | None:
+    """The fixed EMA's Forgetting (and its std) at ``new_acc``, linear between the two curve
+    points around it; None outside the curve's range of New.ACC."""
+    for lo, hi in zip(curve, curve[1:]):
+        if lo["new_acc"] <= new_acc <= hi["new_acc"]:
+            span = hi["new_acc"] - lo["new_acc"]
+            t = 0.0 if span == 0 else (new_acc - lo["new_acc"]) / span
+            return (lo["forgetting"] + t * (hi["forgetting"] - lo["forgetting"]),
+                    lo["forgetting_std"] + t * (hi["forgetting_std"] - lo["forgetting_std"]))
+    return None
+
+
+def _nearest_ema(curve: list[dict], row: dict, new_acc_slack: float) -> dict | None:
+    """The aim's test: the fixed-EMA point of least Forgetting among those whose New.ACC is at most
+    ``new_acc_slack`` above ``row``'s; None if none is."""
+    usable = [r for r in curve if r["new_acc"] <= row["new_acc"] + new_acc_slack]
+    return min(usable, key=lambda r: r["forgetting"]) if usable else None
+
+
+def analyse(results: dict) -> dict:
+    """The comparison of one family's frontier (see the module's docstring)."""
+    rows = results["results"]
+    ema = _curve(rows, "ema")
+    out = {"family": results["family"], "protocol": results["protocol"],
+           "command": results["command"], "curves": {}, "verdict": {}}
+    adamw = [r for r in rows if r["settings"].get("kind") == "adamw"]
+    if adamw:
+        out["adamw"] = {k: adamw[0][k] for k in ("forgetting", "forgetting_std", "new_acc", "new_acc_std")}
+    for kind in ("ema", "llaca-sum", "llaca-mean"):
+        curve = _curve(rows, kind)
+        points = []
+        for r in curve:
+            point = {"method": r["method"], "forgetting": r["forgetting"],
+                     "forgetting_std": r["forgetting_std"], "new_acc": r["new_acc"],
+                     "new_acc_std": r["new_acc_std"], "avg_acc": r["avg_acc"]}
+            for key in ("median_alpha", "fallback_fraction"):
+                if key in r:
+                    point[key] = r[key]
+            if kind != "ema":
+                at = _ema_at(ema, r["new_acc"])
+                if at is not None:
+                    gap = at[0] - r["forgetting"]
+                    spread = math.hypot(at[1], r["forgetting_std"])
+                    point["ema_forgetting_here"] = at[0]
+                    point["gap"] = gap
+                    point["spread"] = spread
+                    point["below_ema"] = gap > spread
+                    point["above_ema"] = -gap > spread
+                best = _nearest_ema(ema, r, 0.03)
+                # The aim: 2 points less Forgetting than a fixed EMA at a New.ACC at most 3
+                # points lower (here: than every EMA point of at most 3 points more New.ACC).
+                if best is not None:
+                    point["aim_met"] = best["forgetting"] - r["forgetting"] >= 0.02
+            points.append(point)
+        out["curves"][kind] = points
+        if kind != "ema":
+            compared = [p for p in points if "gap" in p]
+            out["verdict"][kind] = {
+                "points": len(points), "compared": len(compared),
+                "below_ema_beyond_spread": sum(p["below_ema"] for p in compared),
+                "above_ema_beyond_spread": sum(p["above_ema"] for p in compared),
+                "aim_met": any(p.get("aim_met") for p in points),
+            }
+    return out
+
+
+def plot(analysis: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    styles = {"ema": ("fixed EMA (weight swept)", "o-", "tab:blue"),
+              "llaca-sum": ("LLaCA norms=sum (scale swept)", "s-", "tab:red"),
+              "llaca-mean": ("LLaCA norms=mean (scale swept)", "^-", "tab:green")}
+    for kind, (label, fmt, color) in styles.items():
+        points = analysis["curves"].get(kind, [])
+        if not points:
+            continue
+        ax.errorbar([100 * p["forgetting"] for p in points], [100 * p["new_acc"] for p in points],
+                    xerr=[100 * p["forgetting_std"] for p in points],
+                    yerr=[100 * p["new_acc_std"] for p in points],
+                    fmt=fmt, color=color, ms=5, capsize=2, alpha=0.85, label=label)
+    if "adamw" in analysis:
+        a = analysis["adamw"]
+        ax.errorbar(100 * a["forgetting"], 100 * a["new_acc"], xerr=100 * a["forgetting_std"],
+                    yerr=100 * a["new_acc_std"], fmt="k*", ms=12, capsize=2, label="AdamW")
+    ax.set_xlabel("Forgetting (%)  (lower is more stable)")
+    ax.set_ylabel("New.ACC (%)  (higher is more plastic)")
+    ax.set_title(f"{analysis['family']}: frontiers (a curve up and to the left is better)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(folder: Path) -> dict:
+    """Reads ``folder/results.json`` (a ``--frontier`` run), writes ``frontier.json`` and
+    ``frontier.png`` beside it and prints the verdict."""
+    analysis = analyse(json.loads((folder / "results.json").read_text()))
+    (folder / "frontier.json").write_text(json.dumps(analysis, indent=1))
+    plot(analysis, folder / "frontier.png")
+    print(f"\n{analysis['family']}: {analysis['protocol']}")
+    for kind, verdict in analysis["verdict"].items():
+        print(f"  {kind}: {verdict['below_ema_beyond_spread']} of {verdict['compared']} points "
+              f"below the fixed EMA's curve beyond the seeds' spread, "
+              f"{verdict['above_ema_beyond_spread']} above; aim met: {verdict['aim_met']}")
+    return analysis
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .suite import RESULTS
+
+    folders = [Path(a) for a in (argv if argv is not None else sys.argv[1:])]
+    if not folders:
+        folders = sorted(p.parent for p in RESULTS.glob("*/frontier/results.json"))
+    for folder in folders:
+        report(folder)
+
+
+if __name__ == "__main__":
+    main()
