@@ -35,6 +35,7 @@ def new_state(param: Tensor, *, amsgrad: bool = False, llaca: bool = True,
               ema_dtype: Any = None) -> dict[str, Tensor]:
     """A parameter's state before its first step, as ``LLaCAAdamW`` makes it (its keys are
     ``optimizer.state[param]``'s; ``ema_dtype`` as LLaCAAdamW's)."""
+    V.check_ema_dtype(ema_dtype, "functional arguments")
     parts = {"adamw"} | ({"amsgrad"} if amsgrad else set()) | ({"llaca"} if llaca else set())
     dtype = V.ema_dtype_for(param, ema_dtype)
     with torch.no_grad():

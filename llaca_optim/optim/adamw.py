@@ -117,12 +117,16 @@ class LLaCAAdamW(LLaCAOptimizerBase):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._invalidate_plans()
-        # Also what lets an AdamW state dict load into LLaCAAdamW: missing knobs take defaults.
-        # The options torch's AdamW loader fills in too (state dicts of older torch lack them).
+        # Also what lets an AdamW state dict load into LLaCAAdamW: a LLaCA knob that a loaded
+        # group lacks comes from this optimizer's own settings (its defaults, the constructor's
+        # arguments), as a group added later takes them; the options torch's AdamW loader fills
+        # in take torch's defaults (state dicts of older torch lack them).
+        own = {key: self.defaults.get(key, value)
+               for key, value in {**V.LLACA_GROUP_DEFAULTS, "defer_blend": True}.items()}
         for group in self.param_groups:
-            for key, value in {**V.LLACA_GROUP_DEFAULTS, "maximize": False, "amsgrad": False,
-                               "decoupled_weight_decay": True, "defer_blend": True,
-                               "foreach": None, "capturable": False, "differentiable": False,
+            for key, value in {**own, "maximize": False, "amsgrad": False,
+                               "decoupled_weight_decay": True, "foreach": None,
+                               "capturable": False, "differentiable": False,
                                "fused": None}.items():
                 group.setdefault(key, value)
 
@@ -178,6 +182,9 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
         )
 
+    def _step_count(self, p: Tensor) -> Any:
+        return self.state.get(p, {}).get("step")
+
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         if not keep_moments:
             self.state.clear()
@@ -200,8 +207,11 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             groups = self.param_groups
             super().load_state_dict(state_dict)
             self._zero.regroup(groups, self.param_groups)
+            self._check_loaded_groups("LLaCAAdamW", V.ADAMW_GROUP_KEYS)
             live = self._restore_llaca_entries(state_dict, id_map, self.state)
-            self._check_loaded(state_dict, id_map, "LLaCAAdamW", V.ADAMW_GROUP_KEYS)
+            self._check_loaded(state_dict, id_map, "LLaCAAdamW")
+            stale = self._restart_stale_emas(state_dict, id_map)
+        self._warn_stale(stale, "LLaCAAdamW")
         self._put_back_live_weights(live)
         self._invalidate_plans()
         # Our state dicts hold no pending blends, but one copied from `state` itself may.

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
 from ..ops.registry import Backend, StepHyper
@@ -137,6 +138,11 @@ class LLaCA(LLaCAOptimizerBase):
                   for _, buckets, balance in plan if buckets],
                  adamw=False, pending=self._pending)
 
+    def _step_count(self, p: Tensor) -> Any:
+        # The wrapped optimizer's count (Adam's, RMSprop's, Adafactor's...); SGD keeps none.
+        count = self.optimizer.state.get(p, {}).get("step")
+        return count if isinstance(count, (Tensor, int, float)) else None
+
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         self.state.clear()
         if not keep_moments:
@@ -164,7 +170,10 @@ class LLaCA(LLaCAOptimizerBase):
             self._zero.regroup(groups, self.param_groups)
             super().load_state_dict(state_dict["llaca"])
             self._link_groups()
+            self._check_loaded_groups("LLaCA", ())
             live = self._restore_llaca_entries(state_dict["llaca"], id_map, self.state)
-            self._check_loaded(state_dict["llaca"], id_map, "LLaCA", ())
+            self._check_loaded(state_dict["llaca"], id_map, "LLaCA")
+            stale = self._restart_stale_emas(state_dict["llaca"], id_map)
+        self._warn_stale(stale, "LLaCA")
         self._put_back_live_weights(live)
         self._invalidate_plans()

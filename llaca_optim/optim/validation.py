@@ -69,13 +69,23 @@ def resolve_llaca_knobs(group: dict[str, Any], where: str) -> Preset:
             f"independent of the tensor's size), got {norms!r} ({where})")
     if not isinstance(group["llaca"], bool):
         raise TypeError(f"llaca_optim: llaca must be True or False, got {group['llaca']!r} ({where})")
-    ema_dtype = group["ema_dtype"]
-    if ema_dtype is not None and ema_dtype != "param" and ema_dtype not in _EMA_DTYPES:
-        raise ValueError(
-            f"llaca_optim: ema_dtype must be None (float32 for 16-bit parameters), 'param' or one "
-            f"of {_EMA_DTYPES}, got {ema_dtype!r} ({where})"
-        )
+    check_ema_dtype(group["ema_dtype"], where)
     return Preset(scale=float(scale), base_weight=float(base_weight), norms=norms)
+
+
+def check_ema_dtype(ema_dtype: Any, where: str) -> None:
+    """``ema_dtype`` as every entry point takes it: None, ``"param"`` or a floating torch dtype."""
+    if ema_dtype is None or (isinstance(ema_dtype, str) and ema_dtype == "param"):
+        return
+    if isinstance(ema_dtype, torch.dtype) and ema_dtype in _EMA_DTYPES:
+        return
+    hint = ""
+    if isinstance(ema_dtype, str) and isinstance(getattr(torch, ema_dtype, None), torch.dtype):
+        hint = f" (a string is not a dtype: pass torch.{ema_dtype})"
+    raise ValueError(
+        f"llaca_optim: ema_dtype must be None (float32 for 16-bit parameters), 'param' or one "
+        f"of {_EMA_DTYPES}, got {ema_dtype!r} ({where}){hint}"
+    )
 
 
 def validate_adamw_group(group: dict[str, Any], where: str) -> None:
@@ -165,6 +175,9 @@ SLOT_DTYPES = roles.SLOT_DTYPES
 # parameter does not hold while its EMA is swapped in (NOTE [state dicts inside the EMA swap] in
 # base.py). Loading puts them back into the parameter; the state never keeps them.
 LIVE_PARAM = "live_param"
+# The entry a state dict adds beside each EMA: the optimizer's step count when the EMA was saved
+# (NOTE [stale EMAs] in base.py), as a Python number, which torch's loaders carry untouched.
+EMA_STEP = "ema_step"
 # The group options an AdamW step reads that no default can stand in for when a loaded group
 # lacks them (the others take their defaults, as torch.optim.AdamW's loader gives them).
 ADAMW_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay")
