@@ -188,7 +188,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
     p.add_argument("--preset", default="coin", help="the preset the model is trained with")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=Path("bench-results") / "continual" / "alpha-size",
+                   help=f"results folder (default: bench-results/continual/alpha-size/; name "
+                        f"{RESULTS.relative_to(RESULTS.parents[2])} to update the committed results)")
     args = p.parse_args(argv)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)

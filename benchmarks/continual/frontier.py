@@ -1,15 +1,18 @@
 """Frontiers: does LLaCA's adaptive weight forget less than a fixed EMA whose weight was swept as
 carefully, at the same learning of each new task?
 
-``python -m benchmarks.continual --frontier --family F`` runs, per family, AdamW, a fixed EMA of
-the weights at six weights log-spaced over 0.001-0.3, and LLaCAAdamW over seven values of
+``python -m benchmarks.continual --frontier --family F --out benchmarks/results/continual``
+runs, per family, AdamW, a fixed EMA of
+the weights at eight weights log-spaced over 0.0001-0.3 (the slowest ones reach the low New.ACC
+that slow LLaCA settings give), and LLaCAAdamW over seven values of
 ``scale`` with ``norms="sum"`` (the published update) and seven with ``norms="mean"`` (the
 size-invariant one), 3 seeds each, into ``<family>/frontier/results.json``. ``--methods`` and
 ``--merge`` run it in pieces. Each LLaCA run also records how its balance weight behaved: the
 median alpha (over tensors and sampled steps) and the fraction of tensor-steps that fell back to
 ``base_weight`` (where LLaCA *is* a fixed EMA).
 
-``python -m benchmarks.continual.frontier [FOLDER...]`` then writes, per family, ``frontier.json``
+``python -m benchmarks.continual.frontier [FOLDER...]`` (default: the frontier folders under
+bench-results/continual/) then writes, per family, ``frontier.json``
 and ``frontier.png`` (Forgetting against New.ACC, one curve per method, AdamW a point) and says
 whether LLaCA's curve lies below the fixed EMA's by more than the seeds' spread: for each LLaCA
 point it reads the fixed EMA's curve at that point's New.ACC (linear between its neighbours) and
@@ -34,7 +37,7 @@ import torch
 
 import llaca_optim
 
-EMA_WEIGHTS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+EMA_WEIGHTS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 BASE_WEIGHT = 0.01  # coin's: the weight of a tensor whose alpha is out of range
 
 SCALES: dict[str, dict[str, tuple[float, ...]]] = {
@@ -237,11 +240,11 @@ def report(folder: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .suite import RESULTS
+    from .suite import DEFAULT_ROOT
 
     folders = [Path(a) for a in (argv if argv is not None else sys.argv[1:])]
-    if not folders:
-        folders = sorted(p.parent for p in RESULTS.glob("*/frontier/results.json"))
+    if not folders:  # the committed ones only by name: benchmarks/results/continual/*/frontier
+        folders = sorted(p.parent for p in DEFAULT_ROOT.glob("*/frontier/results.json"))
     for folder in folders:
         report(folder)
 

@@ -32,7 +32,10 @@ from tqdm import tqdm
 from . import digits, frontier, metrics
 from .methods import methods
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "continual"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "continual"  # committed
+# Where a run writes unless --out names a folder: never the committed results, which a quick or
+# partial run would overwrite (--out benchmarks/results/continual updates them).
+DEFAULT_ROOT = Path("bench-results") / "continual"
 
 
 def parse_args(argv):
@@ -49,7 +52,9 @@ def parse_args(argv):
     p.add_argument("--no-sweep", action="store_true", help="only the baselines and the presets")
     p.add_argument("--backend", default="auto")
     p.add_argument("--quick", action="store_true", help="tiny run for the tests")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default: bench-results/continual/ in the current folder; "
+                        "name benchmarks/results/continual to update the committed results)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                    help="run only the methods of these names (as in the results' 'method')")
@@ -143,7 +148,7 @@ def run(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     if args.quick:
         args.seeds = 2
-    root = args.out or RESULTS
+    root = args.out or DEFAULT_ROOT
     settings = settings_of(args)
     if args.frontier:
         plans = {st["name"]: frontier.frontier_methods(st["name"], st["lr"], args.backend, args.quick)
