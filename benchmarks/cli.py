@@ -7,7 +7,8 @@ Examples::
     python -m benchmarks --workloads lora_llama --dtypes float32 --no-sweeps
 
 Writes results.json, results.csv, results.md, time_vs_tensors.png and time_vs_size.png into
-``--out`` (default: benchmarks/results/<device>/).
+``--out`` (default: bench-results/<device>/ in the current folder). The committed results in
+benchmarks/results/ are written only when ``--out`` names their folder.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from . import contenders as C
 from . import harness, report, workloads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"  # committed; written only by name
+DEFAULT_ROOT = Path("bench-results")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+def parse_args(argv: list[str] | None, prog: str = "python -m benchmarks") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu or cuda")
     p.add_argument("--workloads", nargs="+", default=list(report.MAIN_FAMILIES),
@@ -47,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="start no new measurement after this many seconds; results.json lists "
                         "the ones left out (for a fixed time slot on a GPU machine)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
-    p.add_argument("--out", type=Path, default=None, help="output folder")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: bench-results/<device>/ in the current folder; "
+                        "name benchmarks/results/<device> to update the committed results)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--replot", type=Path, default=None, metavar="DIR",
                    help="only rewrite the table, CSV and plots of DIR/results.json (no timing)")
@@ -69,8 +73,8 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def run(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
+def run(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> Path:
+    args = parse_args(argv, prog)
     if args.brief:
         data = json.loads((args.brief / "results.json").read_text())
         print(report.brief(data["environment"], data["rows"], report.MAIN_FAMILIES), end="")
@@ -87,7 +91,9 @@ def run(argv: list[str] | None = None) -> Path:
     budget = args.budget or (1.0 if args.quick else 6.0)
     warmup = 1 if args.quick else args.warmup
     env = report.environment(device)
-    out_dir = args.out or RESULTS_ROOT / slug(env["device"].split(" (")[0] + "-" + device.type)
+    # Never the committed results unless --out names them: a quick run, or one on another
+    # machine of the same CPU name, would overwrite the figures the docs link to.
+    out_dir = args.out or DEFAULT_ROOT / slug(env["device"].split(" (")[0] + "-" + device.type)
 
     plan: list[workloads.Workload] = [w for w in workloads.main_workloads(device.type, args.quick)
                                       if w.family in args.workloads]
@@ -127,5 +133,5 @@ def run(argv: list[str] | None = None) -> Path:
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    run(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> None:
+    run(argv, prog)

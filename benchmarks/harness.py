@@ -25,8 +25,11 @@ allocation proportional to the model").
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -59,12 +62,29 @@ def _state_bytes(stepper: Stepper) -> int:
     return sum(t.numel() * t.element_size() for t in stepper.state_tensors())
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's native code writes to the process's stderr at each start and stop (kineto's
+    "USDT ... profiler_start" lines, the CPU allocator's warning of blocks allocated before it
+    started), which would flood the progress bar: file descriptor 2 goes to /dev/null meanwhile.
+    Python's own errors still raise as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_step_alloc_bytes(stepper: Stepper) -> int | None:
     try:
         from torch.profiler import ProfilerActivity, profile
     except ImportError:  # pragma: no cover
         return None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         stepper.step()
     return int(sum(max(0, e.self_cpu_memory_usage) for e in prof.events()))
 

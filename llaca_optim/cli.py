@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from . import demo
 
-        demo.main(rest)
-        return 0
+        return demo.main(rest)
     # bench: the suite lives in the source checkout's benchmarks/ (not in an installed wheel).
     checkout = Path(__file__).resolve().parents[1]
     if not (checkout / "benchmarks" / "cli.py").exists():
@@ -106,5 +105,5 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(checkout))
     from benchmarks import cli as bench_cli
 
-    bench_cli.main(rest)
+    bench_cli.main(rest, prog="python -m llaca_optim bench")
     return 0

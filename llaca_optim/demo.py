@@ -18,6 +18,7 @@ EMA at the end of each task (``end_task``). Run ``python -m llaca_optim demo --h
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -106,19 +107,50 @@ def run_method(name, make_optimizer, tasks, args, progress) -> Result:
     return Result(name, matrix, 1e3 * statistics.median(step_times), str(backend))
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's arguments, every one checked before any work: a bad one is a usage error
+    (exit 2) naming the flag."""
     parser = argparse.ArgumentParser(prog="python -m llaca_optim demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=5, help="number of permuted-digits tasks (>= 3)")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per task")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--width", type=int, default=512, help="hidden width of the MLP")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per task (>= 1)")
+    parser.add_argument("--batch", type=int, default=64, help="examples per step (>= 1)")
+    parser.add_argument("--width", type=int, default=512, help="hidden width of the MLP (>= 1)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (> 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
     parser.add_argument("--backend", default="auto", help="LLaCAAdamW backend (auto, cpu, reference)")
     args = parser.parse_args(argv)
     if args.tasks < 3:
         parser.error("--tasks must be at least 3 to measure forgetting meaningfully")
+    for flag in ("steps", "batch", "width"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    import llaca_optim
+
+    status = llaca_optim.backend_status()
+    if args.backend != "auto":
+        if args.backend not in status:
+            parser.error(f"--backend must be auto or one of {sorted(status)}, got {args.backend!r}")
+        try:
+            llaca_optim.LLaCAAdamW([torch.zeros(1, requires_grad=True)], backend=args.backend)
+        except (RuntimeError, ValueError) as err:  # the demo trains on the CPU
+            parser.error(f"--backend {args.backend} does not run CPU tensors here: {err}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``llaca-optim-demo`` command: runs the demo; 0 on success (a usage error exits 2)."""
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> list[Result]:
+    """Runs the demo with the command line's arguments and returns each method's result."""
+    args = parse_args(argv)
 
     from tqdm.auto import tqdm
 
@@ -154,4 +186,4 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

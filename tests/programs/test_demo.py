@@ -12,7 +12,7 @@ from llaca_optim import demo  # noqa: E402
 
 
 def test_demo_small_run(capsys):
-    results = demo.main(["--tasks", "3", "--steps", "15", "--width", "32", "--seed", "3"])
+    results = demo.run(["--tasks", "3", "--steps", "15", "--width", "32", "--seed", "3"])
     out = capsys.readouterr().out
     assert "Avg.ACC" in out and "Forgetting" in out and "New.ACC" in out
     assert [r.name for r in results][0] == "AdamW"
