@@ -139,23 +139,29 @@ class ZeroPartitions:
             self._found[id(t)] = (weakref.ref(t), part)
         return part
 
-    def unsupported(self, stepped: Iterable[Tensor]) -> str | None:
-        """Why a step over ``stepped`` cannot be taken, or None. DeepSpeed's fused fp16
-        optimizer (GPU only) makes the parameters views of one flat buffer and hands the
-        optimizer one flat fp32 copy per group, keeping no map from the copy back to the
-        tensors."""
-        if "deepspeed" not in sys.modules or all(id(t) in self._given_ids for t in stepped):
+    def unsupported(self, stepped: Iterable[tuple[dict[str, Any], Tensor]]) -> str | None:
+        """Why a step over ``stepped`` (each a group and a tensor of it) cannot be taken, or
+        None. DeepSpeed's fused fp16 optimizer (GPU only) makes a group's parameters views of one
+        flat buffer and puts in their place, in that group, one flat fp32 copy of them all,
+        keeping no map from the copy back to the tensors. It is recognised by exactly that: in a
+        group the optimizer was built with, a tensor that is none of its parameters, flat, of
+        the size of the group's parameters together, which share one buffer. Having DeepSpeed
+        imported is not enough (a model may keep its weights as views of one buffer, and a group
+        added behind the optimizer's back holds parameters it was not given)."""
+        if "deepspeed" not in sys.modules:
             return None
-        given = [p for refs in self._given.values() for p in (ref() for ref in refs) if p is not None]
-        if any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in given):
-            return None  # ZeRO: mapped by partition()
-        storages = set()
-        for p in given:
-            if p.numel() and not p.is_meta:
-                storage = (p.device, p.untyped_storage().data_ptr())
-                if storage in storages:
-                    return "fp16 optimizer (parameters flattened into one buffer)"
-                storages.add(storage)
+        for group, t in stepped:
+            if id(t) in self._given_ids:
+                continue
+            given = [p for p in (ref() for ref in self._given.get(id(group), ())) if p is not None]
+            if len(given) < 2 or t.dim() != 1 or t.numel() != sum(p.numel() for p in given):
+                continue  # one tensor's flat copy is that tensor: per-tensor LLaCA is right
+            if any(is_zero_param(p) for p in given):
+                continue  # ZeRO: mapped by partition()
+            storages = {(p.device, p.untyped_storage().data_ptr()) for p in given
+                        if p.numel() and not p.is_meta}
+            if len(storages) == 1:
+                return "fp16 optimizer (parameters flattened into one buffer)"
         return None
 
 
@@ -297,14 +303,39 @@ def ema_weights_from_zero_checkpoint(checkpoint_dir: str, tag: str | None = None
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    # Absolute: the scratch folder links to these files, and a relative link would point nowhere.
+    checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
     if tag is None:
-        with open(os.path.join(checkpoint_dir, "latest")) as f:
+        latest = os.path.join(checkpoint_dir, "latest")
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(
+                f"llaca_optim: no 'latest' file in {checkpoint_dir!r} to name the checkpoint's "
+                "tag; pass the folder given to engine.save_checkpoint (with the Trainer: "
+                "output_dir/checkpoint-N) and its tag")
+        with open(latest) as f:
             tag = f.read().strip()
     source = os.path.join(checkpoint_dir, tag)
     optim_files = sorted(glob.glob(os.path.join(source, "*_optim_states.pt")))
     if not optim_files:
         raise FileNotFoundError(f"llaca_optim: no *_optim_states.pt files in {source!r}; pass the "
                                 "folder and tag given to engine.save_checkpoint")
+    loaded = []
+    for path in optim_files:
+        try:
+            loaded.append(torch.load(path, map_location="cpu", weights_only=False))
+        except Exception as err:  # noqa: BLE001 - any unreadable file is named as the user's
+            raise ValueError(
+                f"llaca_optim: cannot read {path!r} ({type(err).__name__}: {err}); the file is "
+                "damaged or was cut short (a save that did not finish?): save the checkpoint "
+                "again, or use another one") from err
+    ranks = loaded[0].get("optimizer_state_dict", {}).get("partition_count")
+    ranks = max(ranks) if isinstance(ranks, (list, tuple)) else ranks
+    if isinstance(ranks, int) and ranks != len(optim_files):
+        raise FileNotFoundError(
+            f"llaca_optim: the checkpoint in {source!r} was saved by {ranks} ranks but holds "
+            f"{len(optim_files)} *_optim_states.pt files ({', '.join(map(os.path.basename, optim_files))}): "
+            "a rank's file is missing (a save that did not finish, or files copied in part); "
+            "use a complete checkpoint folder")
     scratch = tempfile.mkdtemp()
     try:
         target = os.path.join(scratch, tag)
@@ -312,11 +343,18 @@ def ema_weights_from_zero_checkpoint(checkpoint_dir: str, tag: str | None = None
         for name in os.listdir(source):
             if not name.endswith("_optim_states.pt"):
                 os.symlink(os.path.join(source, name), os.path.join(target, name))
-        for path in optim_files:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+        for path, saved in zip(optim_files, loaded):
             _emas_in_place_of_masters(saved["optimizer_state_dict"], path)
             torch.save(saved, os.path.join(target, os.path.basename(path)))
-        return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=tag)
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=tag)
+        except Exception as err:  # noqa: BLE001 - name the user's folder, not the scratch copy
+            message = f"llaca_optim: consolidating {source!r}: {str(err).replace(scratch, checkpoint_dir)}"
+            try:
+                renamed = type(err)(message)
+            except Exception:  # noqa: BLE001 - an exception type with other arguments
+                renamed = RuntimeError(message)
+            raise renamed from err
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

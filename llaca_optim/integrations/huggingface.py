@@ -27,11 +27,33 @@ from typing import Any
 
 import torch
 
+# The Trainer's optimizer_cls_and_kwargs (the recipe in the README and docs/integrations.md)
+# came with transformers 4.47; pyproject.toml's extras ask for the same floor (a test holds the
+# two together).
+MIN_TRANSFORMERS = "4.47"
+
 try:
+    import transformers
     from transformers import TrainerCallback
 except ImportError as err:  # say what is missing, not only that an import failed
-    raise ImportError("llaca_optim.huggingface needs transformers (and accelerate, which its "
-                      "Trainer uses): pip install transformers accelerate") from err
+    raise ImportError("llaca_optim.integrations.huggingface needs transformers>="
+                      f"{MIN_TRANSFORMERS} (and accelerate, which its Trainer uses): pip install "
+                      f"'transformers>={MIN_TRANSFORMERS}' accelerate") from err
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+if _release(transformers.__version__) < _release(MIN_TRANSFORMERS):
+    raise ImportError(
+        f"llaca_optim.integrations.huggingface needs transformers>={MIN_TRANSFORMERS} (the "
+        f"Trainer's optimizer_cls_and_kwargs), found {transformers.__version__}: pip install "
+        f"'transformers>={MIN_TRANSFORMERS}'")
 
 from ..optim.base import LLaCAOptimizerBase
 

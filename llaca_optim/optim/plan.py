@@ -198,7 +198,7 @@ class StepPlanner:
         compared: a third of the work, for the re-planning of steps whose gradients come and go."""
         stepped = [(gi, pi, group, p) for gi, group in enumerate(groups)
                    for pi, p in enumerate(group["params"]) if p.grad is not None]
-        kind = self.zero.unsupported(p for _, _, _, p in stepped)
+        kind = self.zero.unsupported((group, p) for _, _, group, p in stepped)
         if kind is not None:
             raise RuntimeError(deepspeed.refusal(self.owner, kind))
         V.check_each_param_once(groups)

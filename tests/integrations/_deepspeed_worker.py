@@ -263,8 +263,45 @@ def run(kind, stage, bf16=False, backend="auto", offload=False, norms="sum"):
     offline = ds_integration.ema_weights_from_zero_checkpoint(ckpt, tag="mid")
     result["offline_ema_bitwise"] = sorted(offline) == sorted(names) and all(
         torch.equal(offline[n].view(-1), ema_at_save[n].view(-1)) for n in names)
+    if dist.get_rank() == 0 and not offload:
+        result["offline_files"] = offline_files(ckpt, names, ema_at_save)
     dist.barrier()
     return result
+
+
+def offline_files(ckpt: str, names: list[str], ema_at_save: dict) -> dict:
+    """ema_weights_from_zero_checkpoint as users call it: a relative folder (what
+    engine.save_checkpoint users pass), and a copy with a rank's file missing or cut short,
+    whose errors must name the user's files."""
+    import shutil
+
+    out = {}
+    here = os.getcwd()
+    try:
+        os.chdir(os.path.dirname(ckpt))
+        relative = ds_integration.ema_weights_from_zero_checkpoint(os.path.basename(ckpt), tag="mid")
+        out["relative_bitwise"] = sorted(relative) == sorted(names) and all(
+            torch.equal(relative[n].view(-1), ema_at_save[n].view(-1)) for n in names)
+    finally:
+        os.chdir(here)
+    for damage in ("missing", "truncated"):
+        copy_dir = tempfile.mkdtemp()
+        shutil.copytree(os.path.join(ckpt, "mid"), os.path.join(copy_dir, "mid"))
+        victim = sorted(f for f in os.listdir(os.path.join(copy_dir, "mid"))
+                        if f.endswith("_optim_states.pt"))[-1]
+        path = os.path.join(copy_dir, "mid", victim)
+        if damage == "missing":
+            os.remove(path)
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+        try:
+            ds_integration.ema_weights_from_zero_checkpoint(copy_dir, tag="mid")
+            out[damage] = {"error": None}
+        except Exception as err:  # noqa: BLE001 - what the user reads is the point
+            out[damage] = {"error": f"{type(err).__name__}: {err}", "folder": copy_dir, "file": path}
+        shutil.rmtree(copy_dir, ignore_errors=True)
+    return out
 
 
 def bad_input(engine, model, optimizer, batch, dtype) -> dict:
@@ -374,6 +411,42 @@ def fp16_optimizer(kind: str) -> dict:
             "state_entries": len(optimizer.state)}
 
 
+def views_of_one_buffer() -> dict:
+    """With DeepSpeed imported but no engine: LLaCA(SGD) over parameters that are disjoint views
+    of one buffer (as a model that packs its weights keeps them), with a group added through the
+    inner optimizer, steps as it does without DeepSpeed."""
+    torch.manual_seed(dist.get_rank())
+    out = {"case": "views_of_one_buffer", "rank": dist.get_rank()}
+    made = {}
+    for name in ("here", "twin"):
+        torch.manual_seed(7)
+        buffer = torch.randn(40)
+        params = [torch.nn.Parameter(v) for v in (buffer[:12].view(3, 4), buffer[12:20], buffer[20:40])]
+        optimizer = llaca_optim.LLaCA(torch.optim.SGD(params[:2], lr=0.1))
+        optimizer.optimizer.add_param_group({"params": params[2:], "lr": 0.05})
+        made[name] = (params, optimizer)
+    errors = []
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in made["here"][0]]
+        for name, (params, optimizer) in made.items():
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            if name == "twin":  # the same steps, as if DeepSpeed were not loaded
+                saved = sys.modules.pop("deepspeed")
+            try:
+                optimizer.step()
+            except RuntimeError as err:
+                errors.append(str(err))
+            finally:
+                if name == "twin":
+                    sys.modules["deepspeed"] = saved
+    (here, opt), (twin, twin_opt) = made["here"], made["twin"]
+    out["error"] = errors[0] if errors else None
+    out["bitwise"] = not errors and all(
+        torch.equal(p, q) and torch.equal(opt.ema(p), twin_opt.ema(q)) for p, q in zip(here, twin))
+    return out
+
+
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     assert deepspeed.comm.comm.cdb.shm_comm_op is None, "the shm op stub was not used"
@@ -384,6 +457,7 @@ def main() -> None:
                 run("LLaCAAdamW", 3, offload=True), run("LLaCAAdamW", 2, norms="mean"),
                 run("LLaCAAdamW", 3, norms="mean")]
     results += [fp16_optimizer(kind) for kind in ("flattened", "unfused")]
+    results.append(views_of_one_buffer())
     results.append(trainer_case())
     sys.stdout.write("RESULTS " + json.dumps(results) + "\n")
     sys.stdout.flush()

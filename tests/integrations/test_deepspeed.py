@@ -116,6 +116,29 @@ def test_ema_weights_from_the_checkpoint_files(results, case, rank):
     assert results[(case, rank)]["offline_ema_bitwise"]
 
 
+@pytest.mark.parametrize("case", [c for c in ZERO_CASES if "offload" not in c])
+def test_ema_weights_from_a_relative_folder_and_damaged_files(results, case):
+    """engine.save_checkpoint users pass a relative folder: it reads the same EMA weights as the
+    absolute one. A rank's file missing or cut short is refused naming the user's file or
+    folder, never the temporary copy."""
+    found = results[(case, 0)]["offline_files"]
+    assert found["relative_bitwise"]
+    missing, truncated = found["missing"], found["truncated"]
+    assert missing["error"] is not None and missing["folder"] in missing["error"]
+    assert "missing" in missing["error"] and "/tmp" not in missing["error"].replace(missing["folder"], "")
+    assert truncated["error"] is not None and truncated["file"] in truncated["error"]
+    assert "cut short" in truncated["error"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_views_of_one_buffer_step_with_deepspeed_merely_imported(results, rank):
+    """Importing DeepSpeed is not running it: parameters that are views of one buffer, in a group
+    added through the inner optimizer, step as without DeepSpeed (the fp16 optimizer is
+    recognised by what it sets, a group's parameters replaced by one flat copy of them all)."""
+    r = results[("views_of_one_buffer", rank)]
+    assert r["error"] is None and r["bitwise"]
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_stage_0_steps_as_without_deepspeed(results, rank):
     r = results[("LLaCAAdamW/stage0", rank)]
