@@ -23,6 +23,7 @@ the same. This module imports ``transformers``; ``import llaca_optim`` does not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -91,6 +92,14 @@ class LLaCACallback(TrainerCallback):
         end_task: at the end of training, copy every EMA into its parameter and reset the
             optimizer (:meth:`LLaCAAdamW.end_task`). ``False`` leaves that to you.
         keep_moments: passed to ``end_task``: keep AdamW's moments and step counts.
+        on_task_end: called as ``on_task_end(model, optimizer)`` when training ends, before
+            ``end_task``, on every rank: the moment the EMA and the live weights are both still
+            there, inside ``train()``. For example, to keep the whole EMA weights under
+            DeepSpeed ZeRO (a collective: every rank calls it)::
+
+                from llaca_optim.integrations.deepspeed import ema_state_dict
+                kept = {}
+                LLaCACallback(on_task_end=lambda model, opt: kept.update(ema_state_dict(model, opt)))
         log_alphas: at each logging step add ``llaca/alpha_median`` (over the tensors that have
             had a LLaCA step) and ``llaca/alpha_fallback_fraction`` (the share of tensors whose
             alpha fell back to ``base_weight``) to the log entry in ``trainer.state.log_history``
@@ -105,30 +114,45 @@ class LLaCACallback(TrainerCallback):
     """
 
     def __init__(self, end_task: bool = True, keep_moments: bool = False,
-                 log_alphas: bool = True) -> None:
+                 log_alphas: bool = True,
+                 on_task_end: Callable[[Any, LLaCAOptimizerBase], None] | None = None) -> None:
         for name, value in (("end_task", end_task), ("keep_moments", keep_moments),
                             ("log_alphas", log_alphas)):
             if not isinstance(value, bool):
                 raise TypeError(f"LLaCACallback: {name} must be True or False, got {value!r}")
+        if on_task_end is not None and not callable(on_task_end):
+            raise TypeError("LLaCACallback: on_task_end must be a function of (model, optimizer), "
+                            f"got {on_task_end!r}")
         self.end_task = end_task
         self.keep_moments = keep_moments
         self.log_alphas = log_alphas
-
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        llaca_optimizer(optimizer)
+        self.on_task_end = on_task_end
+        self._logged_step: int | None = None
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if not self.log_alphas or logs is None or optimizer is None:
             return
+        # Once per step: the Trainer's end-of-training entry (train_runtime...) comes at the step
+        # of the last loss entry, whose alphas are already logged.
+        if "train_runtime" in logs or state.global_step == self._logged_step:
+            return
+        self._logged_step = state.global_step
         summary = alpha_summary(llaca_optimizer(optimizer))
         if summary:
             logs.update(summary)
             if state.log_history:  # the Trainer appended this entry just before on_log
                 state.log_history[-1].update(summary)
 
-    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        llaca_optimizer(optimizer)
+        self._logged_step = None
+
+    def on_train_end(self, args, state, control, optimizer=None, model=None, **kwargs):
+        ours = llaca_optimizer(optimizer)
+        if self.on_task_end is not None:
+            self.on_task_end(model, ours)
         if self.end_task:
-            llaca_optimizer(optimizer).end_task(keep_moments=self.keep_moments)
+            ours.end_task(keep_moments=self.keep_moments)
 
 
 def alpha_summary(optimizer: LLaCAOptimizerBase) -> dict[str, float]:

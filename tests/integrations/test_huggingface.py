@@ -252,3 +252,30 @@ def test_peft_lora_task_end_puts_the_ema_into_the_adapters_only(tmp_path, cpu_ba
     # The adapters are what save_pretrained writes: the EMA weights.
     model.save_pretrained(str(tmp_path / "adapter"))
     assert any(f.name.startswith("adapter_model") for f in (tmp_path / "adapter").iterdir())
+
+
+def test_the_task_end_hook_sees_the_ema_and_each_step_logs_its_alphas_once(tmp_path, cpu_backend):
+    """``on_task_end`` runs inside ``train()`` with the model and the optimizer while both the
+    EMA and the live weights are there (the moment to export the EMA); the alphas of a step are
+    logged on its entry only, not again on the end-of-training summary entry."""
+    model = tiny_llama(0)
+    seen = {}
+
+    def hook(m, optimizer):
+        seen["model"] = m
+        seen["emas"] = [optimizer.ema(p).detach().clone() for p in m.parameters()]
+        seen["live"] = [p.detach().clone() for p in m.parameters()]
+
+    trainer = Trainer(model=model, args=training_args(str(tmp_path), steps=6), train_dataset=Tokens(),
+                      optimizer_cls_and_kwargs=(LLaCAAdamW, {}),
+                      callbacks=[LLaCACallback(on_task_end=hook)])
+    trainer.train()
+    assert seen["model"] is model
+    for p, ema in zip(model.parameters(), seen["emas"]):
+        assert torch.equal(p, ema.to(p.dtype))  # end_task came after the hook
+    assert any(not torch.equal(live, ema) for live, ema in zip(seen["live"], seen["emas"]))
+    entries = [e for e in trainer.state.log_history if "llaca/alpha_median" in e]
+    assert [e["step"] for e in entries] == [2, 4, 6]
+    assert not any("train_runtime" in e for e in entries)
+    with pytest.raises(TypeError, match="on_task_end must be a function"):
+        LLaCACallback(on_task_end="save")
