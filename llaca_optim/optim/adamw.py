@@ -11,6 +11,7 @@ from torch import Tensor
 from ..ops.registry import Backend, StepHyper
 from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS
 from ..presets import Preset
+from . import stale
 from . import validation as V
 from .base import LLaCAOptimizerBase, eager_under_compile
 from .plan import run_step
@@ -210,8 +211,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             self._check_loaded_groups("LLaCAAdamW", V.ADAMW_GROUP_KEYS)
             live = self._restore_llaca_entries(state_dict, id_map, self.state)
             self._check_loaded(state_dict, id_map, "LLaCAAdamW")
-            stale = self._restart_stale_emas(state_dict, id_map)
-        self._warn_stale(stale, "LLaCAAdamW")
+            found = self._restart_stale_emas(state_dict, id_map)
+        stale.warn(found, "LLaCAAdamW")
         self._put_back_live_weights(live)
         self._invalidate_plans()
         # Our state dicts hold no pending blends, but one copied from `state` itself may.

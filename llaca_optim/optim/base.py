@@ -21,7 +21,7 @@ from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS
 from ..ops.roles import SHAPED_STATE_KEYS as _ROLE_SHAPED_KEYS
 from ..presets import Preset
 from ..state import counting
-from . import sharded
+from . import sharded, stale
 from . import validation as V
 from .deferred import PendingBlends
 from .plan import PlannedGroup, StepPlanner
@@ -318,85 +318,42 @@ class LLaCAOptimizerBase(Optimizer):
     # checkpoint saved outside the block. A state dict taken outside the block has no
     # "live_param", and loading it leaves the parameters alone.
 
-    # NOTE [stale EMAs] A state dict of ours may pass through an optimizer that does not keep
-    # the EMA: torch.optim.AdamW loads it, carries the unknown "ema" entries along untouched,
-    # trains N steps and saves them again. Loaded back, such an EMA is N steps behind its
-    # parameter, and resuming from it would silently pull the weights back at the end of the
-    # task. So each saved EMA has beside it ("ema_step") the step count of its parameter's
-    # optimizer state at the save: LLaCAAdamW's own "step", the wrapped optimizer's "step" for
-    # LLaCA. A load whose step count differs restarts that EMA from the current weights (as
-    # end_task(keep_moments=True) would) and warns, naming the parameters. An optimizer without
-    # a step count (SGD) gives nothing to compare, and its EMAs load as saved.
-
     def _step_count(self, p: Tensor) -> Any:
-        """The step count of ``p``'s optimizer state that its EMA follows (NOTE [stale EMAs]), or
-        None where there is none."""
+        """The step count of ``p``'s optimizer state that its EMA follows (NOTE [stale EMAs] in
+        stale.py), or None where there is none."""
         raise NotImplementedError
-
-    @staticmethod
-    def _as_numbers(counts: list[Any]) -> list[Any]:
-        """Step counts (tensors on any device, or numbers) as Python numbers (a list for a ZeRO
-        partition's slot vector): one host read per device, at a save or a load, never a step."""
-        out: list[Any] = list(counts)
-        by_device: dict[torch.device, list[int]] = {}
-        for i, count in enumerate(counts):
-            if isinstance(count, Tensor):
-                by_device.setdefault(count.device, []).append(i)
-        for device, positions in by_device.items():
-            flat = torch.cat([counts[i].detach().reshape(-1).to(torch.float64) for i in positions])
-            values = flat.tolist()
-            start = 0
-            for i in positions:
-                n = counts[i].numel()
-                out[i] = values[start] if counts[i].dim() == 0 else values[start:start + n]
-                start += n
-        return out
 
     def _mark_ema_steps(self, saved: dict[str, Any]) -> None:
         params = [p for g in self.param_groups for p in g["params"]]
-        marked = [(entry, self._step_count(params[pid])) for pid, entry in saved["state"].items()
-                  if "ema" in entry and isinstance(pid, int) and pid < len(params)]
-        # A count on the meta device (deferred init, shape tracing) has no value to save.
-        marked = [(entry, count) for entry, count in marked
-                  if count is not None and not (isinstance(count, Tensor) and count.is_meta)]
-        for (entry, _), number in zip(marked, self._as_numbers([c for _, c in marked])):
-            entry[V.EMA_STEP] = number
+        stale.mark([(entry, self._step_count(params[pid])) for pid, entry in saved["state"].items()
+                    if "ema" in entry and isinstance(pid, int) and pid < len(params)])
 
     def _restart_stale_emas(self, state_dict: dict[str, Any], id_map: dict[int, Tensor]) -> list[str]:
-        """Takes the saved step counts out of the loaded state and drops the LLaCA state of each
-        parameter whose EMA did not follow its steps (NOTE [stale EMAs]); returns their labels."""
+        """Takes the EMA marks out of the loaded state and drops the LLaCA state of each
+        parameter whose EMA did not follow its steps; returns what to say of each (NOTE [stale
+        EMAs] in stale.py)."""
         labels = {id(p): V.param_label(group, gi, pi) for gi, group in enumerate(self.param_groups)
                   for pi, p in enumerate(group["params"])}
-        checked = []
-        for pid in state_dict["state"]:
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        loaded = []
+        for pid, entry in state_dict["state"].items():
             p = id_map[pid]
             state = self.state.get(p)
-            if state is None or V.EMA_STEP not in state:
+            if state is None or stale.KEY not in state:
                 continue
-            saved = state.pop(V.EMA_STEP)
-            count = self._step_count(p)
-            if "ema" in state and count is not None and not (isinstance(count, Tensor) and count.is_meta):
-                checked.append((p, saved, count))
-        now = self._as_numbers([count for _, _, count in checked])
-        stale = []
-        for (p, saved, _), current in zip(checked, now):
-            if saved != current:
-                for key in LLACA_STATE_KEYS:
-                    self.state[p].pop(key, None)
-                stale.append(f"{labels[id(p)]}: EMA saved at step {saved}, state at step {current}")
-        return stale
-
-    @staticmethod
-    def _warn_stale(stale: list[str], owner: str) -> None:
-        if stale:
-            shown = "; ".join(stale[:3]) + (f"; and {len(stale) - 3} more" if len(stale) > 3 else "")
-            warnings.warn(
-                f"llaca_optim: the state dict ({owner}) holds EMAs that did not follow their "
-                f"parameters' steps ({shown}): it passed through an optimizer that steps without "
-                "keeping the EMA (torch.optim.AdamW, say). Those EMAs restart from the current "
-                "weights at the next step, as after end_task(keep_moments=True); load a state "
-                "dict that LLaCAAdamW or LLaCA saved at the same step to resume them",
-                UserWarning, stacklevel=3)
+            mark = state.pop(stale.KEY)
+            if "ema" not in state:
+                continue
+            saved_ema = entry.get("ema")
+            own = V.ema_dtype_for(p, group_of[id(p)]["ema_dtype"])
+            cast = (p.dtype if isinstance(saved_ema, Tensor) and saved_ema.dtype != own
+                    and saved_ema.dtype == p.dtype else None)
+            loaded.append((p, mark, self._step_count(p), state["ema"], cast))
+        found = stale.find(loaded)
+        for p, _ in found:
+            for key in LLACA_STATE_KEYS:
+                self.state[p].pop(key, None)
+        return [f"{labels[id(p)]}: {what}" for p, what in found]
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict, taken after :meth:`flush_ema` (so every EMA is up to date) and

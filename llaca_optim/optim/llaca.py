@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 
 from ..ops.registry import Backend, StepHyper
 from ..ops.roles import LLACA_UPDATE
+from . import stale
 from . import validation as V
 from .base import LLaCAOptimizerBase, eager_under_compile
 from .inner_check import check_inner_state_dict
@@ -173,7 +174,7 @@ class LLaCA(LLaCAOptimizerBase):
             self._check_loaded_groups("LLaCA", ())
             live = self._restore_llaca_entries(state_dict["llaca"], id_map, self.state)
             self._check_loaded(state_dict["llaca"], id_map, "LLaCA")
-            stale = self._restart_stale_emas(state_dict["llaca"], id_map)
-        self._warn_stale(stale, "LLaCA")
+            found = self._restart_stale_emas(state_dict["llaca"], id_map)
+        stale.warn(found, "LLaCA")
         self._put_back_live_weights(live)
         self._invalidate_plans()

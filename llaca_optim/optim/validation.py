@@ -175,9 +175,6 @@ SLOT_DTYPES = roles.SLOT_DTYPES
 # parameter does not hold while its EMA is swapped in (NOTE [state dicts inside the EMA swap] in
 # base.py). Loading puts them back into the parameter; the state never keeps them.
 LIVE_PARAM = "live_param"
-# The entry a state dict adds beside each EMA: the optimizer's step count when the EMA was saved
-# (NOTE [stale EMAs] in base.py), as a Python number, which torch's loaders carry untouched.
-EMA_STEP = "ema_step"
 # The group options an AdamW step reads that no default can stand in for when a loaded group
 # lacks them (the others take their defaults, as torch.optim.AdamW's loader gives them).
 ADAMW_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay")

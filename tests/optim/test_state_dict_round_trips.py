@@ -231,3 +231,45 @@ def test_a_loaded_ema_dtype_word_is_refused_naming_the_fix(kind):
     with pytest.raises(ValueError, match=r"ema_dtype.*'half'.*param_groups\[0\].*torch\.half"):
         optimizer.load_state_dict(saved)
     assert_same(before, snapshot(model, optimizer))
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+def test_a_state_dict_kept_in_memory_while_training_goes_on_loads_its_current_ema(kind):
+    """torch's state dicts hold the live state tensors: one kept in memory while training goes
+    on holds a step count and an EMA that moved on together. Loading it is not a stale EMA."""
+    model = make_model()
+    optimizer = (LLaCAAdamW(model.parameters(), lr=1e-2) if kind == "fused"
+                 else LLaCA(torch.optim.Adam(model.parameters(), lr=1e-2)))
+    train(model, optimizer, 3)
+    kept = optimizer.state_dict()
+    train(model, optimizer, 3)
+    twin_model = copy.deepcopy(model)
+    twin = (LLaCAAdamW(twin_model.parameters(), lr=1e-2) if kind == "fused"
+            else LLaCA(torch.optim.Adam(twin_model.parameters(), lr=1e-2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twin.load_state_dict(kept)
+        optimizer.load_state_dict(kept)
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert_equal(twin.ema(q), optimizer.ema(p), what="ema")
+
+
+def test_an_ema_cast_by_adamws_loader_is_still_found_stale():
+    """torch's loader casts every floating state tensor to the parameter's dtype: a float32 EMA
+    of a bfloat16 parameter comes back rounded, and is still recognised as not having moved."""
+    model = make_model().to(torch.bfloat16)
+    ours = LLaCAAdamW(model.parameters(), lr=1e-2)
+    for _ in range(4):
+        ours.zero_grad()
+        model(torch.randn(5, 6, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+        ours.step()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    adamw.load_state_dict(ours.state_dict())
+    assert adamw.state[model[0].weight]["ema"].dtype == torch.bfloat16
+    adamw.zero_grad()
+    model(torch.randn(5, 6, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+    adamw.step()
+    back = LLaCAAdamW(model.parameters(), lr=1e-2)
+    with pytest.warns(UserWarning, match="did not follow"):
+        back.load_state_dict(adamw.state_dict())
+    assert all(back.ema(p) is None for p in model.parameters())
