@@ -23,6 +23,7 @@ the same. This module imports ``transformers``; ``import llaca_optim`` does not.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -56,7 +57,10 @@ if _release(transformers.__version__) < _release(MIN_TRANSFORMERS):
         f"Trainer's optimizer_cls_and_kwargs), found {transformers.__version__}: pip install "
         f"'transformers>={MIN_TRANSFORMERS}'")
 
+from ..optim import telemetry
 from ..optim.base import LLaCAOptimizerBase
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["LLaCACallback", "alpha_summary", "llaca_optimizer"]
 
@@ -128,6 +132,10 @@ class LLaCACallback(TrainerCallback):
         self.log_alphas = log_alphas
         self.on_task_end = on_task_end
         self._logged_step: int | None = None
+        self._task_start = 0
+        self._fallback_streak = 0
+        self._last: dict[str, float] = {}
+        self._said: set[str] = set()
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if not self.log_alphas or logs is None or optimizer is None:
@@ -142,13 +150,34 @@ class LLaCACallback(TrainerCallback):
             logs.update(summary)
             if state.log_history:  # the Trainer appended this entry just before on_log
                 state.log_history[-1].update(summary)
+            self._last = summary
+            fixed = summary["llaca/alpha_fallback_fraction"] >= telemetry.FALLBACK_SHARE
+            self._fallback_streak = self._fallback_streak + 1 if fixed else 0
+            if self._fallback_streak >= 3:  # three logging steps in a row: not a passing phase
+                self._say(summary, state.global_step - self._task_start, only=telemetry.FIXED_EMA)
+
+    def _say(self, summary: dict[str, float], steps: int, only: str | None = None) -> None:
+        """Logs, once per callback and kind, what the balance weights say about the settings
+        (llaca_optim/optim/telemetry.py): the same words as the optimizer's warning."""
+        for code, message in telemetry.diagnose(summary["llaca/alpha_median"],
+                                                summary["llaca/alpha_fallback_fraction"], steps):
+            if code not in self._said and (only is None or code == only):
+                self._said.add(code)
+                logger.warning(message)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         llaca_optimizer(optimizer)
         self._logged_step = None
+        self._task_start = state.global_step
+        self._fallback_streak = 0
+        self._last = {}
 
     def on_train_end(self, args, state, control, optimizer=None, model=None, **kwargs):
         ours = llaca_optimizer(optimizer)
+        if self.log_alphas:
+            summary = alpha_summary(ours) or self._last
+            if summary:
+                self._say(summary, state.global_step - self._task_start)
         if self.on_task_end is not None:
             self.on_task_end(model, ours)
         if self.end_task:

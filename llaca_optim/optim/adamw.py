@@ -171,6 +171,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         plan = [(self._hyper(group, balance), buckets)
                 for group, buckets, balance in self._plan_step() if buckets]
         run_step(plan, adamw=True, pending=self._pending)
+        self._task_steps += 1
 
     def _hyper(self, group: dict[str, Any], balance: Preset) -> StepHyper:
         beta1, beta2 = (float(b) for b in group["betas"])

@@ -21,7 +21,7 @@ from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS
 from ..ops.roles import SHAPED_STATE_KEYS as _ROLE_SHAPED_KEYS
 from ..presets import Preset
 from ..state import counting
-from . import sharded, stale
+from . import sharded, stale, telemetry
 from . import validation as V
 from .deferred import PendingBlends
 from .plan import PlannedGroup, StepPlanner
@@ -67,6 +67,8 @@ class LLaCAOptimizerBase(Optimizer):
         self.state = counting(self.state)  # see state.py
         self._zero = deepspeed.ZeroPartitions()
         self._pending = PendingBlends(self._backends)
+        self._task_steps = 0  # steps since the last end_task (telemetry.py)
+        self._warned: set[str] = set()
         self._planner = StepPlanner(
             op=self._op, backends=self._backends, zero=self._zero,
             pending=self._pending, owner=type(self).__name__)
@@ -292,6 +294,7 @@ class LLaCAOptimizerBase(Optimizer):
         inner optimizer's moments and step counts and drops only the LLaCA state."""
         self._check_not_swapped("end the task")
         self.flush_ema()
+        self._say_what_the_alphas_say()
         with torch.no_grad():
             ended = []
             for p, state in self._llaca_params():
@@ -303,6 +306,21 @@ class LLaCAOptimizerBase(Optimizer):
 
     def _reset_for_new_task(self, keep_moments: bool) -> None:
         raise NotImplementedError
+
+    def _say_what_the_alphas_say(self) -> None:
+        """At a task's end: warns, once per optimizer and kind, when the task's balance weights
+        show LLaCA as a fixed EMA or as an EMA too slow for the task (telemetry.py)."""
+        steps, self._task_steps = self._task_steps, 0
+        found = self.alphas()
+        seen = found.alphas >= 0
+        if steps < telemetry.MIN_STEPS or not bool(seen.any()):
+            return
+        median = float(found.alphas[seen].double().median())
+        fallback = float(found.fell_back[seen].double().mean())
+        for code, message in telemetry.diagnose(median, fallback, steps):
+            if code not in self._warned:
+                self._warned.add(code)
+                warnings.warn(message, UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ state dicts
 

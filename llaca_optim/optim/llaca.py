@@ -138,6 +138,7 @@ class LLaCA(LLaCAOptimizerBase):
                              mean_norms=balance.mean_norms), buckets)
                   for _, buckets, balance in plan if buckets],
                  adamw=False, pending=self._pending)
+        self._task_steps += 1
 
     def _step_count(self, p: Tensor) -> Any:
         # The wrapped optimizer's count (Adam's, RMSprop's, Adafactor's...); SGD keeps none.

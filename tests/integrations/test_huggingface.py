@@ -279,3 +279,17 @@ def test_the_task_end_hook_sees_the_ema_and_each_step_logs_its_alphas_once(tmp_p
     assert not any("train_runtime" in e for e in entries)
     with pytest.raises(TypeError, match="on_task_end must be a function"):
         LLaCACallback(on_task_end="save")
+
+
+def test_the_callback_logs_a_task_run_as_a_fixed_ema_once(tmp_path, cpu_backend, caplog):
+    """What the optimizer warns at the task's end, the callback says in the Trainer's log as soon
+    as three logging steps in a row show it, once."""
+    model = tiny_llama(0)
+    trainer = Trainer(model=model, args=training_args(str(tmp_path), steps=24, logging_steps=2),
+                      train_dataset=Tokens(), optimizer_cls_and_kwargs=(LLaCAAdamW, {"scale": 1e9}),
+                      callbacks=[LLaCACallback()])
+    with caplog.at_level("WARNING", logger="llaca_optim"):
+        with pytest.warns(UserWarning, match="fixed EMA"):  # the optimizer's, at end_task
+            trainer.train()
+    said = [r.getMessage() for r in caplog.records if "fixed EMA" in r.getMessage()]
+    assert len(said) == 1 and "Lower `scale`" in said[0]

@@ -1,0 +1,81 @@
+"""The balance weights speak: a task in which LLaCA was a fixed EMA (nearly every alpha fell back
+to base_weight), or one whose EMA was too slow to follow the weights, ends with one warning that
+names the knob to turn; once per optimizer, never during a step."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from llaca_optim import LLaCA, LLaCAAdamW
+from llaca_optim.optim import telemetry
+
+
+def run_task(model, optimizer, steps):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(8, 6)).pow(2).mean().backward()
+        optimizer.step()
+
+
+def make(kind, model, **knobs):
+    if kind == "fused":
+        return LLaCAAdamW(model.parameters(), lr=1e-2, **knobs)
+    return LLaCA(torch.optim.AdamW(model.parameters(), lr=1e-2), **knobs)
+
+
+def messages(record):
+    return [str(w.message) for w in record if "llaca_optim:" in str(w.message)]
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+def test_a_task_run_as_a_fixed_ema_says_so_once(kind):
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    optimizer = make(kind, model, scale=1e9)  # every alpha far above 1: all fall back
+    run_task(model, optimizer, telemetry.MIN_STEPS + 5)
+    assert bool(optimizer.alphas().fell_back.all())
+    with pytest.warns(UserWarning, match=r"100% of the tensors' alphas fell out.*fixed EMA.*Lower `scale`"):
+        optimizer.end_task()
+    run_task(model, optimizer, telemetry.MIN_STEPS + 5)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        optimizer.end_task()
+    assert messages(record) == []  # said once
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+def test_an_ema_too_slow_for_its_task_says_so(kind):
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    optimizer = make(kind, model, scale=1e-12, norms="mean")
+    steps = telemetry.MIN_STEPS + 10
+    run_task(model, optimizer, steps)
+    found = optimizer.alphas()
+    median = float(found.alphas.double().median())
+    assert telemetry.kept_share(median, steps) < telemetry.MIN_KEPT
+    with pytest.warns(UserWarning, match=rf"median alpha was .* in a task of {steps} steps.*Raise `scale`"):
+        optimizer.end_task()
+
+
+def test_short_tasks_and_adaptive_alphas_say_nothing():
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    optimizer = LLaCAAdamW(model.parameters(), lr=1e-2, scale=1e9)
+    run_task(model, optimizer, telemetry.MIN_STEPS - 1)  # too short to judge
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        optimizer.end_task()
+    assert messages(record) == []
+
+
+@pytest.mark.parametrize("median, fallback, steps, codes", [
+    (0.01, 0.96, 100, [telemetry.FIXED_EMA]),
+    (0.01, 0.50, 100, []),                    # 1 - 0.99^100 = 63% kept
+    (0.001, 0.50, 100, [telemetry.TOO_SLOW]),  # 10% kept
+    (0.001, 0.50, 1000, []),
+    (1e-9, 0.99, 100, [telemetry.FIXED_EMA]),  # the fallback is what the task ran on
+    (0.01, 1.0, telemetry.MIN_STEPS - 1, []),
+])
+def test_the_rules(median, fallback, steps, codes):
+    assert [code for code, _ in telemetry.diagnose(median, fallback, steps)] == codes
