@@ -20,8 +20,8 @@ PACKAGE = Path(llaca_optim.__file__).resolve().parent
 LAYERS = (
     ("optim/adamw.py", "optim/llaca.py", "optim/base.py"),
     ("optim/plan.py",),
-    ("optim/deferred.py", "optim/sharded.py", "optim/validation.py", "state.py",
-     "integrations/deepspeed.py"),
+    ("optim/deferred.py", "optim/sharded.py", "optim/validation.py", "optim/stale.py",
+     "optim/telemetry.py", "state.py", "integrations/deepspeed.py"),
     ("ops/registry.py",),
     ("ops/library.py", "ops/roles.py"),
     ("ops/reference.py", "ops/native.py", "ops/triton/__init__.py", "ops/triton/launcher.py"),
