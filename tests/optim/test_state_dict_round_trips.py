@@ -15,6 +15,7 @@ from torch import nn
 
 from llaca_optim import LLaCA, LLaCAAdamW, functional
 from support.compare import assert_equal
+from support.state import assert_same, everything, make_model, train
 
 # Each LLaCA knob with a value other than the library's default (and other than the preset's
 # values, so that a knob reset to its default shows).
@@ -26,47 +27,6 @@ KNOBS = {
     "llaca": False,
     "ema_dtype": torch.float64,
 }
-
-
-def make_model() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
-
-
-def train(model, optimizer, steps, grads=None):
-    used = []
-    for i in range(steps):
-        optimizer.zero_grad()
-        if grads is None:
-            model(torch.randn(5, 6)).pow(2).mean().backward()
-            used.append([p.grad.clone() for p in model.parameters()])
-        else:
-            for p, g in zip(model.parameters(), grads[i]):
-                p.grad = g.clone()
-        optimizer.step()
-    return used
-
-
-def snapshot(model, optimizer):
-    optimizer.flush_ema()
-    states = [optimizer.state] + ([optimizer.optimizer.state] if isinstance(optimizer, LLaCA) else [])
-    return copy.deepcopy({
-        "params": [p.detach().clone() for p in model.parameters()],
-        "state": [dict(s.get(p, {})) for s in states for p in model.parameters()],
-        "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-    })
-
-
-def assert_same(before, after):
-    assert before["groups"] == after["groups"]
-    for i, (x, y) in enumerate(zip(before["params"], after["params"])):
-        assert_equal(y, x, what=f"param {i}")
-    for i, (x, y) in enumerate(zip(before["state"], after["state"])):
-        assert x.keys() == y.keys(), f"state {i}: {sorted(x)} != {sorted(y)}"
-        for key in x:
-            if isinstance(x[key], torch.Tensor):
-                assert_equal(y[key], x[key], what=f"state {i} {key}")
-            else:
-                assert x[key] == y[key], f"state {i} {key}"
 
 
 # ---------------------------------------------------------------- the optimizer's own knobs
@@ -92,7 +52,7 @@ def test_an_adamw_checkpoint_keeps_the_llaca_adamw_knobs(knob):
         g[knob] = KNOBS[knob]
     grads = train(model, ours, 4)
     train(twin_model, twin, 4, grads)
-    assert_same(snapshot(twin_model, twin), snapshot(model, ours))
+    assert_same(everything(twin_model, twin), everything(model, ours))
     if knob == "llaca":
         assert all(ours.ema(p) is None for p in model.parameters())
     if knob == "ema_dtype":
@@ -152,7 +112,7 @@ def test_an_ema_carried_through_adamw_restarts_with_a_warning(carried_steps):
     twin.load_state_dict(_without_llaca(carried))
     grads = train(model, back, 3)
     train(twin_model, twin, 3, grads)
-    assert_same(snapshot(twin_model, twin), snapshot(model, back))
+    assert_same(everything(twin_model, twin), everything(model, back))
 
 
 def test_an_ema_that_followed_every_step_loads_silently():
@@ -174,7 +134,7 @@ def test_an_ema_that_followed_every_step_loads_silently():
     reference_model, reference = copy.deepcopy((model, ours))
     grads = train(reference_model, reference, 2)
     train(twin_model, twin, 2, grads)
-    assert_same(snapshot(reference_model, reference), snapshot(twin_model, twin))
+    assert_same(everything(reference_model, reference), everything(twin_model, twin))
 
 
 def test_the_wrappers_ema_behind_its_inner_optimizer_restarts_with_a_warning():
@@ -227,10 +187,10 @@ def test_a_loaded_ema_dtype_word_is_refused_naming_the_fix(kind):
     # The wrapper's groups are its inner optimizer's: both parts of its state dict hold them.
     for part in ([saved] if kind == "fused" else [saved["inner"], saved["llaca"]]):
         part["param_groups"][0]["ema_dtype"] = "half"
-    before = snapshot(model, optimizer)
+    before = everything(model, optimizer)
     with pytest.raises(ValueError, match=r"ema_dtype.*'half'.*param_groups\[0\].*torch\.half"):
         optimizer.load_state_dict(saved)
-    assert_same(before, snapshot(model, optimizer))
+    assert_same(before, everything(model, optimizer))
 
 
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
