@@ -51,6 +51,9 @@ SCALES: dict[str, dict[str, tuple[float, ...]]] = {
                     "mean": (1e-9, 3e-9, 1e-8, 3e-8, 1e-7, 3e-7, 1e-6)},
 }
 QUICK_SCALES = {"sum": (0.1, 2.0), "mean": (1e-9, 1e-7)}
+# The horizon prototype (horizon.py), at the fixed EMA's horizons (1 / weight): each point has a
+# fixed-EMA twin of the same time constant.
+HORIZONS = tuple(round(1 / w) for w in EMA_WEIGHTS)
 
 
 class Recorded:
@@ -110,6 +113,11 @@ def frontier_methods(family: str, lr: float, backend: str = "auto", quick: bool 
     for w in weights:
         out.append((f"EMA w={w:g}", {"kind": "ema", "ema_weight": w},
                     lambda ps, w=w: AdamWWithFixedEMA(ps, lr, weight=w)))
+    from .horizon import HorizonLLaCA
+
+    for h in (HORIZONS[1::3] if quick else HORIZONS):
+        out.append((f"LLaCA horizon={h:g}", {"kind": "llaca-horizon", "horizon": h},
+                    Telemetry(lambda ps, h=h: HorizonLLaCA(ps, lr, horizon=h))))
     grids = QUICK_SCALES if quick else SCALES[family]
     for norms in ("sum", "mean"):
         for scale in grids[norms]:
@@ -155,7 +163,8 @@ def analyse(results: dict) -> dict:
     adamw = [r for r in rows if r["settings"].get("kind") == "adamw"]
     if adamw:
         out["adamw"] = {k: adamw[0][k] for k in ("forgetting", "forgetting_std", "new_acc", "new_acc_std")}
-    for kind in ("ema", "llaca-sum", "llaca-mean"):
+    ema_by_weight = {r["settings"]["ema_weight"]: r for r in ema}
+    for kind in ("ema", "llaca-sum", "llaca-mean", "llaca-horizon"):
         curve = _curve(rows, kind)
         points = []
         for r in curve:
@@ -175,6 +184,20 @@ def analyse(results: dict) -> dict:
                     point["spread"] = spread
                     point["below_ema"] = gap > spread
                     point["above_ema"] = -gap > spread
+                twin = ema_by_weight.get(1 / r["settings"]["horizon"]) if kind == "llaca-horizon" else None
+                if twin is None and kind == "llaca-horizon":
+                    twin = min(ema, key=lambda e: abs(math.log(e["settings"]["ema_weight"] * r["settings"]["horizon"])),
+                               default=None)
+                if twin is not None:  # the fixed EMA of the same horizon
+                    point["same_horizon_ema"] = twin["method"]
+                    point["forgetting_less_than_same_horizon"] = twin["forgetting"] - r["forgetting"]
+                    point["new_acc_less_than_same_horizon"] = twin["new_acc"] - r["new_acc"]
+                    if "median_alpha" in r:
+                        point["median_alpha_times_horizon"] = r["median_alpha"] * r["settings"]["horizon"]
+                    # The aim, at the same horizon: 2 points less Forgetting, at most 3 less New.ACC.
+                    point["aim_met_same_horizon"] = (
+                        point["forgetting_less_than_same_horizon"] >= 0.02
+                        and point["new_acc_less_than_same_horizon"] <= 0.03)
                 best = _nearest_ema(ema, r, 0.03)
                 # The aim: 2 points less Forgetting than a fixed EMA at a New.ACC at most 3
                 # points lower (here: than every EMA point of at most 3 points more New.ACC).
@@ -195,6 +218,11 @@ def analyse(results: dict) -> dict:
                 "aim_met": any(p.get("aim_met") for p in points),
                 "aim_met_beyond_spread": any(p.get("aim_met_beyond_spread") for p in points),
             }
+            if kind == "llaca-horizon":
+                out["verdict"][kind]["aim_met_same_horizon"] = [
+                    p["method"] for p in points if p.get("aim_met_same_horizon")]
+                ratios = [p["median_alpha_times_horizon"] for p in points if "median_alpha_times_horizon" in p]
+                out["verdict"][kind]["median_alpha_times_horizon"] = [min(ratios), max(ratios)] if ratios else None
     return out
 
 
@@ -207,7 +235,8 @@ def plot(analysis: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     styles = {"ema": ("fixed EMA (weight swept)", "o-", "tab:blue"),
               "llaca-sum": ("LLaCA norms=sum (scale swept)", "s-", "tab:red"),
-              "llaca-mean": ("LLaCA norms=mean (scale swept)", "^-", "tab:green")}
+              "llaca-mean": ("LLaCA norms=mean (scale swept)", "^-", "tab:green"),
+              "llaca-horizon": ("LLaCA horizon=H prototype (H swept)", "D-", "tab:purple")}
     for kind, (label, fmt, color) in styles.items():
         points = analysis["curves"].get(kind, [])
         if not points:
