@@ -4,14 +4,16 @@
 LLaCA's weight for a tensor at a step is ``scale * r`` with the signal ``r = (1 + b) / (a c)``
 (``a = |p - ema|_1``, ``b = |g|_1``, ``c = |g - g_prev|_1``). The level of ``r`` falls as a power
 of the tensor's size (docs/coin-recipe.md), so one ``scale`` is a different EMA at each size.
-Here each tensor keeps the running mean of ``log r`` over the steps of the current task (two
-numbers per tensor, which a kernel would keep on the device beside ``alpha``: no host sync), and
+Here each tensor keeps a running mean of ``log r`` (two numbers per tensor, which a kernel
+would keep on the device beside ``alpha``: no host sync): the mean of the task's steps so far for
+its first WINDOW steps, then an EMA of weight 1/WINDOW, so that it follows the signal's level as
+the task goes on (the drift from the EMA, and with it the signal, changes over a task). Then
 
-    alpha = min(1/H * r / exp(mean log r), ALPHA_MAX)
+    alpha = min(1/H * r / exp(running mean of log r), ALPHA_MAX)
 
-so that alpha's geometric mean over a task is 1/H whatever the tensor's size, while a step whose
-signal is above its task's typical level (large gradient, small drift, a steady gradient) blends
-more, one below it less. The first step of a task has no previous gradient and blends 1/H; so
+so that alpha's typical value is 1/H whatever the tensor's size, while a step whose signal is
+above its recent level (large gradient, small drift, a steady gradient) blends more, one below it
+less. The first step of a task has no previous gradient and blends 1/H; so
 does a step whose signal is not finite (``a c = 0``). ``end_task`` puts the EMA into the weights
 and starts the statistic afresh, as LLaCA's state.
 
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 ALPHA_MAX = 0.5  # a blend that would move the EMA most of the way to p is capped here
+WINDOW = 20      # steps: the running mean's memory once the task is that old
 
 
 @dataclass
@@ -79,7 +82,7 @@ class HorizonLLaCA:
             if math.isfinite(r) and r > 0:
                 log_r = math.log(r)
                 s["count"] += 1
-                s["log_mean"] += (log_r - s["log_mean"]) / s["count"]
+                s["log_mean"] += (log_r - s["log_mean"]) / min(s["count"], WINDOW)
                 alpha = min(base * math.exp(log_r - s["log_mean"]), ALPHA_MAX)
                 fell_back = False
             else:

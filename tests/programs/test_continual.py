@@ -162,3 +162,23 @@ def test_published_code_path_probe(tmp_path):
     assert plain["deepspeed"] is None and plain["tensor_steps_without_grad"] == 0
     assert published["tensor_steps"] > 0
     assert published["tensor_steps_without_grad"] == published["tensor_steps"]
+
+
+def test_a_quick_frontier_writes_its_curves_and_verdict(tmp_path, cpu_backend):
+    """``--frontier``: every method of the frontier (AdamW, the fixed EMA, LLaCA's scales for
+    both norms, the horizon prototype) runs, and frontier.json holds the curves and the verdict."""
+    import json
+
+    from benchmarks.continual import frontier, suite
+
+    suite.run(["--frontier", "--family", "digits", "--quick", "--out", str(tmp_path), "--no-progress"])
+    data = json.loads((tmp_path / "digits" / "frontier" / "frontier.json").read_text())
+    ran = json.loads((tmp_path / "digits" / "frontier" / "results.json").read_text())
+    assert {r["method"] for r in ran["results"]} == {
+        name for name, _, _ in frontier.frontier_methods("digits", 1e-3, quick=True)}
+    assert set(data["curves"]) == {"ema", "llaca-sum", "llaca-mean", "llaca-horizon"}
+    assert set(data["verdict"]) == {"llaca-sum", "llaca-mean", "llaca-horizon"}
+    for row in ran["results"]:
+        if row["settings"]["kind"].startswith("llaca"):
+            assert 0 <= row["fallback_fraction"] <= 1 and row["median_alpha"] > 0
+    assert (tmp_path / "digits" / "frontier" / "frontier.png").is_file()

@@ -1,0 +1,81 @@
+"""The frontiers of benchmarks/continual: the comparison with the fixed EMA follows its
+definition (linear reading of the EMA's curve, the spreads added in quadrature, the aim's
+margins), and the horizon prototype's alphas sit at 1/H whatever the tensor's size."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.continual import frontier
+from benchmarks.continual.horizon import ALPHA_MAX, WINDOW, HorizonLLaCA
+
+
+def _row(kind, method, forgetting, new_acc, f_std=0.01, n_std=0.01, **settings):
+    return {"method": method, "settings": {"kind": kind, **settings}, "forgetting": forgetting,
+            "forgetting_std": f_std, "new_acc": new_acc, "new_acc_std": n_std, "avg_acc": 0.5}
+
+
+def test_the_analysis_reads_the_fixed_emas_curve_at_each_llaca_point():
+    rng = random.Random()
+    weights = [0.001, 0.01, 0.1]
+    ema = [_row("ema", f"EMA w={w:g}", f, n, f_std=rng.uniform(0.005, 0.05), ema_weight=w)
+           for w, f, n in zip(weights, sorted(rng.uniform(0.1, 0.7) for _ in weights),
+                              sorted(rng.uniform(0.3, 0.95) for _ in weights))]
+    lo, hi = ema[0], ema[1]
+    t = rng.uniform(0.1, 0.9)
+    new_acc = lo["new_acc"] + t * (hi["new_acc"] - lo["new_acc"])
+    expected_ema = lo["forgetting"] + t * (hi["forgetting"] - lo["forgetting"])
+    expected_std = lo["forgetting_std"] + t * (hi["forgetting_std"] - lo["forgetting_std"])
+    ours = _row("llaca-sum", "LLaCA sum scale=1", expected_ema - 0.05, new_acc, f_std=0.02, scale=1.0)
+    outside = _row("llaca-sum", "LLaCA sum scale=9", 0.0, 0.05, scale=9.0)  # below the curve's range
+    horizon = _row("llaca-horizon", "LLaCA horizon=100", hi["forgetting"] - 0.025,
+                   hi["new_acc"] - 0.02, horizon=100)
+    horizon["median_alpha"] = 0.004
+    result = frontier.analyse({"family": "f", "protocol": "p", "command": "c",
+                               "results": ema + [ours, outside, horizon]})
+    point = next(p for p in result["curves"]["llaca-sum"] if p["method"] == ours["method"])
+    assert point["ema_forgetting_here"] == pytest.approx(expected_ema)
+    assert point["gap"] == pytest.approx(0.05)
+    assert point["spread"] == pytest.approx(math.hypot(expected_std, 0.02))
+    assert point["below_ema"] == (0.05 > math.hypot(expected_std, 0.02))
+    assert "gap" not in next(p for p in result["curves"]["llaca-sum"] if p["method"] == outside["method"])
+    h = result["curves"]["llaca-horizon"][0]
+    assert h["same_horizon_ema"] == "EMA w=0.01"
+    assert h["forgetting_less_than_same_horizon"] == pytest.approx(0.025)
+    assert h["aim_met_same_horizon"] and h["median_alpha_times_horizon"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("horizon", [10, 100, 1000])
+def test_the_horizon_prototype_blends_about_one_over_h_at_every_size(horizon):
+    """Layers of very different sizes (12 to 60,000 elements): with a fixed scale their alphas
+    differ by orders of magnitude; with a horizon, each tensor's median alpha over a task is
+    within 3x of 1/H, and over the steps before the running mean starts forgetting (its first
+    WINDOW) the alphas' geometric mean is 1/H exactly (the cap aside)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 200))
+    optimizer = HorizonLLaCA(model.parameters(), lr=1e-3, horizon=horizon)
+    seen = [[] for _ in model.parameters()]
+    labels = torch.randint(0, 200, (400,))
+    inputs = torch.randn(400, 4)
+    for step in range(120):
+        batch = torch.randint(0, 400, (32,))
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs[batch]), labels[batch]).backward()
+        optimizer.step()
+        found = optimizer.alphas()
+        for i, (alpha, fell_back) in enumerate(zip(found.alphas.tolist(), found.fell_back.tolist())):
+            if not fell_back:
+                seen[i].append(alpha)
+    for alphas in seen:
+        assert len(alphas) >= 100
+        # The mean of log alpha over steps 2..t is log(1/H) + the mean of (log r_t - running
+        # mean_t): exactly log(1/H) at the first adaptive step, and close over the first WINDOW.
+        first = alphas[:WINDOW - 1]
+        if max(first) < ALPHA_MAX:
+            assert first[0] == pytest.approx(1 / horizon, rel=1e-6)
+        assert 1 / 3 < statistics.median(alphas) * horizon < 3
