@@ -62,8 +62,26 @@ def pretrain(seed: int, width: int, steps: int) -> Base:
     return Base(seed, {k: v.clone() for k, v in model.state_dict().items()})
 
 
+def lr_factor(step: int, steps: int, schedule: str, warmup: float) -> float:
+    """The learning rate's factor at ``step`` (0-based) of a task of ``steps``: ``constant``, or
+    the published recipe's ``cosine`` (a linear warm-up over the first ``warmup`` share of the
+    steps, then a cosine decay to zero), restarted at every task as the recipe restarts its run."""
+    if schedule == "constant":
+        return 1.0
+    ramp = max(1, math.ceil(warmup * steps))
+    if step < ramp:
+        return (step + 1) / ramp
+    return 0.5 * (1.0 + math.cos(math.pi * (step - ramp) / max(1, steps - ramp)))
+
+
+def _groups(optimizer):
+    """The param groups an optimizer of the suite steps with (its own, or its inner AdamW's)."""
+    groups = getattr(optimizer, "param_groups", None)
+    return groups if groups is not None else optimizer.inner.param_groups
+
+
 def run(method_name: str, make_optimizer, base: Base, tasks: int, steps: int, width: int,
-        rank: int, progress) -> demo.Result:
+        rank: int, progress, schedule: str = "constant", warmup: float = 0.03) -> demo.Result:
     model = demo.make_model(base.seed, width)
     model.load_state_dict(base.state)
     generator = torch.Generator().manual_seed(base.seed + 1)
@@ -77,7 +95,10 @@ def run(method_name: str, make_optimizer, base: Base, tasks: int, steps: int, wi
         if optimizer is None or not hasattr(optimizer, "end_task"):
             optimizer = make_optimizer(trainable)  # fresh state per task, as the recipe does
         x, y = train
-        for _ in range(args.steps):
+        peak = [group["lr"] for group in _groups(optimizer)]
+        for step in range(args.steps):
+            for group, lr in zip(_groups(optimizer), peak):
+                group["lr"] = lr * lr_factor(step, args.steps, schedule, warmup)
             batch = torch.randint(0, len(y), (args.batch,), generator=generator)
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
@@ -85,6 +106,8 @@ def run(method_name: str, make_optimizer, base: Base, tasks: int, steps: int, wi
             optimizer.step()
             step_times.append(time.perf_counter() - start)
             progress.update(1)
+        for group, lr in zip(_groups(optimizer), peak):
+            group["lr"] = lr  # the next task's schedule starts from the peak again
         if hasattr(optimizer, "end_task"):
             optimizer.end_task()
         matrix.append([demo.accuracy(model, data[j][1]) for j in range(t + 1)])

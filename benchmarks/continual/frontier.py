@@ -104,23 +104,27 @@ class Telemetry:
                 "fallback_fraction": statistics.fmean(fell) if fell else None}
 
 
-def frontier_methods(family: str, lr: float, backend: str = "auto", quick: bool = False):
-    """(name, settings, factory) of every frontier method, AdamW first."""
+def frontier_methods(family: str, lr: float, backend: str = "auto", quick: bool = False,
+                     every: int = 1):
+    """(name, settings, factory) of every frontier method, AdamW first. ``family`` names the
+    grids (a recipe-length variant, ``digits-lora-cosine-500``, takes its family's); ``every``
+    keeps every n-th value of each grid (the long runs' thinner frontiers)."""
+    family = next(f for f in sorted(SCALES, key=len, reverse=True) if family.startswith(f))
     from .methods import AdamWWithFixedEMA
 
     out = [("AdamW", {"kind": "adamw"}, lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True))]
-    weights = EMA_WEIGHTS[1::2] if quick else EMA_WEIGHTS
+    weights = EMA_WEIGHTS[1::2] if quick else EMA_WEIGHTS[::every]
     for w in weights:
         out.append((f"EMA w={w:g}", {"kind": "ema", "ema_weight": w},
                     lambda ps, w=w: AdamWWithFixedEMA(ps, lr, weight=w)))
     from .horizon import HorizonLLaCA
 
-    for h in (HORIZONS[1::3] if quick else HORIZONS):
+    for h in (HORIZONS[1::3] if quick else HORIZONS[::every]):
         out.append((f"LLaCA horizon={h:g}", {"kind": "llaca-horizon", "horizon": h},
                     Telemetry(lambda ps, h=h: HorizonLLaCA(ps, lr, horizon=h))))
     grids = QUICK_SCALES if quick else SCALES[family]
     for norms in ("sum", "mean"):
-        for scale in grids[norms]:
+        for scale in grids[norms][::1 if quick else every]:
             factory = (lambda ps, s=scale, n=norms: llaca_optim.LLaCAAdamW(
                 ps, lr=lr, scale=s, base_weight=BASE_WEIGHT, norms=n, backend=backend))
             out.append((f"LLaCA {norms} scale={scale:g}",

@@ -58,6 +58,10 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                    help="run only the methods of these names (as in the results' 'method')")
+    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                   help="digits-lora: the learning rate per task; cosine is the published "
+                        "recipe's (a linear warm-up over --warmup of the steps, then cosine to 0)")
+    p.add_argument("--warmup", type=float, default=0.03, help="the warm-up's share of a task's steps")
     p.add_argument("--frontier", action="store_true",
                    help="sweep a fixed EMA's weight and LLaCA's scale (norms sum and mean) "
                         "instead of the presets, into <family>/frontier/ (frontier.py)")
@@ -114,16 +118,20 @@ def settings_of(args) -> list[dict]:
         steps = args.steps or (5 if args.quick else 150)
         tasks, width, rank, pre_steps = (3, 64, 8, 5) if args.quick else (args.tasks, 4096, 128, 150)
         lr = args.lr or 2e-4
+        schedule = ("" if args.schedule == "constant" else
+                    f", {args.warmup:.0%} linear warm-up then cosine to 0 in each task")
         out.append(dict(
-            name="digits-lora", lr=lr, grid=[], steps=steps,
+            name="digits-lora" + ("" if args.schedule == "constant" else f"-{args.schedule}-{steps}"),
+            lr=lr, grid=[], steps=steps,
             protocol=(f"permuted digits, {tasks} tasks x {steps} steps, MLP 64-{width}-{width}-10 "
                       f"pre-trained {pre_steps} steps on its own permutation, hidden layers frozen "
                       f"with rank-{rank} LoRA (factors of {rank * width} elements), head trained, "
-                      f"lr {lr}, batch 64"),
+                      f"lr {lr}{schedule}, batch 64"),
             tasks=tasks,
             prepare=lambda seed, width=width, pre_steps=pre_steps: digits_lora.pretrain(seed, width, pre_steps),
             run=lambda name, make, seed, base, progress, tasks=tasks, steps=steps, width=width, rank=rank:
-                digits_lora.run(name, make, base, tasks, steps, width, rank, progress)))
+                digits_lora.run(name, make, base, tasks, steps, width, rank, progress,
+                                args.schedule, args.warmup)))
     if args.family in ("lm", "all"):
         from . import lm
 
@@ -151,7 +159,8 @@ def run(argv: list[str] | None = None) -> Path:
     root = args.out or DEFAULT_ROOT
     settings = settings_of(args)
     if args.frontier:
-        plans = {st["name"]: frontier.frontier_methods(st["name"], st["lr"], args.backend, args.quick)
+        plans = {st["name"]: frontier.frontier_methods(st["name"], st["lr"], args.backend, args.quick,
+                                                       every=1 if args.schedule == "constant" else 2)
                  for st in settings}
     else:
         plans = {st["name"]: methods(st["lr"], args.backend, sweep=not args.no_sweep, grid=st["grid"])

@@ -79,3 +79,20 @@ def test_the_horizon_prototype_blends_about_one_over_h_at_every_size(horizon):
         if max(first) < ALPHA_MAX:
             assert first[0] == pytest.approx(1 / horizon, rel=1e-6)
         assert 1 / 3 < statistics.median(alphas) * horizon < 3
+
+
+def test_the_recipe_schedule_warms_up_then_decays_to_zero():
+    """The published recipe's per-task schedule: linear warm-up over 3% of the steps, then a
+    cosine to zero; restarted at every task by the runner."""
+    from benchmarks.continual.digits_lora import lr_factor
+
+    steps = random.randrange(200, 900)
+    ramp = math.ceil(0.03 * steps)
+    factors = [lr_factor(s, steps, "cosine", 0.03) for s in range(steps)]
+    assert factors[:ramp] == pytest.approx([(s + 1) / ramp for s in range(ramp)])
+    assert factors[ramp] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[ramp:], factors[ramp + 1:]))
+    assert factors[-1] < 1e-4
+    mid = ramp + (steps - ramp) // 2
+    assert factors[mid] == pytest.approx(0.5 * (1 + math.cos(math.pi * (mid - ramp) / (steps - ramp))))
+    assert {lr_factor(s, steps, "constant", 0.03) for s in range(steps)} == {1.0}
