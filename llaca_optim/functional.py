@@ -25,7 +25,7 @@ from torch import Tensor
 from .ops import library
 from .ops.registry import Backend, resolve_backend
 from .ops.roles import ADAMW_LLACA, LLACA_UPDATE, MADE_ORDER, roles_of
-from .optim import validation as V
+from .optim import validation
 from .presets import Preset
 
 __all__ = ["adamw_llaca", "llaca_update", "new_state", "state_lists"]
@@ -35,9 +35,9 @@ def new_state(param: Tensor, *, amsgrad: bool = False, llaca: bool = True,
               ema_dtype: Any = None) -> dict[str, Tensor]:
     """A parameter's state before its first step, as ``LLaCAAdamW`` makes it (its keys are
     ``optimizer.state[param]``'s; ``ema_dtype`` as LLaCAAdamW's)."""
-    V.check_ema_dtype(ema_dtype, "functional arguments")
+    validation.check_ema_dtype(ema_dtype, "functional arguments")
     parts = {"adamw"} | ({"amsgrad"} if amsgrad else set()) | ({"llaca"} if llaca else set())
-    dtype = V.ema_dtype_for(param, ema_dtype)
+    dtype = validation.ema_dtype_for(param, ema_dtype)
     with torch.no_grad():
         return {r.state_key: r.new_entry(param, dtype) for r in MADE_ORDER if r.part in parts}
 
@@ -57,7 +57,7 @@ def _ops(backend: str | Backend, params: list[Tensor]) -> Any:
 
 def _knobs(preset: str, scale: float | None, base_weight: float | None,
            norms: str | None) -> Preset:
-    return V.resolve_llaca_knobs(
+    return validation.resolve_llaca_knobs(
         dict(preset=preset, scale=scale, base_weight=base_weight, norms=norms, llaca=True,
              ema_dtype=None),
         "functional arguments")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import llaca_optim
-from llaca_optim.ops.registry import Bucket, StepHyper, resolve_backend
+from llaca_optim.ops.registry import resolve_backend
+from llaca_optim.ops.roles import Bucket, StepHyper
 
 from ..workloads import lora_llama, many_tiny
 

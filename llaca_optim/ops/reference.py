@@ -111,7 +111,6 @@ def ops_for(compute_dtype: torch.dtype = torch.float32):
 
 
 DEFAULT_KERNELS = kernels(torch.float32)
-DIRECT_KERNELS = {torch.float32: DEFAULT_KERNELS}  # for whole DTensors (see the top)
 
 # The default kernels of torch.ops.llaca_optim: the reference wherever no native kernel is
 # registered for the tensors' device.

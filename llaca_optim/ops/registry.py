@@ -33,8 +33,6 @@ __all__ = [
     "Backend",
     "BackendChoice",
     "BackendUnavailable",
-    "Bucket",
-    "StepHyper",
     "available_backends",
     "backend_status",
     "reference_backend",

@@ -89,7 +89,6 @@ ROLES: tuple[Role, ...] = (
          {ADAMW_LLACA: "w", LLACA_FLUSH: "w"}, False),
 )
 
-ROLE_INDEX = {role.arg: i for i, role in enumerate(ROLES)}
 BY_STATE_KEY = {role.state_key: role for role in ROLES if role.state_key is not None}
 
 

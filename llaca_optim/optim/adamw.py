@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops.registry import Backend, StepHyper
+from ..ops.registry import Backend
+from ..ops.roles import StepHyper
 from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS
 from ..presets import Preset
 from . import stale
-from . import validation as V
+from . import validation
 from .base import LLaCAOptimizerBase, eager_under_compile
 from .plan import run_step
 
@@ -106,8 +107,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             defer_blend=defer_blend,
         )
         # Validate the defaults before torch builds any group, so the error names the argument.
-        V.validate_adamw_group(defaults, "constructor arguments")
-        V.resolve_llaca_knobs(defaults, "constructor arguments")
+        validation.validate_adamw_group(defaults, "constructor arguments")
+        validation.resolve_llaca_knobs(defaults, "constructor arguments")
         if fused and backend == "reference":
             raise ValueError(
                 "llaca_optim: fused=True asks for a fused implementation but backend='reference' "
@@ -123,7 +124,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         # arguments), as a group added later takes them; the options torch's AdamW loader fills
         # in take torch's defaults (state dicts of older torch lack them).
         own = {key: self.defaults.get(key, value)
-               for key, value in {**V.LLACA_GROUP_DEFAULTS, "defer_blend": True}.items()}
+               for key, value in {**validation.LLACA_GROUP_DEFAULTS, "defer_blend": True}.items()}
         for group in self.param_groups:
             for key, value in {**own, "maximize": False, "amsgrad": False,
                                "decoupled_weight_decay": True, "foreach": None,
@@ -135,7 +136,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         self._add_group_checked(super().add_param_group, param_group)
 
     def _validate_group(self, group: dict[str, Any], where: str) -> Preset:
-        V.validate_adamw_group(group, where)
+        validation.validate_adamw_group(group, where)
         return super()._validate_group(group, where)
 
     _op = ADAMW_LLACA
@@ -209,7 +210,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             groups = self.param_groups
             super().load_state_dict(state_dict)
             self._zero.regroup(groups, self.param_groups)
-            self._check_loaded_groups("LLaCAAdamW", V.ADAMW_GROUP_KEYS)
+            self._check_loaded_groups("LLaCAAdamW", validation.ADAMW_GROUP_KEYS)
             live = self._restore_llaca_entries(state_dict, id_map, self.state)
             self._check_loaded(state_dict, id_map, "LLaCAAdamW")
             found = self._restart_stale_emas(state_dict, id_map)

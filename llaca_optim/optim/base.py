@@ -17,18 +17,18 @@ from torch.optim import Optimizer
 
 from ..integrations import deepspeed
 from ..ops.registry import Backend, BackendChoice
-from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS
-from ..ops.roles import SHAPED_STATE_KEYS as _ROLE_SHAPED_KEYS
+from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS, SLOT_DTYPES
+from ..ops.roles import SHAPED_STATE_KEYS
 from ..presets import Preset
 from ..state import counting
 from . import sharded, stale, telemetry
-from . import validation as V
+from . import validation
 from .deferred import PendingBlends
 from .plan import PlannedGroup, StepPlanner
 
 # State entries shaped like their parameter (and the live weights a state dict taken inside the
 # EMA swap holds): a state dict must match them to load.
-SHAPED_STATE_KEYS = (*_ROLE_SHAPED_KEYS, V.LIVE_PARAM)
+LOADED_SHAPED_KEYS = (*SHAPED_STATE_KEYS, validation.LIVE_PARAM)
 
 
 def eager_under_compile(fn):
@@ -106,7 +106,7 @@ class LLaCAOptimizerBase(Optimizer):
     # ------------------------------------------------------------------ param groups
 
     def _validate_group(self, group: dict[str, Any], where: str) -> Preset:
-        return V.resolve_llaca_knobs(group, where)
+        return validation.resolve_llaca_knobs(group, where)
 
     def _add_group_checked(self, add: Any, param_group: dict[str, Any]) -> None:
         """Adds a group through ``add`` and validates it; on error the group is removed again."""
@@ -117,7 +117,7 @@ class LLaCAOptimizerBase(Optimizer):
         self._invalidate_plans()
         index = len(self.param_groups) - 1
         try:
-            V.check_each_param_once(self.param_groups)
+            validation.check_each_param_once(self.param_groups)
             self._validate_group(self.param_groups[index], f"param_groups[{index}]")
             if hasattr(self, "_backends"):
                 for p in self.param_groups[index]["params"]:
@@ -350,7 +350,7 @@ class LLaCAOptimizerBase(Optimizer):
         """Takes the EMA marks out of the loaded state and drops the LLaCA state of each
         parameter whose EMA did not follow its steps; returns what to say of each (NOTE [stale
         EMAs] in stale.py)."""
-        labels = {id(p): V.param_label(group, gi, pi) for gi, group in enumerate(self.param_groups)
+        labels = {id(p): validation.param_label(group, gi, pi) for gi, group in enumerate(self.param_groups)
                   for pi, p in enumerate(group["params"])}
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         loaded = []
@@ -363,7 +363,7 @@ class LLaCAOptimizerBase(Optimizer):
             if "ema" not in state:
                 continue
             saved_ema = entry.get("ema")
-            own = V.ema_dtype_for(p, group_of[id(p)]["ema_dtype"])
+            own = validation.ema_dtype_for(p, group_of[id(p)]["ema_dtype"])
             cast = (p.dtype if isinstance(saved_ema, Tensor) and saved_ema.dtype != own
                     and saved_ema.dtype == p.dtype else None)
             loaded.append((p, mark, self._step_count(p), state["ema"], cast))
@@ -392,9 +392,9 @@ class LLaCAOptimizerBase(Optimizer):
                 for p, ema, backup in self._ema_swap:
                     entry = saved["state"][ids[id(p)]]
                     if backup is None:  # p holds the EMA, the EMA's slot the live weights
-                        entry["ema"], entry[V.LIVE_PARAM] = p.detach().clone(), ema.clone()
+                        entry["ema"], entry[validation.LIVE_PARAM] = p.detach().clone(), ema.clone()
                     else:  # the EMA is in place; p holds it rounded, backup the live weights
-                        entry[V.LIVE_PARAM] = backup.clone()
+                        entry[validation.LIVE_PARAM] = backup.clone()
         self._mark_ema_steps(saved)
         return saved
 
@@ -421,7 +421,7 @@ class LLaCAOptimizerBase(Optimizer):
                     f"{len(group['params'])}; build the optimizer over the same parameters"
                 )
             id_map.update(zip(saved["params"], group["params"]))
-            labels.update((pid, V.param_label(group, gi, pi)) for pi, pid in enumerate(saved["params"]))
+            labels.update((pid, validation.param_label(group, gi, pi)) for pi, pid in enumerate(saved["params"]))
         for pid, entry in saved_state.items():
             if pid not in id_map:
                 raise ValueError(f"llaca_optim: the state dict ({owner}) has state for unknown parameter id {pid!r}")
@@ -431,7 +431,7 @@ class LLaCAOptimizerBase(Optimizer):
                     f"{labels[pid]}, is a {type(entry).__name__}, not a dict of state tensors; fix "
                     "or drop it before loading; nothing was loaded")
             p = id_map[pid]
-            for key in SHAPED_STATE_KEYS:
+            for key in LOADED_SHAPED_KEYS:
                 value = entry.get(key)
                 if isinstance(value, Tensor) and value.shape != p.shape:
                     raise ValueError(
@@ -465,22 +465,22 @@ class LLaCAOptimizerBase(Optimizer):
         for pid, entry in state_dict["state"].items():
             p = id_map[pid]
             state = target[p]
-            if V.LIVE_PARAM in state:
-                live[p] = state.pop(V.LIVE_PARAM)
+            if validation.LIVE_PARAM in state:
+                live[p] = state.pop(validation.LIVE_PARAM)
                 if not isinstance(live[p], Tensor):
                     raise ValueError(
-                        f"llaca_optim: state_dict['state'][{pid!r}][{V.LIVE_PARAM!r}] of the state "
+                        f"llaca_optim: state_dict['state'][{pid!r}][{validation.LIVE_PARAM!r}] of the state "
                         f"dict is a {type(live[p]).__name__}, not the parameter's live weights; "
                         "fix or drop it before loading; nothing was loaded")
             for key, value in entry.items():
-                if key in V.SLOT_DTYPES and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key in SLOT_DTYPES and isinstance(value, (int, float)) and not isinstance(value, bool):
                     value = torch.tensor(float(value))
                 if not isinstance(value, Tensor):
                     continue
                 if key == "ema":
-                    dtype = V.ema_dtype_for(p, group_of[p]["ema_dtype"])
-                elif key in V.SLOT_DTYPES:
-                    dtype = V.SLOT_DTYPES[key]
+                    dtype = validation.ema_dtype_for(p, group_of[p]["ema_dtype"])
+                elif key in SLOT_DTYPES:
+                    dtype = SLOT_DTYPES[key]
                 else:
                     continue
                 state[key] = value.to(device=p.device, dtype=dtype)  # value is our deep copy
@@ -492,20 +492,20 @@ class LLaCAOptimizerBase(Optimizer):
         the group and the key; the caller then puts the old state back."""
         for gi, group in enumerate(self.param_groups):
             where = f"param_groups[{gi}] of the state dict ({owner})"
-            V.check_group_keys(group, group_keys, where)
+            validation.check_group_keys(group, group_keys, where)
             self._validate_group(group, where)
 
     def _check_loaded(self, state_dict: dict[str, Any], id_map: dict[int, Tensor], owner: str) -> None:
         """Checks every state entry a load put in place, as the next step would read it. Raises
         naming the parameter and its saved id; the caller then puts the old state back."""
-        labels = {id(p): V.param_label(group, gi, pi) for gi, group in enumerate(self.param_groups)
+        labels = {id(p): validation.param_label(group, gi, pi) for gi, group in enumerate(self.param_groups)
                   for pi, p in enumerate(group["params"])}
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         for pid in state_dict["state"]:
             p = id_map[pid]
             part = self._zero.partition(group_of[id(p)], p)
-            V.check_state(p, self.state[p], labels[id(p)], adamw=self._op == ADAMW_LLACA,
-                          llaca=bool(group_of[id(p)]["llaca"]), source=V.loaded_state(owner, pid),
+            validation.check_state(p, self.state[p], labels[id(p)], adamw=self._op == ADAMW_LLACA,
+                          llaca=bool(group_of[id(p)]["llaca"]), source=validation.loaded_state(owner, pid),
                           slots=len(part.rows) if part else 1)
 
     @contextmanager

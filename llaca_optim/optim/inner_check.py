@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import validation as V
+from . import validation
 
 # (group index, position in the group) of a parameter: its place in both the inner optimizer's
 # groups and the state dict's.
@@ -54,7 +54,7 @@ def check_inner_state_dict(inner: Optimizer, state_dict: dict[str, Any]) -> None
     except Exception:  # this optimizer cannot step on meta tensors: check its groups' keys
         _check_group_keys(inner, saved_groups)
         return
-    label = lambda place: V.param_label(inner.param_groups[place[0]], *place)  # noqa: E731
+    label = lambda place: validation.param_label(inner.param_groups[place[0]], *place)  # noqa: E731
     for gi, saved in enumerate(saved_groups):
         for pi, pid in enumerate(saved["params"]):
             for key, value in saved_state.get(pid, {}).items():
@@ -89,9 +89,9 @@ def _check_group_keys(inner: Optimizer, saved_groups: list[dict[str, Any]]) -> N
     group (a group without ``lr`` would fail at the next step); the LLaCA knobs, which the
     wrapper fills in, may be missing."""
     options = set.intersection(*(set(g) for g in inner.param_groups)) if inner.param_groups else set()
-    required = tuple(sorted(options - {"params", *V.LLACA_GROUP_DEFAULTS}))
+    required = tuple(sorted(options - {"params", *validation.LLACA_GROUP_DEFAULTS}))
     for gi, group in enumerate(saved_groups):
-        V.check_group_keys(group, required, f"param_groups[{gi}] of the state dict (inner optimizer)",
+        validation.check_group_keys(group, required, f"param_groups[{gi}] of the state dict (inner optimizer)",
                            type(inner).__name__)
 
 

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..ops.registry import Backend, StepHyper
+from ..ops.registry import Backend
+from ..ops.roles import StepHyper
 from ..ops.roles import LLACA_UPDATE
 from . import stale
-from . import validation as V
+from . import validation
 from .base import LLaCAOptimizerBase, eager_under_compile
 from .inner_check import check_inner_state_dict
 from .plan import run_step
@@ -53,10 +54,10 @@ class LLaCA(LLaCAOptimizerBase):
             )
         knobs = dict(preset=preset, scale=scale, base_weight=base_weight, norms=norms, llaca=llaca,
                      ema_dtype=ema_dtype)
-        V.resolve_llaca_knobs(knobs, "constructor arguments")
-        V.check_each_param_once(optimizer.param_groups)
+        validation.resolve_llaca_knobs(knobs, "constructor arguments")
+        validation.check_each_param_once(optimizer.param_groups)
         for gi, group in enumerate(optimizer.param_groups):  # validate all before changing any
-            V.resolve_llaca_knobs({**knobs, **{k: group[k] for k in knobs if k in group}}, f"param_groups[{gi}]")
+            validation.resolve_llaca_knobs({**knobs, **{k: group[k] for k in knobs if k in group}}, f"param_groups[{gi}]")
         params = [p for group in optimizer.param_groups for p in group["params"]]
         # Optimizer.__init__ gives us hooks, state and the step patching; the groups it builds are
         # then replaced by the inner optimizer's own list, so both see every change.
@@ -90,7 +91,7 @@ class LLaCA(LLaCAOptimizerBase):
         # A group added through the inner optimizer (inner.add_param_group) after wrapping has
         # none of the LLaCA knobs: it takes the wrapper's, as one added here does.
         for group in self.optimizer.param_groups:
-            for key in V.LLACA_GROUP_DEFAULTS:
+            for key in validation.LLACA_GROUP_DEFAULTS:
                 group.setdefault(key, self.defaults[key])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -100,7 +101,7 @@ class LLaCA(LLaCAOptimizerBase):
 
         def add(group: dict[str, Any]) -> None:
             self.optimizer.add_param_group(group)
-            for key in V.LLACA_GROUP_DEFAULTS:
+            for key in validation.LLACA_GROUP_DEFAULTS:
                 self.optimizer.param_groups[-1].setdefault(key, self.defaults[key])
 
         self._add_group_checked(add, param_group)

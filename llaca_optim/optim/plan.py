@@ -29,12 +29,12 @@ import torch
 from torch import Tensor
 
 from ..integrations import deepspeed
-from ..ops.registry import Backend, BackendChoice, StepHyper, reference_backend
-from ..ops.roles import ADAMW_LLACA, MADE_ORDER, Bucket, Role, roles_of
+from ..ops.registry import Backend, BackendChoice, reference_backend
+from ..ops.roles import ADAMW_LLACA, MADE_ORDER, Bucket, Role, StepHyper, roles_of
 from ..presets import Preset
 from ..state import StateMap, counting
 from . import sharded
-from . import validation as V
+from . import validation
 from .deferred import PendingBlends
 
 _REFERENCE = reference_backend()
@@ -178,11 +178,11 @@ class StepPlanner:
         for pi, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            label = V.param_label(group, gi, pi)
-            V.check_gradient(p, p.grad, label)
+            label = validation.param_label(group, gi, pi)
+            validation.check_gradient(p, p.grad, label)
             if p in state:  # what the user may have put there (see state.py)
                 part = self.zero.partition(group, p)
-                V.check_state(p, state[p], label, adamw=self.op == ADAMW_LLACA,
+                validation.check_state(p, state[p], label, adamw=self.op == ADAMW_LLACA,
                               llaca=bool(group["llaca"]), slots=len(part.rows) if part else 1)
             pairs.append((p, p.grad))
         return pairs
@@ -201,7 +201,7 @@ class StepPlanner:
         kind = self.zero.unsupported((group, p) for _, _, group, p in stepped)
         if kind is not None:
             raise RuntimeError(deepspeed.refusal(self.owner, kind))
-        V.check_each_param_once(groups)
+        validation.check_each_param_once(groups)
         local = sharded.local if sharded.any_sharded() else _as_is
         items = []
         for owner, (_, _, _, p) in enumerate(stepped):
@@ -213,9 +213,9 @@ class StepPlanner:
 
         def describe(owner: int) -> str:
             gi, pi, group, _ = stepped[owner]
-            return V.param_label(group, gi, pi)
+            return validation.param_label(group, gi, pi)
 
-        V.check_no_shared_memory(items, describe)
+        validation.check_no_shared_memory(items, describe)
 
     def _build(self, group: dict[str, Any], parts: frozenset[str],
                pairs: list[tuple[Tensor, Tensor]], state: Any, flush_first: list[Tensor]
@@ -324,7 +324,7 @@ def _make_missing_state(p: Tensor, entry: dict[str, Any], made: list[Role], grou
     """Makes the state entries of ``made`` that ``p`` lacks, from the role table (``slots``: see
     ``Role.new_entry``)."""
     if any(r.state_key not in entry for r in made):
-        ema_dtype = V.ema_dtype_for(p, group.get("ema_dtype"))
+        ema_dtype = validation.ema_dtype_for(p, group.get("ema_dtype"))
         with torch.no_grad():
             for role in made:
                 if role.state_key not in entry:

@@ -164,13 +164,6 @@ def check_gradient(param: Tensor, grad: Tensor, label: str) -> None:
         )
 
 
-# optimizer.state entries, from the role table: those made together (a step adds all or none of
-# them), the LLaCA entries with the deferred-blend flag, and the one-element slots' dtypes. Every
-# other entry is shaped like its parameter, in its dtype (the EMA: an EMA dtype).
-ADAMW_STATE = roles.ADAMW_STATE
-LLACA_STATE = roles.LLACA_STATE
-LLACA_STATE_KEYS = roles.LLACA_STATE_KEYS
-SLOT_DTYPES = roles.SLOT_DTYPES
 # The entry a state dict taken inside ``ema_weights()`` adds: the live weights, which the
 # parameter does not hold while its EMA is swapped in (NOTE [state dicts inside the EMA swap] in
 # base.py). Loading puts them back into the parameter; the state never keeps them.
@@ -229,8 +222,8 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
         raise TypeError(f"llaca_optim: {entry} is a {type(state).__name__}, not a dict; "
                         f"{source.fix}")
     used = ((roles.state_keys("adamw", "amsgrad") if adamw else ())
-            + (LLACA_STATE_KEYS if llaca else ()))
-    for keys, on in ((ADAMW_STATE, adamw), (LLACA_STATE, llaca)):
+            + (roles.LLACA_STATE_KEYS if llaca else ()))
+    for keys, on in ((roles.ADAMW_STATE, adamw), (roles.LLACA_STATE, llaca)):
         present = [k for k in keys if k in state]
         if on and present and len(present) < len(keys):
             missing = [k for k in keys if k not in state]
@@ -242,8 +235,8 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
             continue  # made by the step (amsgrad turned on, say)
         value = state[key]
         where = f"llaca_optim: {source.item.format(key=key, label=label)}"
-        if key in SLOT_DTYPES:
-            dtype = SLOT_DTYPES[key]
+        if key in roles.SLOT_DTYPES:
+            dtype = roles.SLOT_DTYPES[key]
             if (not isinstance(value, Tensor) or value.numel() != slots or value.dtype != dtype
                     or value.device != param.device or (slots > 1 and value.dim() != 1)):
                 got = (f"{value.numel()} elements of {value.dtype} on {value.device}"

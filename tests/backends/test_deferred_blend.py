@@ -24,7 +24,8 @@ from support.cuda_sim import cuda_backend_for_tests
 from support.backends import backend_or_skip
 from support.trajectory import collect
 from llaca_optim import LLaCAAdamW
-from llaca_optim.ops.registry import ONE_VISIT_LIMITS, StepHyper
+from llaca_optim.ops.registry import ONE_VISIT_LIMITS
+from llaca_optim.ops.roles import StepHyper
 
 # Sizes in elements of the emulation's chunks (256) and the GPU's (4096): several multi-chunk
 # tensors (deferred), single-chunk ones (finished on chip, never pending), an empty one and one

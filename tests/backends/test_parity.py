@@ -175,12 +175,12 @@ def test_triton_address_table_and_alignment(triton_backend):
     scalars after the element arrays do not count."""
     from llaca_optim.ops import triton as _triton
     from llaca_optim.ops import roles
-    from llaca_optim.ops.triton import kernels as K
+    from llaca_optim.ops.triton import kernels
 
     base = torch.zeros(4 * 1024 + 1)
     aligned_views, odd_view = [base[:1024], base[1024:2048]], base[1:1025]
     scalars = list(torch.zeros(3)[1:])  # 4 and 8 bytes in: misaligned, and beside the point
-    n_element = int(K.STEP)  # the element arrays' rows come first, then the scalar slots'
+    n_element = int(kernels.STEP)  # the element arrays' rows come first, then the scalar slots'
     n_rows = len(roles.TABLE_ROWS)
     for arrays, expect in ((aligned_views, True), ([aligned_views[0], odd_view], False)):
         columns = {"params": arrays, "state_steps": scalars}

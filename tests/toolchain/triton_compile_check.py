@@ -17,7 +17,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from llaca_optim.ops.triton import kernels as K  # noqa: E402
+from llaca_optim.ops.triton import kernels  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -49,7 +49,7 @@ def compile_for_hopper(kernel, constexprs):
         ptx = compiled.asm["ptx"]
         assert "ld.global.v4" in ptx and "st.global.v4" in ptx, (
             f"{kernel.fn.__name__}: no 16-byte vector loads/stores in the PTX")
-    if kernel is K._step_blocks:
+    if kernel is kernels._step_blocks:
         # NOTE [CUDA loads before stores] in csrc/cuda/kernel_args.h: every load (address table
         # included) before the first store, in each of the two paths (a full block, a tensor's
         # masked last block), so one run of loads per path. Interleaved, each run after a store
@@ -69,7 +69,7 @@ def main() -> None:
     for (pdt, edt), adamw in itertools.product(
             [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16")], [True, False]):
         for amsgrad, flags in itertools.product([False, True] if adamw else [False], [False, True]):
-            compile_for_hopper(K._step_blocks, {
+            compile_for_hopper(kernels._step_blocks, {
                 "PDT": DTYPES[pdt], "EDT": DTYPES[edt], "ADAMW": adamw, "AMSGRAD": amsgrad,
                 "MAXIMIZE": flags, "LLACA": True, "HAS_LR_PTR": flags, "HAS_GRAD_SCALE": flags,
                 "HAS_FOUND_INF": flags, "ALIGNED": not flags,
@@ -78,18 +78,18 @@ def main() -> None:
             })
     for pdt, edt in [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16")]:
         for aligned in (True, False):
-            compile_for_hopper(K._blend_blocks, {"PDT": DTYPES[pdt], "EDT": DTYPES[edt],
+            compile_for_hopper(kernels._blend_blocks, {"PDT": DTYPES[pdt], "EDT": DTYPES[edt],
                                                  "HAS_FOUND_INF": True, "ALIGNED": aligned,
                                                  "BLOCK": 1024})
-            compile_for_hopper(K._flush_blocks, {"PDT": DTYPES[pdt], "EDT": DTYPES[edt],
+            compile_for_hopper(kernels._flush_blocks, {"PDT": DTYPES[pdt], "EDT": DTYPES[edt],
                                                  "ALIGNED": aligned, "BLOCK": 1024})
     for adamw, llaca, defer, sharded in [(True, True, False, False), (True, True, True, False),
                                          (True, False, False, False), (False, True, False, False),
                                          (True, True, True, True), (False, True, False, True)]:
-        compile_for_hopper(K._finish_tensors, {"ADAMW": adamw, "LLACA": llaca, "DEFER": defer,
+        compile_for_hopper(kernels._finish_tensors, {"ADAMW": adamw, "LLACA": llaca, "DEFER": defer,
                                                "SHARDED": sharded, "HAS_FOUND_INF": True,
                                                "RBLOCK": 128})
-    compile_for_hopper(K._clear_pending, {})
+    compile_for_hopper(kernels._clear_pending, {})
     print("OK")
 
 

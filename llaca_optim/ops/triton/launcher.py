@@ -1,5 +1,5 @@
 """The Triton launcher: builds the address and block tables of a bucket and launches the three
-kernels of _triton_kernels.py (a fixed number of launches per bucket, whatever its size).
+kernels of kernels.py (a fixed number of launches per bucket, whatever its size).
 
 It runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before triton is
 first imported (Triton's interpreter: how the tests check these kernels on a machine without a
@@ -132,7 +132,7 @@ class TritonLauncher:
                lr_tensor: Tensor | None = None, grad_scale: Tensor | None = None,
                found_inf: Tensor | None = None, shard_sums: Tensor | None = None) -> None:
         """One op call: ``lists`` holds the op's role lists by name, the rest its scalars."""
-        from . import kernels as K
+        from . import kernels
 
         params = lists["params"]
         if not params:
@@ -156,7 +156,7 @@ class TritonLauncher:
         common = dict(found_inf_ptr=found_inf if found_inf is not None else dummy,
                       HAS_FOUND_INF=found_inf is not None, enable_fp_fusion=False)
         if tables.n_blocks:
-            K._step_blocks[(tables.n_blocks,)](
+            kernels._step_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, tables.partials, n,
                 *_split(0.0 if lr_tensor is not None else float(lr)), beta1, beta2,
                 1.0 - beta1, 1.0 - beta2,
@@ -170,7 +170,7 @@ class TritonLauncher:
                 BLOCK=self.block, num_warps=self.num_warps, **common,
             )
         sharded = llaca and shard_sums is not None
-        K._finish_tensors[(n,)](
+        kernels._finish_tensors[(n,)](
             table, tables.first_block, tables.block_count, tables.partials, tables.fresh, n,
             tables.numels, *_split(float(scale)), float(base_weight),
             shard_sums=shard_sums if sharded else dummy,
@@ -178,7 +178,7 @@ class TritonLauncher:
             RBLOCK=RBLOCK, **common,
         )
         if llaca and not defer and not sharded and tables.n_blocks:
-            K._blend_blocks[(tables.n_blocks,)](
+            kernels._blend_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, tables.fresh, n,
                 PDT=pdt, EDT=edt, ALIGNED=aligned, BLOCK=self.block, num_warps=self.num_warps,
                 **common,
@@ -187,7 +187,7 @@ class TritonLauncher:
     def flush(self, params: list[Tensor], emas: list[Tensor], alphas: list[Tensor],
               ema_pending: list[Tensor]) -> None:
         """Applies and clears the blends pending on these tensors."""
-        from . import kernels as K
+        from . import kernels
 
         if not params:
             return
@@ -197,9 +197,9 @@ class TritonLauncher:
             {"params": params, "emas": emas, "alphas": alphas, "ema_pending": ema_pending}, n,
             params[0].device)
         if tables.n_blocks:
-            K._flush_blocks[(tables.n_blocks,)](
+            kernels._flush_blocks[(tables.n_blocks,)](
                 table, tables.numels, tables.block_tensor, tables.block_start, n,
                 PDT=_tl_dtype(params[0].dtype), EDT=_tl_dtype(emas[0].dtype), ALIGNED=aligned,
                 BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
             )
-        K._clear_pending[(n,)](table, n)
+        kernels._clear_pending[(n,)](table, n)
