@@ -10,6 +10,7 @@ Arguments after ``demo`` and ``bench`` go to those programs (``demo --help``, ``
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import os
 import platform
@@ -102,8 +103,24 @@ def main(argv: list[str] | None = None) -> int:
               "`python -m llaca_optim bench` from an editable install (pip install -e .)",
               file=sys.stderr)
         return 2
-    sys.path.insert(0, str(checkout))
-    from benchmarks import cli as bench_cli
-
+    bench_cli = importlib.import_module(".cli", _benchmarks_package(checkout / "benchmarks").__name__)
     bench_cli.main(rest, prog="python -m llaca_optim bench")
     return 0
+
+
+def _benchmarks_package(folder: Path):
+    """The checkout's ``benchmarks`` package, imported from its folder by path (the checkout is
+    not put on ``sys.path``, where its ``tests`` and ``benchmarks`` would shadow other
+    packages of those names)."""
+    loaded = sys.modules.get("benchmarks")
+    if loaded is not None:
+        if Path(getattr(loaded, "__file__", "") or "").resolve().parent != folder.resolve():
+            raise SystemExit(f"llaca_optim: another package named 'benchmarks' is imported "
+                             f"({loaded.__file__}); run `python -m benchmarks` in the checkout")
+        return loaded
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks"] = module
+    spec.loader.exec_module(module)
+    return module

@@ -49,7 +49,7 @@ class Role:
     def new_entry(self, param: Tensor, ema_dtype: torch.dtype, slots: int | None = None) -> Tensor:
         """This role's state tensor for a parameter that has none yet. ``slots``: a one-element
         role's entry is a vector of that many elements (one per tensor of a DeepSpeed ZeRO
-        partition, NOTE [ZeRO partitions] in integrations/deepspeed.py), else one element."""
+        partition, NOTE [ZeRO partitions] in optim/zero.py), else one element."""
         dtype = self.dtype_for(param, ema_dtype)
         if self.init == "copy":
             return param.detach().to(dtype, copy=True)
@@ -133,7 +133,7 @@ def _bucket_doc() -> str:
             "and for sharded parameters (NOTE [sharded parameters] in optim/sharded.py) the "
             "DTensors the lists hold the local shards of (``sources``) and their cross-shard "
             "reduction (``shard``, a ShardReduce); for pieces of DeepSpeed ZeRO partitions (NOTE "
-            "[ZeRO partitions] in integrations/deepspeed.py) each piece's ``(start, numel)`` in "
+            "[ZeRO partitions] in optim/zero.py) each piece's ``(start, numel)`` in "
             "its flat partition (``segments``), and ``shard``, a SegmentReduce.")
 
 

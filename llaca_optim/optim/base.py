@@ -15,13 +15,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..integrations import deepspeed
 from ..ops.registry import Backend, BackendChoice
 from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS, SLOT_DTYPES
 from ..ops.roles import SHAPED_STATE_KEYS
 from ..presets import Preset
 from ..state import counting
-from . import sharded, stale, telemetry
+from . import sharded, stale, telemetry, zero
 from . import validation
 from .deferred import PendingBlends
 from .plan import PlannedGroup, StepPlanner
@@ -65,7 +64,7 @@ class LLaCAOptimizerBase(Optimizer):
         self._backends = BackendChoice(backend)
         self._ema_swap: list[tuple[Tensor, Tensor, Tensor | None]] | None = None
         self.state = counting(self.state)  # see state.py
-        self._zero = deepspeed.ZeroPartitions()
+        self._zero = zero.ZeroPartitions()
         self._pending = PendingBlends(self._backends)
         self._task_steps = 0  # steps since the last end_task (telemetry.py)
         self._warned: set[str] = set()
@@ -194,34 +193,56 @@ class LLaCAOptimizerBase(Optimizer):
                     seen.add(id(p))
                     yield p, state
         # ZeRO stage 3 takes its partitions out of the groups between steps.
-        for part in self._zero.partitions():
-            state = self._llaca_state(part.flat)
-            if id(part.flat) not in seen and state is not None and "ema" in state:
-                yield part.flat, state
+        for partition in self._zero.partitions():
+            state = self._llaca_state(partition.flat)
+            if id(partition.flat) not in seen and state is not None and "ema" in state:
+                yield partition.flat, state
 
-    def _zero_states(self) -> Iterator[tuple[deepspeed.ZeroPartition, dict[str, Any]]]:
+    def _zero_states(self) -> Iterator[tuple[zero.ZeroPartition, dict[str, Any]]]:
         """The ZeRO partitions stepped so far, with their state (NOTE [ZeRO partitions])."""
-        for part in self._zero.partitions():
-            state = self._llaca_state(part.flat)
+        for partition in self._zero.partitions():
+            state = self._llaca_state(partition.flat)
             if state is not None:
-                yield part, state
+                yield partition, state
+
+    def ema_state_dict(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """The EMA of every parameter of ``model`` that has one, whole, by parameter name (a
+        copy). Under DeepSpeed ZeRO it gathers each partition's pieces from the ranks (one
+        all-reduce per partition): a collective, which every rank must call. Empty before the
+        first step."""
+        self.flush_ema()
+        whole: dict[int, Tensor] = {}
+        for partition, state in self._zero_states():
+            if "ema" in state:
+                for p, ema in zip(partition.rows, zero.full_tensors(partition, state["ema"])):
+                    whole[id(p)] = ema
+        out = {}
+        for name, p in model.named_parameters():
+            if id(p) in whole:
+                out[name] = whole[id(p)]
+            elif not zero.is_zero_param(p):
+                ema = self.ema(p)
+                if ema is not None:
+                    out[name] = ema.detach().clone()
+        return out
 
     def _masters_changed(self, params: list[Tensor]) -> None:
         """DeepSpeed's model weights are copies of the masters we step: refresh them after the
         masters were changed outside a step (collective, on every rank alike)."""
-        parts = [part for part in map(self._zero.get, params) if part is not None]
-        if parts:
-            deepspeed.push_masters_to_model(parts)
+        partitions = [found for found in map(self._zero.get, params) if found is not None]
+        if partitions:
+            zero.push_masters_to_model(partitions)
 
     def ema(self, param: Tensor) -> Tensor | None:
         """The EMA of ``param`` (the tensor itself, not a copy), or None before its first step.
         Inside :meth:`ema_weights` a same-dtype EMA lives in the parameter itself, which is then
         what this returns."""
         state = self._llaca_state(param)
-        if state is None and deepspeed.is_zero_param(param):
+        if state is None and zero.is_zero_param(param):
             raise ValueError(
                 "llaca_optim: this parameter is partitioned by DeepSpeed ZeRO: its EMA lies in "
-                "pieces on the ranks. llaca_optim.integrations.deepspeed.ema_state_dict(model, "
+                "pieces on the ranks. optimizer.ema_state_dict(model) (or "
+                "llaca_optim.integrations.deepspeed.ema_state_dict(model, "
                 "optimizer), called on every rank, gathers the EMA of every parameter by name")
         if state is None or "ema" not in state:
             return None
@@ -235,8 +256,8 @@ class LLaCAOptimizerBase(Optimizer):
         """The last step's alphas and fallback flags, without a host synchronisation."""
         params, alphas, fell_back = [], [], []
         for p, state in self._llaca_params():
-            part = self._zero.get(p)  # a ZeRO partition: a slot element per tensor of it
-            params.extend(part.rows if part is not None else [p])
+            partition = self._zero.get(p)  # a ZeRO partition: a slot element per tensor of it
+            params.extend(partition.rows if partition is not None else [p])
             alphas.append(state["alpha"].reshape(-1))
             fell_back.append(state["alpha_fell_back"].reshape(-1))
         if not params:
@@ -503,10 +524,10 @@ class LLaCAOptimizerBase(Optimizer):
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         for pid in state_dict["state"]:
             p = id_map[pid]
-            part = self._zero.partition(group_of[id(p)], p)
+            partition = self._zero.partition(group_of[id(p)], p)
             validation.check_state(p, self.state[p], labels[id(p)], adamw=self._op == ADAMW_LLACA,
                           llaca=bool(group_of[id(p)]["llaca"]), source=validation.loaded_state(owner, pid),
-                          slots=len(part.rows) if part else 1)
+                          slots=len(partition.rows) if partition else 1)
 
     @contextmanager
     def _restored_on_error(self, *optimizers: Optimizer) -> Iterator[None]:

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..integrations import deepspeed
 from ..ops.registry import Backend, BackendChoice, reference_backend
 from ..ops.roles import ADAMW_LLACA, MADE_ORDER, Bucket, Role, StepHyper, roles_of
 from ..presets import Preset
@@ -36,6 +35,7 @@ from ..state import StateMap, counting
 from . import sharded
 from . import validation
 from .deferred import PendingBlends
+from .zero import ZeroPartition, ZeroPartitions, refusal
 
 _REFERENCE = reference_backend()
 
@@ -69,12 +69,12 @@ class StepPlanner:
     ``op``: the op the buckets are for (its role lists are what a bucket fills). ``backends``: the
     optimizer's backend choice, per device type. ``zero``: the parameters it was built with, and
     the DeepSpeed ZeRO partitions stepped in their place (NOTE [ZeRO partitions] in
-    integrations/deepspeed.py). ``pending``: the blends left pending. ``owner``:
+    optim/zero.py). ``pending``: the blends left pending. ``owner``:
     the optimizer's name, for errors. Each step hands :meth:`plan` the groups, what the optimizer
     declared of each (its validated knobs and the parts of the role table it has on), and the
     state: the planner reads nothing else of the optimizer."""
 
-    def __init__(self, *, op: str, backends: BackendChoice, zero: deepspeed.ZeroPartitions,
+    def __init__(self, *, op: str, backends: BackendChoice, zero: ZeroPartitions,
                  pending: PendingBlends, owner: str) -> None:
         self.op = op
         self.roles: tuple[Role, ...] = roles_of(op)
@@ -181,15 +181,15 @@ class StepPlanner:
             label = validation.param_label(group, gi, pi)
             validation.check_gradient(p, p.grad, label)
             if p in state:  # what the user may have put there (see state.py)
-                part = self.zero.partition(group, p)
+                partition = self.zero.partition(group, p)
                 validation.check_state(p, state[p], label, adamw=self.op == ADAMW_LLACA,
-                              llaca=bool(group["llaca"]), slots=len(part.rows) if part else 1)
+                              llaca=bool(group["llaca"]), slots=len(partition.rows) if partition else 1)
             pairs.append((p, p.grad))
         return pairs
 
     def _check_step_tensors(self, groups: list[dict[str, Any]], state: Any, with_state: bool) -> None:
         """Checks across all groups, made whenever a group is planned anew, before any state is
-        made: a step over DeepSpeed's flat partitions is refused (integrations/deepspeed.py);
+        made: a step over DeepSpeed's flat partitions is refused (optim/zero.py);
         each parameter stands once; no tensor the step writes shares memory with another one it
         touches (the fused kernels would race on it, threads updating one tensor twice). The
         state tensors are among those compared ``with_state``: when the state was loaded or
@@ -200,7 +200,7 @@ class StepPlanner:
                    for pi, p in enumerate(group["params"]) if p.grad is not None]
         kind = self.zero.unsupported((group, p) for _, _, group, p in stepped)
         if kind is not None:
-            raise RuntimeError(deepspeed.refusal(self.owner, kind))
+            raise RuntimeError(refusal(self.owner, kind))
         validation.check_each_param_once(groups)
         local = sharded.local if sharded.any_sharded() else _as_is
         items = []
@@ -230,10 +230,10 @@ class StepPlanner:
         built = []
         for position, (p, g) in enumerate(pairs):
             entry = state[p]
-            part = self.zero.partition(group, p)
-            if part is not None:
-                built.append((*self._build_partition(p, g, entry, part, group, roles, made, llaca),
-                              [position] * len(part.segments)))
+            partition = self.zero.partition(group, p)
+            if partition is not None:
+                built.append((*self._build_partition(p, g, entry, partition, group, roles, made, llaca),
+                              [position] * len(partition.segments)))
                 continue
             _make_missing_state(p, entry, made, group)
             companions = [entry[r.state_key] for r in made if r.shaped]
@@ -274,32 +274,32 @@ class StepPlanner:
         return built
 
     def _build_partition(self, p: Tensor, g: Tensor, entry: dict[str, Any],
-                         part: deepspeed.ZeroPartition, group: dict[str, Any],
+                         partition: ZeroPartition, group: dict[str, Any],
                          roles: list[Role], made: list[Role], llaca: bool) -> tuple[Backend, Bucket]:
         """The bucket of a ZeRO partition ``p`` (NOTE [ZeRO partitions]): its lists hold this
         rank's pieces of the partition's tensors, views into ``p``, its gradient and its flat
         state; the per-tensor slots are vectors with an element per tensor of the partition.
         Its blends are applied within the step, after the cross-rank reduction."""
-        _make_missing_state(p, entry, made, group, slots=len(part.rows))
+        _make_missing_state(p, entry, made, group, slots=len(partition.rows))
         shaped = [r for r in made if r.shaped]
         backend = self.backends(p.device.type)
-        for seg in part.segments:
+        for seg in partition.segments:
             if not backend.accepts(p.narrow(0, seg.start, seg.numel),
                                    [t.narrow(0, seg.start, seg.numel)
                                     for t in (g, *(entry[r.state_key] for r in shaped))]):
                 backend = _REFERENCE
                 break
-        bucket = Bucket(segments=[(seg.start, seg.numel) for seg in part.segments])
-        for seg in part.segments:
+        bucket = Bucket(segments=[(seg.start, seg.numel) for seg in partition.segments])
+        for seg in partition.segments:
             for role in roles:
                 value = p if role.arg == "params" else g if role.arg == "grads" else entry[role.state_key]
                 piece = value.narrow(0, seg.start, seg.numel) if role.shaped else value[seg.row]
                 getattr(bucket, role.arg).append(piece)
         if llaca:
-            bucket.shard = sharded.SegmentReduce([seg.row for seg in part.segments],
-                                                 [shape.numel() for shape in part.row_shapes],
+            bucket.shard = sharded.SegmentReduce([seg.row for seg in partition.segments],
+                                                 [shape.numel() for shape in partition.row_shapes],
                                                  entry["alpha"], entry["alpha_fell_back"],
-                                                 part.process_group)
+                                                 partition.process_group)
         return backend, bucket
 
     def _route(self, p: Tensor, companions: list[Tensor]) -> tuple[Backend, Any]:
@@ -335,7 +335,7 @@ def run_step(plan: list[tuple[StepHyper, list[tuple[Backend, Bucket]]]], adamw: 
              pending: PendingBlends) -> None:
     """Runs a plan, given as each group's hyperparameters and buckets: for each bucket, the op
     (``adamw_llaca_`` if ``adamw``, else ``llaca_update_``), then, for a sharded bucket, the
-    cross-shard part of its LLaCA update (NOTE [sharded parameters])."""
+    cross-shard partition of its LLaCA update (NOTE [sharded parameters])."""
     for hyper, buckets in plan:
         for backend, bucket in buckets:
             if bucket.ema_pending:

@@ -154,7 +154,7 @@ def alphas_from_sums(sums: Tensor, old_alpha: Tensor, old_fell_back: Tensor, old
 class SegmentReduce:
     """The cross-rank part of a bucket that holds pieces ("segments") of tensors, each tensor
     cut across ranks (DeepSpeed ZeRO's flat partitions, NOTE [ZeRO partitions] in
-    integrations/deepspeed.py). Like :class:`ShardReduce`, but a rank holds pieces of only some
+    optim/zero.py). Like :class:`ShardReduce`, but a rank holds pieces of only some
     tensors, and possibly none: the kernels' sums of this rank's pieces (``sums``, a row per
     piece) go into the rows of their tensors in ``row_sums`` (a row per tensor of the partition,
     the same on every rank), one all-reduce over ``process_group`` adds the ranks' rows, and the

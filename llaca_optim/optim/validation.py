@@ -216,7 +216,7 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
     does ours), or what a state dict is loading. Each entry the step reads must be what the
     kernels take, checked before any tensor is touched. ``slots``: the elements of each
     per-tensor slot (``step``, ``alpha``...), one per tensor of a DeepSpeed ZeRO partition
-    (NOTE [ZeRO partitions] in integrations/deepspeed.py), else one."""
+    (NOTE [ZeRO partitions] in optim/zero.py), else one."""
     entry = source.entry.format(label=label)
     if not isinstance(state, dict):
         raise TypeError(f"llaca_optim: {entry} is a {type(state).__name__}, not a dict; "

@@ -32,6 +32,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa
 
 import llaca_optim  # noqa: E402
 from llaca_optim.integrations import deepspeed as ds_integration  # noqa: E402
+from llaca_optim.optim import zero  # noqa: E402
 
 # DeepSpeed builds a shared-memory all-reduce op (two C++ files, about 30 s on two cores) when it starts its
 # communication backend on the CPU; gloo alone does the reductions of these tiny models.
@@ -125,7 +126,7 @@ def gathered(optimizer):
         inner_state = inner.state.get(part.flat, {}) if inner is not None else {}
         for key in STATE_KEYS:
             value = state.get(key, inner_state.get(key))
-            for p, whole in zip(part.rows, ds_integration.full_tensors(part, value)):
+            for p, whole in zip(part.rows, zero.full_tensors(part, value)):
                 out[key][id(p)] = whole.clone()
     return out
 

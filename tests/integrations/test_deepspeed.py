@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO hands the optimizer flat partitions cut across parameter tensors; LLaCAAdamW and
-LLaCA map them back to the tensors (NOTE [ZeRO partitions] in llaca_optim/integrations/deepspeed.py)
+LLaCA map them back to the tensors (NOTE [ZeRO partitions] in llaca_optim/optim/zero.py)
 and compute each tensor's alpha from its whole-tensor sums.
 
 Two ranks (gloo on the CPU) run tests/integrations/_deepspeed_worker.py once, in a subprocess,

@@ -16,16 +16,22 @@ from support.backends import backends
 PACKAGE = Path(llaca_optim.__file__).resolve().parent
 # Top down; modules of one layer may call each other. An optimizer's class and the base class it
 # shares with the other are one layer: one object, whose hooks (_parts, _validate_group) the base
-# calls.
+# calls. Every module of the package has its place (test_every_module_has_a_layer), the programs
+# and adapters that use the optimizers' public API on top, the leaf utilities at the bottom.
 LAYERS = (
-    ("optim/adamw.py", "optim/llaca.py", "optim/base.py"),
-    ("optim/plan.py",),
+    ("__main__.py", "cli.py", "demo.py"),
+    ("__init__.py", "integrations/__init__.py", "integrations/huggingface.py",
+     "integrations/deepspeed.py"),
+    ("optim/__init__.py", "optim/adamw.py", "optim/llaca.py", "optim/base.py"),
+    ("optim/plan.py", "optim/inner_check.py", "functional.py"),
     ("optim/deferred.py", "optim/sharded.py", "optim/validation.py", "optim/stale.py",
-     "optim/telemetry.py", "state.py", "integrations/deepspeed.py"),
-    ("ops/registry.py",),
+     "optim/telemetry.py", "optim/zero.py", "state.py"),
+    ("ops/__init__.py", "ops/registry.py"),
+    # The kernels of each backend, registered (at import) for the ops declared below them.
+    ("ops/reference.py", "ops/native.py", "ops/triton/__init__.py", "ops/triton/launcher.py",
+     "ops/triton/kernels.py"),
     ("ops/library.py", "ops/roles.py"),
-    ("ops/reference.py", "ops/native.py", "ops/triton/__init__.py", "ops/triton/launcher.py"),
-    ("reference.py", "presets.py"),
+    ("reference.py", "presets.py", "_build.py", "_version.py"),
 )
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}
 
@@ -92,3 +98,55 @@ def test_a_step_goes_down_the_layers(kind, backend):
     assert not upward, upward
     assert crossings > 0
     print(f"{kind}: {crossings} calls from one module into another, none upward")
+
+
+def _imports(path: Path) -> set[str]:
+    """The package modules that ``path`` imports (at the top or inside a function), as paths
+    relative to the package."""
+    import ast
+
+    module = path.relative_to(PACKAGE).with_suffix("")
+    package = list(module.parts[:-1]) if path.name != "__init__.py" else list(module.parts[:-1])
+    found = set()
+
+    def resolve(parts: list[str]) -> str | None:
+        base = PACKAGE.joinpath(*parts)
+        if base.with_suffix(".py").is_file():
+            return base.with_suffix(".py").relative_to(PACKAGE).as_posix()
+        if (base / "__init__.py").is_file():
+            return (base / "__init__.py").relative_to(PACKAGE).as_posix()
+        return None
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package[: len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.split(".")[0] == "llaca_optim":
+                parts = node.module.split(".")[1:]
+            else:
+                continue
+            target = resolve(parts)
+            for alias in node.names:  # `from . import validation` names a module
+                sub = resolve(parts + [alias.name])
+                if sub is not None:
+                    found.add(sub)
+                elif target is not None:
+                    found.add(target)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "llaca_optim":
+                    target = resolve(alias.name.split(".")[1:])
+                    if target is not None:
+                        found.add(target)
+    found.discard(path.relative_to(PACKAGE).as_posix())
+    return found
+
+
+def test_every_module_has_a_layer_and_imports_only_below_or_beside_it():
+    """Statically, for every module of the package (functional and integrations included): it
+    stands in LAYERS, and each package module it imports stands in its own layer or a lower
+    one. (The traced test above checks the calls of a step; this one every import.)"""
+    modules = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py"))
+    assert sorted(LAYER_OF) == modules, set(modules) ^ set(LAYER_OF)
+    upward = [(m, t) for m in modules for t in _imports(PACKAGE / m) if LAYER_OF[t] < LAYER_OF[m]]
+    assert not upward, upward

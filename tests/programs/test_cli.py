@@ -125,8 +125,10 @@ def test_bench_without_out_leaves_the_committed_results_alone(tmp_path):
 
 
 def test_bench_help_names_the_command_it_was_called_by(capsys):
+    path = list(sys.path)
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
+    assert sys.path == path  # the checkout's benchmarks/ is imported by path, sys.path untouched
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m llaca_optim bench")
     assert "bench-results" in out
