@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,25 +21,18 @@ from support.backends import backend_or_skip, backend_value  # noqa: E402
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-# Markers, set here in one place: `build` for the toolchain folder (compilers, CMake, sanitizer
-# builds), `gpu` for the modules that need one, `slow` for modules of subprocesses and trainers
-# and for every Triton test that runs through the interpreter (each program runs in Python).
-# `pytest -m "not slow and not build"` is the quick subset; the README's test command runs all but
-# `extended`, which .ci/run runs after it.
-FOLDER_MARKERS = {"toolchain": "build"}
-GPU_MODULES = ("test_cuda_gpu.py", "test_large_tensors.py")
-# The long checks .ci/run adds after the README's test command: the kernels rebuilt another way
-# (instrumented, through CMake) with part of the suite rerun there, the device code compiled for
-# the GPUs (nvcc for sm_80 and sm_90, Triton for sm_90) and the GPU script's dry run; and the
-# cases of a product past its pairwise cover (support/cases.py).
-EXTENDED_MODULES = ("test_sanitizers.py", "test_cmake_build.py", "test_cuda_compile.py",
-                    "test_triton_compile.py", "test_gpu_script.py")
-# Modules whose tests share a costly module-scoped fixture (a launch of ranks, a batch of nvcc
-# compiles): under pytest-xdist (`--dist loadgroup`) each stays on one worker, so it runs once.
-SHARED_FIXTURE_MODULES = ("test_deepspeed.py", "test_sharded.py", "test_cuda_compile.py")
-SLOW_MODULES = ("test_sanitizers.py", "test_sharded.py", "test_deepspeed.py", "test_huggingface.py",
-                "test_continual.py", "test_benchmarks.py", "test_demo.py", "test_cmake_build.py",
-                "test_cuda_compile.py", "test_triton_compile.py", "test_gpu_script.py")
+# Markers: each module marks itself (`pytestmark`): `build` (compilers, CMake, sanitizer builds),
+# `gpu` (needs one), `slow` (subprocesses, trainers, launches), `extended` (the long checks
+# .ci/run adds after the README's test command), and `xdist_group(<module>)` for a module whose
+# tests share a costly module-scoped fixture (a launch of ranks, a batch of nvcc compiles), so
+# that under pytest-xdist (`--dist loadgroup`) it stays on one worker and runs once. Set here:
+# `slow` on every Triton test that runs through the interpreter (each program runs in Python).
+# `pytest -m "not slow and not build"` is the quick subset.
+TESTS = Path(__file__).resolve().parent
+# The modules that group themselves, read from their own text: the controller (below) sees ids
+# only, not marks.
+SHARED_FIXTURE_MODULES = tuple(sorted(
+    p.name for p in TESTS.rglob("test_*.py") if "pytest.mark.xdist_group(" in p.read_text()))
 
 
 # A wrapper: the marks are set before pytest-xdist's own hook of this name reads the xdist_group
@@ -65,19 +59,11 @@ def pytest_xdist_node_collection_finished(node, ids):
 
 
 def _mark(items):
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
     for item in items:
-        path = item.path
-        if path.parent.name in FOLDER_MARKERS:
-            item.add_marker(FOLDER_MARKERS[path.parent.name])
-        if path.name in GPU_MODULES:
-            item.add_marker("gpu")
-        if path.name in SLOW_MODULES or (interpreted and "triton" in item.nodeid):
+        if "triton" in item.nodeid:
             item.add_marker("slow")
-        if path.name in EXTENDED_MODULES:
-            item.add_marker("extended")
-        if path.name in SHARED_FIXTURE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(path.stem))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from support.backends import backend_or_skip
 from support.scenarios import check_grad_scaler_overflow
 from llaca_optim import LLaCA, LLaCAAdamW
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), pytest.mark.gpu]
 
 
 @pytest.fixture

@@ -19,6 +19,9 @@ from torch import nn
 from support.backends import backend_or_skip
 from llaca_optim import LLaCAAdamW, reference
 
+# This module's marks (what each means: tests/conftest.py).
+pytestmark = [pytest.mark.gpu]
+
 LR, WD, SCALE, BASE_WEIGHT = 1e-3, 0.01, 2.0, 0.01
 
 

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# This module's marks (what each means: tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test_deepspeed")]
+
 # Imported in the worker only: importing it here would leave it loaded for every later test.
 if importlib.util.find_spec("deepspeed") is None:
     if os.environ.get("LLACA_REQUIRE_NATIVE") == "1":  # CI installs the test extras: run it there

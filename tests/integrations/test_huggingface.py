@@ -18,6 +18,9 @@ from transformers import (  # noqa: E402
 from llaca_optim import LLaCA, LLaCAAdamW  # noqa: E402
 from llaca_optim.integrations.huggingface import LLaCACallback, alpha_summary, llaca_optimizer  # noqa: E402
 
+# This module's marks (what each means: tests/conftest.py).
+pytestmark = [pytest.mark.slow]
+
 VOCAB, SEQ = 61, 12
 
 

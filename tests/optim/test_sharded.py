@@ -24,9 +24,9 @@ import torch
 import _sharded_workers as W
 from support.compare import assert_close, assert_equal
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
-)
+), pytest.mark.slow, pytest.mark.xdist_group("test_sharded")]
 
 STEPS = 8
 # One sharded trajectory per backend and precision mode; overflow_at makes one step an AMP

@@ -13,6 +13,9 @@ import pytest
 
 from llaca_optim import _build
 
+# This module's marks (what each means: tests/conftest.py).
+pytestmark = [pytest.mark.slow]
+
 ROOT = _build.PACKAGE_DIR.parent
 pytest.importorskip("matplotlib")
 

@@ -17,6 +17,9 @@ import torch
 
 from llaca_optim.demo import Result
 
+# This module's marks (what each means: tests/conftest.py).
+pytestmark = [pytest.mark.slow]
+
 ROOT = str(Path(__file__).resolve().parents[2])  # the repository: benchmarks/ is run from there
 
 pytest.importorskip("sklearn")

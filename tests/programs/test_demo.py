@@ -10,6 +10,9 @@ pytest.importorskip("sklearn", reason="the demo's data ships with scikit-learn (
 
 from llaca_optim import demo  # noqa: E402
 
+# This module's marks (what each means: tests/conftest.py).
+pytestmark = [pytest.mark.slow]
+
 
 def test_demo_small_run(capsys):
     results = demo.run(["--tasks", "3", "--steps", "15", "--width", "32", "--seed", "3"])

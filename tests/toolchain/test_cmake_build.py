@@ -20,7 +20,7 @@ from llaca_optim import _build
 
 ROOT = _build.PACKAGE_DIR.parent
 CMAKE = shutil.which("cmake")
-pytestmark = pytest.mark.skipif(CMAKE is None, reason="cmake is not installed")
+pytestmark = [pytest.mark.skipif(CMAKE is None, reason="cmake is not installed"), pytest.mark.build, pytest.mark.slow, pytest.mark.extended]
 
 
 def _toolkit_lacks_what_torch_links() -> str | None:

@@ -17,6 +17,9 @@ from torch.utils import cpp_extension
 
 from llaca_optim import _build
 
+# This module's marks (what each means: tests/conftest.py).
+pytestmark = [pytest.mark.build]
+
 ROOT = _build.PACKAGE_DIR.parent
 
 

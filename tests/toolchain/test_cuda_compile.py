@@ -30,7 +30,7 @@ ARCHS = ("80", "90")
 
 TOOLKIT = _build.cuda_home()
 NVCC = _build.nvcc_path()
-pytestmark = pytest.mark.skipif(TOOLKIT is None, reason="no CUDA toolkit (nvcc and its headers)")
+pytestmark = [pytest.mark.skipif(TOOLKIT is None, reason="no CUDA toolkit (nvcc and its headers)"), pytest.mark.build, pytest.mark.slow, pytest.mark.extended, pytest.mark.xdist_group("test_cuda_compile")]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,11 @@ import time
 
 from llaca_optim import _build
 
+import pytest
+
+# This module's marks (what each means: tests/conftest.py).
+pytestmark = [pytest.mark.build, pytest.mark.slow, pytest.mark.extended]
+
 ROOT = _build.PACKAGE_DIR.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 STAGES = ["tests_gpu", "bench", "triton_tune", "memcheck", "tests_rest"]

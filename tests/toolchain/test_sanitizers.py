@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+# This module's marks (what each means: tests/conftest.py).
+pytestmark = [pytest.mark.build, pytest.mark.slow, pytest.mark.extended]
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Chosen for what they reach in the native code per second under the sanitizers (which slow the

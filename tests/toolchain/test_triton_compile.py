@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# This module's marks (what each means: tests/conftest.py).
+pytestmark = [pytest.mark.build, pytest.mark.slow, pytest.mark.extended]
+
 pytest.importorskip("triton")
 
 
