@@ -41,7 +41,9 @@ DEFAULT_ROOT = Path("bench-results") / "continual"
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.continual", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", default="all", choices=["digits", "lm", "digits-lora", "all"])
+    p.add_argument("--family", default="all",
+                   choices=["digits", "lm", "lm-full", "lm-lora", "digits-lora", "all"],
+                   help="lm runs lm-full and lm-lora")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--tasks", type=int, default=5, help="digits: number of tasks")
     p.add_argument("--steps", type=int, default=None,
@@ -132,12 +134,13 @@ def settings_of(args) -> list[dict]:
             run=lambda name, make, seed, base, progress, tasks=tasks, steps=steps, width=width, rank=rank:
                 digits_lora.run(name, make, base, tasks, steps, width, rank, progress,
                                 args.schedule, args.warmup)))
-    if args.family in ("lm", "all"):
+    if args.family in ("lm", "lm-full", "lm-lora", "all"):
         from . import lm
 
         steps = args.steps or (10 if args.quick else 300)
         pre_steps, n_eval = (10, 8) if args.quick else (300, 100)
-        for mode in ("full", "lora"):
+        modes = [args.family[3:]] if args.family in ("lm-full", "lm-lora") else ["full", "lora"]
+        for mode in modes:
             lr = args.lr or (1e-3 if mode == "full" else 3e-3)
             out.append(dict(
                 name=f"lm-{mode}", lr=lr, grid=LM_GRID, steps=steps,
