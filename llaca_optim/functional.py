@@ -24,11 +24,12 @@ from torch import Tensor
 
 from .ops import library
 from .ops.registry import Backend, resolve_backend
-from .ops.roles import ADAMW_LLACA, LLACA_UPDATE, MADE_ORDER, roles_of
+from .ops.roles import (ADAMW_LLACA, LLACA_FLUSH, LLACA_UPDATE, MADE_ORDER, Bucket, StepHyper,
+                        op_lists, roles_of)
 from .optim import validation
 from .presets import Preset
 
-__all__ = ["adamw_llaca", "llaca_update", "new_state", "state_lists"]
+__all__ = ["adamw_llaca", "llaca_update", "new_state", "state_lists", "step_bucket"]
 
 
 def new_state(param: Tensor, *, amsgrad: bool = False, llaca: bool = True,
@@ -49,10 +50,33 @@ def state_lists(states: list[dict[str, Tensor]]) -> list[list[Tensor]]:
     return [[s[r.state_key] for s in states if r.state_key in s] for r in roles]
 
 
-def _ops(backend: str | Backend, params: list[Tensor]) -> Any:
-    if backend == "auto" or not params:
-        return library.define(library.NAMESPACE)
-    return resolve_backend(backend, params[0].device.type).ops
+def _backend(backend: str | Backend, params: list[Tensor]) -> Backend:
+    if backend == "auto" or not params:  # the dispatcher picks the kernel by the tensors' device
+        return Backend("auto", library.define(library.NAMESPACE))
+    return resolve_backend(backend, params[0].device.type)
+
+
+def step_bucket(backend: Backend, bucket: Bucket, hyper: StepHyper, op: str) -> None:
+    """One call of ``op`` (``adamw_llaca_``, ``llaca_update_`` or ``llaca_flush_``) over a
+    bucket's lists, with the step's hyperparameters: the one place where the ops' arguments are
+    built. The optimizers' steps run it per bucket (optim/plan.py), after checking everything
+    once per plan; :func:`adamw_llaca` and :func:`llaca_update` run it after checking their
+    arguments. A sharded bucket's kernels write their local sums into its ``shard.sums``."""
+    lists = op_lists(bucket, op)
+    if op == LLACA_FLUSH:
+        backend.call(op, lists)
+        return
+    sums = bucket.shard.sums if bucket.shard is not None else None
+    common = dict(scale=hyper.scale, base_weight=hyper.base_weight, mean_norms=hyper.mean_norms,
+                  grad_scale=hyper.grad_scale, found_inf=hyper.found_inf, shard_sums=sums)
+    if op == LLACA_UPDATE:
+        backend.call(op, lists, **common)
+        return
+    lr_tensor = hyper.lr if isinstance(hyper.lr, Tensor) else None
+    backend.call(op, lists, lr=0.0 if lr_tensor is not None else float(hyper.lr), lr_tensor=lr_tensor,
+                 beta1=hyper.beta1, beta2=hyper.beta2, weight_decay=hyper.weight_decay,
+                 eps=hyper.eps, amsgrad=hyper.amsgrad, maximize=hyper.maximize, llaca=hyper.llaca,
+                 **common)
 
 
 def _knobs(preset: str, scale: float | None, base_weight: float | None,
@@ -94,14 +118,14 @@ def adamw_llaca(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
                    **(dict(emas=emas, prev_grads=prev_grads, alphas=alphas, fell_back=fell_back)
                       if llaca else {}))
     balance = _knobs(preset, scale, base_weight, norms)
-    lr_tensor = lr if isinstance(lr, Tensor) else None
-    _ops(backend, params).adamw_llaca_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas, prev_grads,
-        alphas, fell_back, [], lr=0.0 if lr_tensor is not None else float(lr), beta1=beta1,
-        beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
-        llaca=llaca, scale=balance.scale, base_weight=balance.base_weight,
-        mean_norms=balance.mean_norms, lr_tensor=lr_tensor,
-        grad_scale=grad_scale, found_inf=found_inf)
+    bucket = Bucket(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                    max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps, emas=emas,
+                    prev_grads=prev_grads, alphas=alphas, fell_back=fell_back)
+    hyper = StepHyper(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                      amsgrad=amsgrad, maximize=maximize, llaca=llaca, scale=balance.scale,
+                      base_weight=balance.base_weight, mean_norms=balance.mean_norms,
+                      grad_scale=grad_scale, found_inf=found_inf)
+    step_bucket(_backend(backend, params), bucket, hyper, ADAMW_LLACA)
 
 
 @torch.no_grad()
@@ -116,6 +140,8 @@ def llaca_update(params: list[Tensor], grads: list[Tensor], emas: list[Tensor],
     _check_lengths(**dict(zip((r.arg for r in roles_of(LLACA_UPDATE)),
                               (params, grads, emas, prev_grads, alphas, fell_back))))
     balance = _knobs(preset, scale, base_weight, norms)
-    _ops(backend, params).llaca_update_(
-        params, grads, emas, prev_grads, alphas, fell_back, scale=balance.scale,
-        base_weight=balance.base_weight, mean_norms=balance.mean_norms, grad_scale=grad_scale, found_inf=found_inf)
+    bucket = Bucket(params=params, grads=grads, emas=emas, prev_grads=prev_grads, alphas=alphas,
+                    fell_back=fell_back)
+    hyper = StepHyper(scale=balance.scale, base_weight=balance.base_weight,
+                      mean_norms=balance.mean_norms, grad_scale=grad_scale, found_inf=found_inf)
+    step_bucket(_backend(backend, params), bucket, hyper, LLACA_UPDATE)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import llaca_optim
+from llaca_optim.functional import step_bucket
 from llaca_optim.ops.registry import resolve_backend
 from llaca_optim.ops.roles import Bucket, StepHyper
 
@@ -59,9 +60,8 @@ def test_op(benchmark, op, backend, workload, dtype):
     fused = op == "adamw_llaca_"
     bucket = make_bucket(WORKLOADS[workload], DTYPES[dtype], with_adamw=fused)
     impl, hyper = resolve_backend(backend, DEVICE), StepHyper()
-    call = impl.adamw_llaca if fused else impl.llaca_update
     benchmark.extra_info.update(op=op, backend=backend, tensors=len(bucket.params))
-    run(benchmark, lambda: call(bucket, hyper))
+    run(benchmark, lambda: step_bucket(impl, bucket, hyper, op))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

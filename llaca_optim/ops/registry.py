@@ -7,9 +7,9 @@
 | `cuda`      | CUDA             | `llaca_optim`: the extension's CUDA kernels (csrc/cuda/)    |
 | `triton`    | CUDA             | `llaca_optim_triton`: ops/triton/, when triton is installed |
 
-A backend is an op namespace plus what its kernels take (:class:`Backend`); the optimizers hand
-it a :class:`Bucket` (the tensors of one param group that share device, dtype and EMA dtype) and
-it calls the op on the bucket's lists. A backend may decline single tensors it cannot handle
+A backend is an op namespace plus what its kernels take (:class:`Backend`); the functional layer
+(llaca_optim/functional.py) calls its op on a bucket's lists (the tensors of one param group that
+share device, dtype and EMA dtype). A backend may decline single tensors it cannot handle
 (float64, a layout with gaps): the optimizer hands those to the reference, so no tensor is ever
 copied into a contiguous temporary and updated there.
 """
@@ -26,7 +26,6 @@ from torch import Tensor
 from . import library, native
 from . import reference as reference_kernels
 from . import triton as triton_ops
-from .roles import ADAMW_LLACA, LLACA_FLUSH, LLACA_UPDATE, Bucket, StepHyper, op_lists
 
 __all__ = [
     "BACKEND_NAMES",
@@ -131,38 +130,18 @@ class Backend:
         limit = self.one_visit_limit
         return self.defers_blend and (limit is None or any(p.numel() > limit for p in params))
 
-    def _call(self, op: str, bucket: Bucket, **scalars: Any) -> None:
-        lists = op_lists(bucket, op)
-        if self.direct is not None and bucket.params and _is_dtensor(bucket.params[0]):
+    def call(self, op: str, lists: list[list[Tensor]], **scalars: Any) -> None:
+        """Calls ``op`` of this backend's namespace on ``lists`` (the op's list arguments, in
+        schema order) with its scalar arguments; whole DTensors go to ``direct``. The one
+        caller is the functional layer (llaca_optim/functional.py), which builds the
+        arguments."""
+        if self.direct is not None and lists[0] and _is_dtensor(lists[0][0]):
             self.direct[op](*lists, **scalars)
         else:
             getattr(self.ops, op)(*lists, **scalars)
 
-    def adamw_llaca(self, bucket: Bucket, h: StepHyper) -> None:
-        lr_tensor = h.lr if isinstance(h.lr, Tensor) else None
-        self._call(
-            ADAMW_LLACA, bucket, lr=0.0 if lr_tensor is not None else float(h.lr),
-            beta1=h.beta1, beta2=h.beta2, weight_decay=h.weight_decay, eps=h.eps,
-            amsgrad=h.amsgrad, maximize=h.maximize, llaca=h.llaca, scale=h.scale,
-            base_weight=h.base_weight, mean_norms=h.mean_norms, lr_tensor=lr_tensor, grad_scale=h.grad_scale,
-            found_inf=h.found_inf, shard_sums=_shard_sums(bucket))
-
-    def llaca_update(self, bucket: Bucket, h: StepHyper) -> None:
-        self._call(LLACA_UPDATE, bucket, scale=h.scale, base_weight=h.base_weight,
-                   mean_norms=h.mean_norms, grad_scale=h.grad_scale, found_inf=h.found_inf, shard_sums=_shard_sums(bucket))
-
-    def flush_ema(self, bucket: Bucket) -> None:
-        """Applies and clears the blends pending in ``bucket`` (params, emas, alphas and
-        ema_pending): blends a deferring step left, or those of a sharded step."""
-        self._call(LLACA_FLUSH, bucket)
-
     def __repr__(self) -> str:
         return f"<llaca_optim backend {self.name!r}>"
-
-
-def _shard_sums(bucket: Bucket) -> Tensor | None:
-    """The sums tensor of a sharded bucket's kernels (NOTE [sharded parameters])."""
-    return bucket.shard.sums if bucket.shard is not None else None
 
 
 def reference_backend(compute_dtype: torch.dtype = torch.float32) -> Backend:

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..functional import step_bucket
 from ..ops.registry import BackendChoice
-from ..ops.roles import Bucket
+from ..ops.roles import LLACA_FLUSH, Bucket, StepHyper
 from . import sharded
 
 
@@ -62,7 +63,7 @@ class PendingBlends:
             bucket.alphas.append(state["alpha"])
             bucket.ema_pending.append(state.pop("ema_pending") if drop else state["ema_pending"])
         for (device, _, _), bucket in buckets.items():
-            self.backends(device.type).flush_ema(bucket)
+            step_bucket(self.backends(device.type), bucket, StepHyper(), LLACA_FLUSH)
 
     def flush_all(self, entries: Iterable[tuple[Tensor, dict[str, Any] | None]]) -> None:
         """Applies every pending blend (``entries``: all parameters with LLaCA state); free when

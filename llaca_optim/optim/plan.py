@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ..ops.registry import Backend, BackendChoice, reference_backend
-from ..ops.roles import ADAMW_LLACA, MADE_ORDER, Bucket, Role, StepHyper, roles_of
+from ..functional import step_bucket
+from ..ops.roles import ADAMW_LLACA, LLACA_UPDATE, MADE_ORDER, Bucket, Role, StepHyper, roles_of
 from ..presets import Preset
 from ..state import StateMap, counting
 from . import sharded
@@ -342,9 +343,7 @@ def run_step(plan: list[tuple[StepHyper, list[tuple[Backend, Bucket]]]], adamw: 
                 pending.before_step(bucket)
             if not bucket.params:
                 pass  # a ZeRO partition with no piece on this rank: it joins the reduction only
-            elif adamw:
-                backend.adamw_llaca(bucket, hyper)
             else:
-                backend.llaca_update(bucket, hyper)
+                step_bucket(backend, bucket, hyper, ADAMW_LLACA if adamw else LLACA_UPDATE)
             if bucket.shard is not None:
                 sharded.finish_step(backend, bucket, hyper)

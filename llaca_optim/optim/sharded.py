@@ -38,6 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..functional import step_bucket
+from ..ops.roles import LLACA_FLUSH
+
 def is_sharded(t: Tensor) -> bool:
     """Whether ``t`` is a DTensor. Importing DTensor costs most of a second, so it is not done
     here: a process that has not imported it (FSDP2 and tensor parallelism do) has none."""
@@ -204,5 +207,5 @@ def finish_step(backend: Any, bucket: Any, hyper: Any) -> None:
     flags = bucket.ema_pending or shard.flags
     shard.finish_alphas(bucket.alphas, bucket.fell_back, flags, hyper)
     if not bucket.ema_pending and bucket.params:
-        backend.flush_ema(type(bucket)(params=bucket.params, emas=bucket.emas,
-                                       alphas=bucket.alphas, ema_pending=flags))
+        step_bucket(backend, type(bucket)(params=bucket.params, emas=bucket.emas,
+                                          alphas=bucket.alphas, ema_pending=flags), hyper, LLACA_FLUSH)

@@ -25,7 +25,8 @@ from support.backends import backend_or_skip
 from support.trajectory import collect
 from llaca_optim import LLaCAAdamW
 from llaca_optim.ops.registry import ONE_VISIT_LIMITS
-from llaca_optim.ops.roles import StepHyper
+from llaca_optim.functional import step_bucket
+from llaca_optim.ops.roles import ADAMW_LLACA, StepHyper
 
 # Sizes in elements of the emulation's chunks (256) and the GPU's (4096): several multi-chunk
 # tensors (deferred), single-chunk ones (finished on chip, never pending), an empty one and one
@@ -320,7 +321,7 @@ def test_a_captured_step_keeps_every_flush_active(deferring_backend, monkeypatch
         for p, g in zip(params, grads[t]):
             p.grad.copy_(g)  # a captured graph's gradients keep their addresses
         for backend, bucket in planned:
-            backend.adamw_llaca(bucket, hyper)  # the "replay"
+            step_bucket(backend, bucket, hyper, ADAMW_LLACA)  # the "replay"
         _step(twin_params, blending, grads[t])
         for p, q in zip(params, twin_params):
             assert_equal(deferring.ema(p), blending.ema(q), what=f"ema after replay {t}")

@@ -243,11 +243,11 @@ def test_steps_run_without_gradient_recording():
     def recording():
         backend = reference_backend()
         backend.grad_modes = []
-        for name in ("adamw_llaca", "llaca_update"):
-            def call(bucket, h, run=getattr(backend, name)):
-                backend.grad_modes.append(torch.is_grad_enabled())
-                run(bucket, h)
-            setattr(backend, name, call)
+
+        def call(op, lists, run=backend.call, **scalars):
+            backend.grad_modes.append(torch.is_grad_enabled())
+            run(op, lists, **scalars)
+        backend.call = call
         return backend
 
     for make in (lambda ps, b: LLaCAAdamW(ps, backend=b),

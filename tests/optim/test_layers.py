@@ -23,9 +23,12 @@ LAYERS = (
     ("__init__.py", "integrations/__init__.py", "integrations/huggingface.py",
      "integrations/deepspeed.py"),
     ("optim/__init__.py", "optim/adamw.py", "optim/llaca.py", "optim/base.py"),
-    ("optim/plan.py", "optim/inner_check.py", "functional.py"),
-    ("optim/deferred.py", "optim/sharded.py", "optim/validation.py", "optim/stale.py",
-     "optim/telemetry.py", "optim/zero.py", "state.py"),
+    ("optim/plan.py", "optim/inner_check.py"),
+    ("optim/deferred.py", "optim/sharded.py", "optim/stale.py", "optim/telemetry.py",
+     "optim/zero.py", "state.py"),
+    # The functional layer: every op call is built here (step_bucket), for the optimizers' steps
+    # and for the public functions over tensor lists.
+    ("functional.py", "optim/validation.py"),
     ("ops/__init__.py", "ops/registry.py"),
     # The kernels of each backend, registered (at import) for the ops declared below them.
     ("ops/reference.py", "ops/native.py", "ops/triton/__init__.py", "ops/triton/launcher.py",
