@@ -27,7 +27,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_step_", "llaca_update_", "llaca_sums", "blend_", "balance_weight"]
+__all__ = ["adamw_step_", "alphas_from_sums_", "llaca_update_", "llaca_sums", "blend_",
+           "balance_weight"]
 
 
 def balance_weight(a: float, b: float, c: float, scale: float, base_weight: float) -> tuple[float, bool]:
@@ -44,6 +45,38 @@ def balance_weight(a: float, b: float, c: float, scale: float, base_weight: floa
     if 0.0 < candidate < 1.0:
         return candidate, False
     return base_weight, True
+
+
+@torch.no_grad()
+def alphas_from_sums_(sums: Tensor, elements: Tensor, alpha: Tensor, fell_back: Tensor,
+                      pending: Tensor, *, scale: float, base_weight: float, mean_norms: bool,
+                      found_inf: Tensor | None = None) -> None:
+    """:func:`balance_weight` for many tensors at once, from their whole-tensor sums, in place:
+    the finish of a sharded step (NOTE [sharded parameters] in optim/sharded.py), the default
+    kernel of the ``llaca_alphas_`` op on every backend.
+
+    ``sums``: float64, one ``(a, b, c)`` row per tensor; ``elements``: each tensor's element
+    count (float64, for ``mean_norms``). On entry ``alpha`` (float32) holds each tensor's last
+    alpha, negative before its first LLaCA step (whose EMA the kernels just set to p: it has no
+    blend and falls back); on exit the new alphas (computed in float64, then rounded), with the
+    fallback flags in ``fell_back`` and in ``pending`` the blends left to apply. A non-zero
+    ``found_inf`` (AMP overflow: the kernels changed nothing) leaves all three as they were."""
+    fresh = alpha < 0
+    if mean_norms:
+        sums = sums / elements.unsqueeze(1)
+    a, b, c = sums.unbind(1)
+    candidate = scale * (1.0 + b) / (a * c)
+    adaptive = (candidate > 0) & (candidate < 1) & ~fresh
+    new_alpha = torch.where(adaptive, candidate, base_weight)
+    new_fell_back, new_pending = ~adaptive, ~fresh
+    if found_inf is not None:
+        skipped = found_inf.to(device=sums.device) != 0
+        new_alpha = torch.where(skipped, alpha.to(torch.float64), new_alpha)
+        new_fell_back = torch.where(skipped, fell_back, new_fell_back)
+        new_pending = torch.where(skipped, pending, new_pending)
+    alpha.copy_(new_alpha)
+    fell_back.copy_(new_fell_back)
+    pending.copy_(new_pending)
 
 
 def _l1(x: Tensor) -> float:

@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from .. import reference
 from .roles import ADAMW_LLACA, LLACA_FLUSH, LLACA_UPDATE, OP_NAMES, roles_of
 
 NAMESPACE = "llaca_optim"
@@ -88,6 +89,17 @@ def schema(op: str) -> str:
 
 SCHEMAS = tuple(schema(op) for op in OP_NAMES)
 
+# The finish of a sharded step: every tensor's alpha, fallback flag and pending blend from its
+# whole-tensor sums (NOTE [sharded parameters] in optim/sharded.py). Not a role op: it takes the
+# bucket's reduced sums and its slot vectors. Its default kernel, on every namespace and device,
+# is the math layer's (llaca_optim/reference.py, beside the per-tensor rule it vectorizes), so
+# the alpha rule is written once per language: there, csrc/include/llaca/math.h, and the Triton
+# kernels.
+ALPHAS = "llaca_alphas_"
+ALPHAS_SCHEMA = ("llaca_alphas_(Tensor sums, Tensor elements, Tensor(a!) alpha, Tensor(b!) fell_back, "
+                 "Tensor(c!) pending, *, float scale, float base_weight, bool mean_norms, "
+                 "Tensor? found_inf=None) -> ()")
+
 _libraries: dict[str, torch.library.Library] = {}  # keeping them alive keeps the ops defined
 _implemented: set[tuple[str, str]] = set()
 
@@ -106,6 +118,9 @@ def define(namespace: str) -> Any:
         _libraries[namespace] = library
         for op in OP_NAMES:
             torch.library.register_fake(f"{namespace}::{op}", _fake, lib=library)
+        library.define(ALPHAS_SCHEMA)
+        torch.library.register_fake(f"{namespace}::{ALPHAS}", _fake, lib=library)
+        library.impl(ALPHAS, reference.alphas_from_sums_, "CompositeExplicitAutograd")
     return getattr(torch.ops, namespace)
 
 

@@ -11,9 +11,9 @@ llaca_optim/ops/library.py), then:
    bucket's ``sums`` tensor; they compute no alpha and blend nothing;
 2. one all-reduce of that ``[n, 3]`` tensor per sharded mesh dimension turns them into
    whole-tensor sums (a replicated mesh dimension holds copies, so it is not summed over);
-3. ``ShardReduce.finish_alphas`` computes every alpha and fallback flag from them with tensor
-   ops, in the same float64 arithmetic as the kernels (llaca/math.h), and marks the blends
-   pending;
+3. the backend's ``llaca_alphas_`` op (its default kernel: ``alphas_from_sums_`` in
+   llaca_optim/reference.py) computes every alpha and fallback flag from them, in the same
+   float64 arithmetic as the kernels (llaca/math.h), and marks the blends pending;
 4. the blend runs at the tensor's next step, which reads p and the EMA anyway (backends that
    defer the blend), or at once through ``llaca_flush_``.
 
@@ -110,48 +110,20 @@ class ShardReduce:
         for dim in self.layout.sum_dims:
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM, group=self.layout.mesh.get_group(dim))
 
-    def finish_alphas(self, alphas: list[Tensor], fell_back: list[Tensor], pending: list[Tensor],
-                      hyper: Any) -> None:
+    def finish_alphas(self, ops: Any, alphas: list[Tensor], fell_back: list[Tensor],
+                      pending: list[Tensor], hyper: Any) -> None:
         """Step 3 of NOTE [sharded parameters]: each tensor's alpha and fallback flag from its
-        whole-tensor sums, and its blend marked pending, exactly as the kernels'
-        ``tensor_alpha`` would (float64, the same operations in the same order, then rounded to
-        float32). A tensor whose slot holds a negative alpha had its first LLaCA step (the
-        kernels set its EMA to p, so it has no blend and falls back). With ``found_inf`` set, the
-        kernels changed nothing, and neither does this. ``hyper``: the step's StepHyper."""
-        alpha, new_fell_back, new_pending = alphas_from_sums(
-            self.sums, torch.stack(alphas), torch.stack(fell_back), torch.stack(pending), hyper,
-            self.elements)
-        self._alpha.copy_(alpha)  # rounded to float32 here, once
-        self._fell_back.copy_(new_fell_back)
-        self._pending.copy_(new_pending)
+        whole-tensor sums, and its blend marked pending, by the backend's ``llaca_alphas_`` op
+        (``ops``: its namespace): the rule of the kernels' ``tensor_alpha``, in float64, then
+        rounded to float32. ``hyper``: the step's StepHyper (with ``found_inf`` set, the kernels
+        changed nothing, and neither does this)."""
+        for views, slots in zip(self._views, (alphas, fell_back, pending)):
+            torch._foreach_copy_(views, slots)  # the slots' values on entry: fresh marks, AMP skips
+        ops.llaca_alphas_(self.sums, self.elements, self._alpha, self._fell_back, self._pending,
+                          scale=hyper.scale, base_weight=hyper.base_weight,
+                          mean_norms=hyper.mean_norms, found_inf=hyper.found_inf)
         for slots, views in zip((alphas, fell_back, pending), self._views):
             torch._foreach_copy_(slots, views)
-
-
-def alphas_from_sums(sums: Tensor, old_alpha: Tensor, old_fell_back: Tensor, old_pending: Tensor,
-                     hyper: Any, elements: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Each tensor's alpha (float64, not yet rounded), fallback flag and pending mark from its
-    whole-tensor sums (``sums``, one ``(a, b, c)`` row per tensor, ``elements`` its element
-    count), exactly as the kernels' ``tensor_alpha`` computes them with the step's ``hyper``
-    (StepHyper: scale, base_weight, mean_norms, found_inf). A negative old alpha marks a tensor
-    that had its first LLaCA step (the kernels set its EMA to p, so it has no blend and falls
-    back). With ``found_inf`` set, the kernels changed nothing, and neither does this: the old
-    values are returned."""
-    fresh = old_alpha < 0
-    if hyper.mean_norms:
-        sums = sums / elements.unsqueeze(1)
-    a, b, c = sums.unbind(1)
-    candidate = hyper.scale * (1.0 + b) / (a * c)
-    adaptive = (candidate > 0) & (candidate < 1) & ~fresh
-    alpha = torch.where(adaptive, candidate, hyper.base_weight)
-    fell_back = ~adaptive
-    pending = ~fresh
-    if hyper.found_inf is not None:
-        skipped = hyper.found_inf.to(device=sums.device) != 0
-        alpha = torch.where(skipped, old_alpha, alpha)
-        fell_back = torch.where(skipped, old_fell_back, fell_back)
-        pending = torch.where(skipped, old_pending, pending)
-    return alpha, fell_back, pending
 
 
 class SegmentReduce:
@@ -177,7 +149,7 @@ class SegmentReduce:
         self.row_sums = torch.zeros((alpha.numel(), 3), dtype=torch.float64, device=device)
         self._pending = torch.zeros(len(rows), dtype=torch.bool, device=device)
         self.flags = list(self._pending.unbind())
-        self._none_pending = torch.zeros(alpha.numel(), dtype=torch.bool, device=device)
+        self._row_pending = torch.zeros(alpha.numel(), dtype=torch.bool, device=device)
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
@@ -186,16 +158,17 @@ class SegmentReduce:
         self.row_sums.index_copy_(0, self.rows, self.sums)
         dist.all_reduce(self.row_sums, op=dist.ReduceOp.SUM, group=self.process_group)
 
-    def finish_alphas(self, alphas: list[Tensor], fell_back: list[Tensor], pending: list[Tensor],
-                      hyper: Any) -> None:
+    def finish_alphas(self, ops: Any, alphas: list[Tensor], fell_back: list[Tensor],
+                      pending: list[Tensor], hyper: Any) -> None:
         """Every row's alpha and fallback flag into the state's vectors (``alphas`` and
-        ``fell_back``, the pieces' views of them, are not needed), and the pieces' blends
-        marked in ``pending`` (this bucket's ``flags``)."""
-        alpha, new_fell_back, new_pending = alphas_from_sums(
-            self.row_sums, self.alpha, self.fell_back, self._none_pending, hyper, self.elements)
-        self._pending.copy_(new_pending.index_select(0, self.rows))
-        self.alpha.copy_(alpha)  # rounded to float32 here, once
-        self.fell_back.copy_(new_fell_back)
+        ``fell_back``, the pieces' views of them, are not needed), by the backend's
+        ``llaca_alphas_`` op (``ops``), and the pieces' blends marked in ``pending`` (this
+        bucket's ``flags``)."""
+        self._row_pending.zero_()  # no blend of a row is pending before this step's
+        ops.llaca_alphas_(self.row_sums, self.elements, self.alpha, self.fell_back,
+                          self._row_pending, scale=hyper.scale, base_weight=hyper.base_weight,
+                          mean_norms=hyper.mean_norms, found_inf=hyper.found_inf)
+        self._pending.copy_(self._row_pending.index_select(0, self.rows))
 
 
 def finish_step(backend: Any, bucket: Any, hyper: Any) -> None:
@@ -205,7 +178,7 @@ def finish_step(backend: Any, bucket: Any, hyper: Any) -> None:
     shard = bucket.shard
     shard.all_reduce()
     flags = bucket.ema_pending or shard.flags
-    shard.finish_alphas(bucket.alphas, bucket.fell_back, flags, hyper)
+    shard.finish_alphas(backend.ops, bucket.alphas, bucket.fell_back, flags, hyper)
     if not bucket.ema_pending and bucket.params:
         step_bucket(backend, type(bucket)(params=bucket.params, emas=bucket.emas,
                                           alphas=bucket.alphas, ema_pending=flags), hyper, LLACA_FLUSH)

@@ -227,3 +227,45 @@ def test_reference_flush_applies_the_blends_a_sharded_step_leaves(cpu_backend):
     assert torch.equal(outs["llaca_optim_reference"][1], emas[1])
     for ours, theirs in zip(outs["llaca_optim_reference"], outs["llaca_optim"]):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+def test_the_alphas_op_is_the_per_tensor_rule_on_every_backend(backend):
+    """``llaca_alphas_`` (the finish of a sharded step) gives, for each row of sums, what the
+    reference's per-tensor ``balance_weight`` gives (float64, then rounded to float32), on every
+    backend's namespace: fresh tensors fall back and blend nothing, a found_inf changes nothing,
+    and zero or non-finite sums fall back."""
+    import math
+
+    from llaca_optim import reference
+    from llaca_optim.ops.registry import Backend, resolve_backend
+
+    ops = (backend if isinstance(backend, Backend) else resolve_backend(backend, "cpu")).ops
+    n = 64
+    sums = torch.rand(n, 3, dtype=torch.float64) * torch.logspace(-3, 3, n, dtype=torch.float64).unsqueeze(1)
+    sums[0] = 0.0
+    sums[1, 0] = math.inf
+    sums[2, 2] = math.nan
+    elements = torch.randint(1, 10**6, (n,)).double()
+    old_alpha = torch.rand(n)
+    old_alpha[3:8] = -1.0  # fresh
+    for mean in (False, True):
+        scale, base = float(torch.rand(()) * 10 + 0.1), 0.01
+        expected = []
+        for row, count, before in zip(sums.tolist(), elements.tolist(), old_alpha.tolist()):
+            if before < 0:
+                expected.append((base, True, False))
+                continue
+            divide = count if mean else 1.0
+            alpha, fell = reference.balance_weight(row[0] / divide, row[1] / divide, row[2] / divide, scale, base)
+            expected.append((alpha, fell, True))
+        alpha, fell_back, pending = old_alpha.clone(), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        ops.llaca_alphas_(sums, elements, alpha, fell_back, pending, scale=scale, base_weight=base,
+                          mean_norms=mean)
+        assert alpha.tolist() == [torch.tensor(a, dtype=torch.float32).item() for a, _, _ in expected]
+        assert fell_back.tolist() == [f for _, f, _ in expected]
+        assert pending.tolist() == [p for _, _, p in expected]
+        before = (alpha.clone(), fell_back.clone(), pending.clone())
+        ops.llaca_alphas_(sums * 2, elements, alpha, fell_back, pending, scale=scale, base_weight=base,
+                          mean_norms=mean, found_inf=torch.ones(()))
+        assert all(torch.equal(x, y) for x, y in zip(before, (alpha, fell_back, pending)))
