@@ -10,4 +10,4 @@
 The public face of this layer is ``llaca_optim.functional`` and ``torch.ops.llaca_optim``.
 """
 
-from . import library, reference  # noqa: F401  (the schemas, then their default kernels)
+from . import library, reference_kernels  # noqa: F401  (the schemas, then their default kernels)

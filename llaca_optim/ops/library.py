@@ -3,7 +3,7 @@ namespaces that carry them.
 
 ``llaca_optim::adamw_llaca_`` and its two siblings are the one way a step reaches a kernel. The
 schemas are declared here, in Python, so that they exist whether or not the native extension was
-built; the reference implementation (``ops/reference.py``) is registered as their default kernel
+built; the reference implementation (``ops/reference_kernels.py``) is registered as their default kernel
 (``CompositeExplicitAutograd``: any device without a kernel of its own), and the extension
 registers its C++ kernels for the CPU and CUDA dispatch keys under the same names, which take
 precedence there. Mutated arguments carry ``(x!)`` annotations so that torch.compile and

@@ -2,7 +2,7 @@
 
 | name        | tensors          | op namespace (its kernels)                                  |
 |-------------|------------------|-------------------------------------------------------------|
-| `reference` | any device/dtype | `llaca_optim_reference`: ops/reference.py, tensor by tensor |
+| `reference` | any device/dtype | `llaca_optim_reference`: ops/reference_kernels.py, tensor by tensor |
 | `cpu`       | CPU              | `llaca_optim`: the C++ extension's kernels (csrc/cpu/)      |
 | `cuda`      | CUDA             | `llaca_optim`: the extension's CUDA kernels (csrc/cuda/)    |
 | `triton`    | CUDA             | `llaca_optim_triton`: ops/triton/, when triton is installed |
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import library, native
-from . import reference as reference_kernels
+from . import reference_kernels
 from . import triton as triton_ops
 
 __all__ = [
@@ -77,8 +77,11 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    module = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (a sharded parameter, or its state). Importing DTensor costs
+    most of a second, so it is not done here: a process that has not imported it (FSDP2 and
+    tensor parallelism do) has none."""
+    module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
 
 
@@ -135,7 +138,7 @@ class Backend:
         schema order) with its scalar arguments; whole DTensors go to ``direct``. The one
         caller is the functional layer (llaca_optim/functional.py), which builds the
         arguments."""
-        if self.direct is not None and lists[0] and _is_dtensor(lists[0][0]):
+        if self.direct is not None and lists[0] and is_dtensor(lists[0][0]):
             self.direct[op](*lists, **scalars)
         else:
             getattr(self.ops, op)(*lists, **scalars)

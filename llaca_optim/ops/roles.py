@@ -13,7 +13,7 @@ Adding a state tensor is adding one row here and one line in ``roles.h``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -125,25 +125,37 @@ SLOT_DTYPES: dict[str, torch.dtype] = {
     r.state_key: r.slot_dtype for r in ROLES if not r.shaped and r.state_key is not None}
 
 
-def _bucket_doc() -> str:
-    return ("Per-tensor lists of one op call, one field per role of ``ROLES`` (empty when a part "
-            "is off: the AdamW lists for the standalone update, the LLaCA lists with llaca=False, "
-            "``ema_pending`` when nothing may be deferred), plus what the optimizer keeps with "
-            "them: ``param_versions`` (the params' ``_version`` after the last deferring step), "
-            "and for sharded parameters (NOTE [sharded parameters] in optim/sharded.py) the "
-            "DTensors the lists hold the local shards of (``sources``) and their cross-shard "
-            "reduction (``shard``, a ShardReduce); for pieces of DeepSpeed ZeRO partitions (NOTE "
-            "[ZeRO partitions] in optim/zero.py) each piece's ``(start, numel)`` in "
-            "its flat partition (``segments``), and ``shard``, a SegmentReduce.")
+def _lists() -> list[Tensor]:
+    return []
 
 
-Bucket = make_dataclass(
-    "Bucket",
-    [(role.arg, list[Tensor], field(default_factory=list)) for role in ROLES]
-    + [("param_versions", "list[int] | None", None), ("sources", "list[Tensor] | None", None),
-       ("shard", Any, None), ("segments", "list[tuple[int, int]] | None", None)],
-    namespace={"__doc__": _bucket_doc(), "__module__": __name__},
-)
+@dataclass
+class Bucket:
+    """Per-tensor lists of one op call, one field per role of ``ROLES``, in its order (empty
+    when a part is off: the AdamW lists for the standalone update, the LLaCA lists with
+    llaca=False, ``ema_pending`` when nothing may be deferred; tests/ops/test_roles.py holds the
+    fields to the table), plus what the optimizer keeps with them: ``param_versions`` (the
+    params' ``_version`` after the last deferring step), and for sharded parameters (NOTE
+    [sharded parameters] in optim/sharded.py) the DTensors the lists hold the local shards of
+    (``sources``) and their cross-shard reduction (``shard``, a ShardReduce); for pieces of
+    DeepSpeed ZeRO partitions (NOTE [ZeRO partitions] in optim/zero.py) each piece's
+    ``(start, numel)`` in its flat partition (``segments``), and ``shard``, a SegmentReduce."""
+
+    params: list[Tensor] = field(default_factory=_lists)
+    grads: list[Tensor] = field(default_factory=_lists)
+    exp_avgs: list[Tensor] = field(default_factory=_lists)
+    exp_avg_sqs: list[Tensor] = field(default_factory=_lists)
+    max_exp_avg_sqs: list[Tensor] = field(default_factory=_lists)
+    state_steps: list[Tensor] = field(default_factory=_lists)
+    emas: list[Tensor] = field(default_factory=_lists)
+    prev_grads: list[Tensor] = field(default_factory=_lists)
+    alphas: list[Tensor] = field(default_factory=_lists)
+    fell_back: list[Tensor] = field(default_factory=_lists)
+    ema_pending: list[Tensor] = field(default_factory=_lists)
+    param_versions: list[int] | None = None
+    sources: list[Tensor] | None = None
+    shard: Any = None
+    segments: list[tuple[int, int]] | None = None
 
 
 def op_lists(bucket: Any, op: str) -> list[list[Tensor]]:

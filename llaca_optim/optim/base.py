@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..ops.registry import Backend, BackendChoice
+from ..ops.registry import Backend, BackendChoice, is_dtensor
 from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS, SLOT_DTYPES
 from ..ops.roles import SHAPED_STATE_KEYS
 from ..presets import Preset
@@ -461,8 +461,8 @@ class LLaCAOptimizerBase(Optimizer):
                         f"(saved id {pid}); it was saved from a different model layout, or its "
                         "entries were mixed up; nothing was loaded"
                     )
-                p_sharded = sharded.is_sharded(p)
-                if isinstance(value, Tensor) and sharded.is_sharded(value) != p_sharded:
+                p_sharded = is_dtensor(p)
+                if isinstance(value, Tensor) and is_dtensor(value) != p_sharded:
                     whole, plain = ("parameter", key) if p_sharded else (key, "parameter")
                     raise ValueError(
                         f"llaca_optim: the state dict ({owner}) holds {key} as a "

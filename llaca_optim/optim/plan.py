@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..ops.registry import Backend, BackendChoice, reference_backend
+from ..ops.registry import Backend, BackendChoice, is_dtensor, reference_backend
 from ..functional import step_bucket
 from ..ops.roles import ADAMW_LLACA, LLACA_UPDATE, MADE_ORDER, Bucket, Role, StepHyper, roles_of
 from ..presets import Preset
@@ -309,7 +309,7 @@ class StepPlanner:
         Other DTensors go to the reference backend whole. A tensor the backend's kernels do not
         take (float64, layouts with gaps) goes to the reference: never a contiguous copy updated
         in place of the real tensor."""
-        if not sharded.is_sharded(p):
+        if not is_dtensor(p):
             backend = self.backends(p.device.type)
             return (backend if backend.accepts(p, companions) else _REFERENCE), None
         layout = sharded.layout_of(p, companions)

@@ -39,24 +39,18 @@ import torch
 from torch import Tensor
 
 from ..functional import step_bucket
+from ..ops.registry import is_dtensor
 from ..ops.roles import LLACA_FLUSH
 
-def is_sharded(t: Tensor) -> bool:
-    """Whether ``t`` is a DTensor. Importing DTensor costs most of a second, so it is not done
-    here: a process that has not imported it (FSDP2 and tensor parallelism do) has none."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
 def any_sharded() -> bool:
-    """Whether any DTensor can exist in this process (see is_sharded)."""
+    """Whether any DTensor can exist in this process (see ops.registry.is_dtensor)."""
     return "torch.distributed.tensor" in sys.modules
 
 
 def local(t: Tensor) -> Tensor:
     """The shard of ``t`` this rank holds (``t`` itself for a plain tensor): a view of the same
     memory, so the kernels update the DTensor in place."""
-    return t._local_tensor if is_sharded(t) else t  # to_local() without the autograd plumbing
+    return t._local_tensor if is_dtensor(t) else t  # to_local() without the autograd plumbing
 
 
 @dataclass(frozen=True)
@@ -73,10 +67,10 @@ def layout_of(p: Tensor, companions: list[Tensor]) -> ShardLayout | None:
     """The layout of a DTensor parameter whose gradient and state are laid out alike, so the
     fused kernels can run on the shards; None when they are not (the reference backend then
     takes the DTensors whole) or for a plain tensor."""
-    if not is_sharded(p):
+    if not is_dtensor(p):
         return None
     for t in companions:
-        if not is_sharded(t) or t.device_mesh != p.device_mesh or t.placements != p.placements:
+        if not is_dtensor(t) or t.device_mesh != p.device_mesh or t.placements != p.placements:
             return None
     if any(placement.is_partial() for placement in p.placements):
         return None

@@ -89,3 +89,12 @@ def test_new_state_follows_the_table():
         assert value.shape == (p.shape if role.shaped else ())
         expected = p.float() if role.init == "copy" else torch.full_like(value, role.init)
         assert torch.equal(value.to(expected.dtype), expected), key
+
+
+def test_the_bucket_has_a_list_per_role_in_the_tables_order():
+    """Bucket is written out (type checkers see it); its role lists are the table's, in order."""
+    from dataclasses import fields
+
+    names = [f.name for f in fields(roles.Bucket)]
+    assert names[: len(roles.ROLES)] == [role.arg for role in roles.ROLES]
+    assert not set(names[len(roles.ROLES):]) & {role.arg for role in roles.ROLES}

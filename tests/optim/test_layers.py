@@ -31,7 +31,7 @@ LAYERS = (
     ("functional.py", "optim/validation.py"),
     ("ops/__init__.py", "ops/registry.py"),
     # The kernels of each backend, registered (at import) for the ops declared below them.
-    ("ops/reference.py", "ops/native.py", "ops/triton/__init__.py", "ops/triton/launcher.py",
+    ("ops/reference_kernels.py", "ops/native.py", "ops/triton/__init__.py", "ops/triton/launcher.py",
      "ops/triton/kernels.py"),
     ("ops/library.py", "ops/roles.py"),
     ("reference.py", "presets.py", "_build.py", "_version.py"),

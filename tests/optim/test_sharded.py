@@ -177,16 +177,16 @@ def test_layout_routes_dtensors():
             self.device_mesh, self.placements = mesh, tuple(placements)
 
     mesh = FakeMesh()
-    old = _sharded.is_sharded
+    old = _sharded.is_dtensor
     try:
-        _sharded.is_sharded = lambda t: isinstance(t, FakeDTensor)
+        _sharded.is_dtensor = lambda t: isinstance(t, FakeDTensor)
         p = FakeDTensor(mesh, [Replicate(), Shard(0)])
         layout = _sharded.layout_of(p, [FakeDTensor(mesh, [Replicate(), Shard(0)])])
         assert layout is not None and layout.sum_dims == (1,)  # replicas are not summed over
         assert _sharded.layout_of(p, [FakeDTensor(mesh, [Shard(0), Shard(0)])]) is None
         assert _sharded.layout_of(p, [FakeDTensor(FakeMesh(), [Replicate(), Shard(0)])]) is None
     finally:
-        _sharded.is_sharded = old
+        _sharded.is_dtensor = old
 
 
 def test_checkpoint_resume_is_exact(sharded_runs):

@@ -1,6 +1,6 @@
 """The backends under test, each named for what runs here.
 
-On CPU tensors, on every machine: "reference" (ops/reference.py), "cpu" (the C++ kernels),
+On CPU tensors, on every machine: "reference" (ops/reference_kernels.py), "cpu" (the C++ kernels),
 "cuda-emulated" (the CUDA backend's kernels and host code through their CPU emulation,
 tests/cuda_sim/), "triton-interpreted" (the Triton kernels through Triton's interpreter,
 TRITON_INTERPRET=1, which conftest.py sets where there is no GPU). The real GPU kernels run in
