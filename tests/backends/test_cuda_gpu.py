@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from support.trajectory import collect
-from support.backends import backend_or_skip
+from support.backends import backend_or_skip, GPU_KERNELS
 from support.scenarios import check_grad_scaler_overflow
 from llaca_optim import LLaCA, LLaCAAdamW
 
@@ -33,7 +33,7 @@ def test_auto_picks_the_cuda_kernels(cuda_backend):
     assert optimizer.backend == "cuda"
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 @pytest.mark.parametrize("kind", ["fused", "fused, EMA read between replays", "wrapper"])
 def test_captured_step_replays_like_eager_steps(backend, kind):
     """The eager twin of the fused optimizer blends within the step (defer_blend=False); reading

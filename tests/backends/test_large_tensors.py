@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from support.backends import backend_or_skip
+from support.backends import backend_or_skip, GPU_KERNELS
 from llaca_optim import LLaCAAdamW, reference
 
 # This module's marks (what each means: tests/conftest.py).
@@ -83,7 +83,7 @@ def test_the_check_itself_on_a_cpu_tensor(cpu_backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_KERNELS)
 def test_tensor_past_2_31_elements(backend):
     backend = backend_or_skip(backend)
     free, _ = torch.cuda.mem_get_info()

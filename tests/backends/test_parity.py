@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llaca_optim import LLaCA, LLaCAAdamW
-from support.backends import kernel_device
+from support.backends import FUSED_KERNELS, GPU_KERNELS, kernel_device
 from support.cases import covering_product
 from support.compare import assert_equal, describe_difference
 from support.parity import DTYPES, STEPS, assert_within_rule, trajectories
@@ -51,7 +51,7 @@ def test_ema_dtype_options(cpu_backend, dtype, ema_dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kernel", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("kernel", FUSED_KERNELS)
 def test_nonfinite_gradients_fall_back_without_crashing(kernel, dtype, request):
     if kernel != "cuda":  # cuda: the real kernels, or their emulation (always available)
         request.getfixturevalue(f"{kernel}_backend")
@@ -113,7 +113,7 @@ GPU_CASES = [
 
 @pytest.mark.parametrize("dtype,preset,regime,weight_decay_on,amsgrad,maximize", GPU_CASES,
                          ids=lambda v: str(v).removeprefix("torch."))
-@pytest.mark.parametrize("kernel", ["triton", "cuda"])
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_gpu_backends_fused_adamw_matches_reference(kernel, dtype, preset, regime,
                                                     weight_decay_on, amsgrad, maximize, request):
     if kernel == "triton":

@@ -20,6 +20,11 @@ import llaca_optim
 
 REQUIRE_NATIVE = os.environ.get("LLACA_REQUIRE_NATIVE", "0") == "1"
 BACKEND_KINDS = ("reference", "cpu", "cuda-emulated", "triton-interpreted")
+# The fused kernels by backend name (tests that build their own runs pick the kernels by these),
+# and those that run on a GPU (there the real ones; without one, cuda's emulation and Triton's
+# interpreter where a test can use them).
+FUSED_KERNELS = ("cpu", "triton", "cuda")
+GPU_KERNELS = ("triton", "cuda")
 
 
 def backend_or_skip(name: str) -> str:
