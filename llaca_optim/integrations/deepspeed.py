@@ -54,16 +54,18 @@ def ema_weights_from_zero_checkpoint(checkpoint_dir: str, tag: str | None = None
     if not optim_files:
         raise FileNotFoundError(f"llaca_optim: no *_optim_states.pt files in {source!r}; pass the "
                                 "folder and tag given to engine.save_checkpoint")
-    loaded = []
-    for path in optim_files:
+    def load(path: str) -> dict[str, Any]:
         try:
-            loaded.append(torch.load(path, map_location="cpu", weights_only=False))
+            return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - any unreadable file is named as the user's
             raise ValueError(
                 f"llaca_optim: cannot read {path!r} ({type(err).__name__}: {err}); the file is "
                 "damaged or was cut short (a save that did not finish?): save the checkpoint "
                 "again, or use another one") from err
-    ranks = loaded[0].get("optimizer_state_dict", {}).get("partition_count")
+
+    # One rank's file in memory at a time (each holds that rank's masters and optimizer state).
+    first = load(optim_files[0])
+    ranks = first.get("optimizer_state_dict", {}).get("partition_count")
     ranks = max(ranks) if isinstance(ranks, (list, tuple)) else ranks
     if isinstance(ranks, int) and ranks != len(optim_files):
         raise FileNotFoundError(
@@ -78,9 +80,12 @@ def ema_weights_from_zero_checkpoint(checkpoint_dir: str, tag: str | None = None
         for name in os.listdir(source):
             if not name.endswith("_optim_states.pt"):
                 os.symlink(os.path.join(source, name), os.path.join(target, name))
-        for path, saved in zip(optim_files, loaded):
+        for i, path in enumerate(optim_files):
+            saved = first if i == 0 else load(path)
+            first = None
             _emas_in_place_of_masters(saved["optimizer_state_dict"], path)
             torch.save(saved, os.path.join(target, os.path.basename(path)))
+            del saved
         try:
             return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=tag)
         except Exception as err:  # noqa: BLE001 - name the user's folder, not the scratch copy
