@@ -27,8 +27,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 # The Trainer's optimizer_cls_and_kwargs (the recipe in the README and docs/integrations.md)
 # came with transformers 4.47; pyproject.toml's extras ask for the same floor (a test holds the
 # two together).
@@ -36,6 +34,7 @@ MIN_TRANSFORMERS = "4.47"
 
 try:
     import transformers
+    from packaging.version import Version  # a dependency of transformers
     from transformers import TrainerCallback
 except ImportError as err:  # say what is missing, not only that an import failed
     raise ImportError("llaca_optim.integrations.huggingface needs transformers>="
@@ -43,15 +42,7 @@ except ImportError as err:  # say what is missing, not only that an import faile
                       f"'transformers>={MIN_TRANSFORMERS}' accelerate") from err
 
 
-def _release(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split(".")[:2]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
-if _release(transformers.__version__) < _release(MIN_TRANSFORMERS):
+if Version(transformers.__version__).release < Version(MIN_TRANSFORMERS).release:
     raise ImportError(
         f"llaca_optim.integrations.huggingface needs transformers>={MIN_TRANSFORMERS} (the "
         f"Trainer's optimizer_cls_and_kwargs), found {transformers.__version__}: pip install "
@@ -188,11 +179,7 @@ def alpha_summary(optimizer: LLaCAOptimizerBase) -> dict[str, float]:
     """The median alpha and the fallback fraction over the tensors that have had a LLaCA step
     (an alpha slot below 0 marks a tensor that has not); empty before the first one."""
     found = optimizer.alphas()
-    stepped = found.alphas >= 0
-    if found.alphas.numel() == 0 or not bool(stepped.any()):
+    summary = telemetry.summarize(found.alphas, found.fell_back)
+    if summary is None:
         return {}
-    alphas = found.alphas[stepped].double()
-    return {
-        "llaca/alpha_median": float(alphas.median()),
-        "llaca/alpha_fallback_fraction": float(found.fell_back[stepped].to(torch.float64).mean()),
-    }
+    return {"llaca/alpha_median": summary[0], "llaca/alpha_fallback_fraction": summary[1]}

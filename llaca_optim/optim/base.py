@@ -332,13 +332,13 @@ class LLaCAOptimizerBase(Optimizer):
         """At a task's end: warns, once per optimizer and kind, when the task's balance weights
         show LLaCA as a fixed EMA or as an EMA too slow for the task (telemetry.py)."""
         steps, self._task_steps = self._task_steps, 0
+        if steps < telemetry.MIN_STEPS:
+            return  # too short to judge: not even a read of the alphas
         found = self.alphas()
-        seen = found.alphas >= 0
-        if steps < telemetry.MIN_STEPS or not bool(seen.any()):
+        summary = telemetry.summarize(found.alphas, found.fell_back)
+        if summary is None:
             return
-        median = float(found.alphas[seen].double().median())
-        fallback = float(found.fell_back[seen].double().mean())
-        for code, message in telemetry.diagnose(median, fallback, steps):
+        for code, message in telemetry.diagnose(*summary, steps):
             if code not in self._warned:
                 self._warned.add(code)
                 warnings.warn(message, UserWarning, stacklevel=3)

@@ -6,6 +6,8 @@ matters) and by the Trainer callback at its logging steps; never during a step."
 
 from __future__ import annotations
 
+from typing import Any
+
 # Thresholds: a share of fallbacks that leaves nothing adaptive; a task long enough to judge; the
 # part of a task's movement the EMA must keep (1 - (1 - alpha)^steps) not to discard the task.
 FALLBACK_SHARE = 0.95
@@ -14,6 +16,17 @@ MIN_KEPT = 0.5
 
 FIXED_EMA = "fixed-ema"
 TOO_SLOW = "too-slow"
+
+
+def summarize(alphas: Any, fell_back: Any) -> tuple[float, float] | None:
+    """The median alpha and the share that fell back, over the tensors that have had a LLaCA step
+    (a negative alpha marks one that has not), from ``optimizer.alphas()``'s tensors; None before
+    the first. Reading them is a host read."""
+    stepped = alphas >= 0
+    if alphas.numel() == 0 or not bool(stepped.any()):
+        return None
+    return (float(alphas[stepped].double().median()),
+            float(fell_back[stepped].double().mean()))
 
 
 def kept_share(alpha: float, steps: int) -> float:
