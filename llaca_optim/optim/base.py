@@ -371,9 +371,7 @@ class LLaCAOptimizerBase(Optimizer):
         """Takes the EMA marks out of the loaded state and drops the LLaCA state of each
         parameter whose EMA did not follow its steps; returns what to say of each (NOTE [stale
         EMAs] in stale.py)."""
-        labels = {id(p): validation.param_label(group, gi, pi) for gi, group in enumerate(self.param_groups)
-                  for pi, p in enumerate(group["params"])}
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        labels, group_of = self._labels_and_groups()
         loaded = []
         for pid, entry in state_dict["state"].items():
             p = id_map[pid]
@@ -418,6 +416,15 @@ class LLaCAOptimizerBase(Optimizer):
                         entry[validation.LIVE_PARAM] = backup.clone()
         self._mark_ema_steps(saved)
         return saved
+
+    def _labels_and_groups(self) -> tuple[dict[int, str], dict[int, dict[str, Any]]]:
+        """Each parameter's label for an error message and its group, by ``id(parameter)``."""
+        labels, group_of = {}, {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                labels[id(p)] = validation.param_label(group, gi, pi)
+                group_of[id(p)] = group
+        return labels, group_of
 
     def _check_layout(self, state_dict: dict[str, Any], owner: str) -> dict[int, Tensor]:
         """Raises unless ``state_dict`` was saved from the same parameter layout; returns the map
@@ -481,7 +488,7 @@ class LLaCAOptimizerBase(Optimizer):
         (a counter saved as a number, as torch's optimizers once saved ``step``, becomes a
         tensor). Takes the live weights of a state dict saved inside ``ema_weights()`` out of
         the state and returns them by parameter (NOTE [state dicts inside the EMA swap])."""
-        group_of = {p: group for group in self.param_groups for p in group["params"]}
+        _, group_of = self._labels_and_groups()
         live: dict[Tensor, Tensor] = {}
         for pid, entry in state_dict["state"].items():
             p = id_map[pid]
@@ -499,7 +506,7 @@ class LLaCAOptimizerBase(Optimizer):
                 if not isinstance(value, Tensor):
                     continue
                 if key == "ema":
-                    dtype = validation.ema_dtype_for(p, group_of[p]["ema_dtype"])
+                    dtype = validation.ema_dtype_for(p, group_of[id(p)]["ema_dtype"])
                 elif key in SLOT_DTYPES:
                     dtype = SLOT_DTYPES[key]
                 else:
@@ -519,9 +526,7 @@ class LLaCAOptimizerBase(Optimizer):
     def _check_loaded(self, state_dict: dict[str, Any], id_map: dict[int, Tensor], owner: str) -> None:
         """Checks every state entry a load put in place, as the next step would read it. Raises
         naming the parameter and its saved id; the caller then puts the old state back."""
-        labels = {id(p): validation.param_label(group, gi, pi) for gi, group in enumerate(self.param_groups)
-                  for pi, p in enumerate(group["params"])}
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        labels, group_of = self._labels_and_groups()
         for pid in state_dict["state"]:
             p = id_map[pid]
             partition = self._zero.partition(group_of[id(p)], p)
