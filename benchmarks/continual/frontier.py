@@ -78,9 +78,6 @@ class Recorded:
             self.fell_back += last.fell_back[seen].tolist()
         return out
 
-    def end_task(self, *args, **kwargs):
-        return self.optimizer.end_task(*args, **kwargs)
-
 
 class Telemetry:
     """A factory ``params -> Recorded(optimizer)`` that keeps what every optimizer it made saw,
@@ -167,7 +164,6 @@ def analyse(results: dict) -> dict:
     adamw = [r for r in rows if r["settings"].get("kind") == "adamw"]
     if adamw:
         out["adamw"] = {k: adamw[0][k] for k in ("forgetting", "forgetting_std", "new_acc", "new_acc_std")}
-    ema_by_weight = {r["settings"]["ema_weight"]: r for r in ema}
     for kind in ("ema", "llaca-sum", "llaca-mean", "llaca-horizon"):
         curve = _curve(rows, kind)
         points = []
@@ -188,11 +184,11 @@ def analyse(results: dict) -> dict:
                     point["spread"] = spread
                     point["below_ema"] = gap > spread
                     point["above_ema"] = -gap > spread
-                twin = ema_by_weight.get(1 / r["settings"]["horizon"]) if kind == "llaca-horizon" else None
-                if twin is None and kind == "llaca-horizon":
-                    twin = min(ema, key=lambda e: abs(math.log(e["settings"]["ema_weight"] * r["settings"]["horizon"])),
-                               default=None)
-                if twin is not None:  # the fixed EMA of the same horizon
+                # The fixed EMA of the same horizon: the weight nearest 1/H (the horizons are
+                # the weights' reciprocals, rounded).
+                twin = (min(ema, key=lambda e: abs(math.log(e["settings"]["ema_weight"] * r["settings"]["horizon"])),
+                            default=None) if kind == "llaca-horizon" else None)
+                if twin is not None:
                     point["same_horizon_ema"] = twin["method"]
                     point["forgetting_less_than_same_horizon"] = twin["forgetting"] - r["forgetting"]
                     point["new_acc_less_than_same_horizon"] = twin["new_acc"] - r["new_acc"]

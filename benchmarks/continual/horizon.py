@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .methods import AdamWWithFixedEMA
+
 ALPHA_MAX = 0.5  # a blend that would move the EMA most of the way to p is capped here
 WINDOW = 20      # steps: the running mean's memory once the task is that old
 
@@ -39,64 +41,49 @@ class Alphas:
     fell_back: Tensor
 
 
-class HorizonLLaCA:
-    """AdamW, then the horizon-calibrated LLaCA EMA of every parameter (see the module)."""
+class HorizonLLaCA(AdamWWithFixedEMA):
+    """The fixed-EMA baseline of the suite (methods.py: AdamW, then an EMA of the weights put
+    into them at each task's end) with each tensor's weight set per step as the module says."""
 
     backend = "prototype (torch)"
 
     def __init__(self, params, lr: float, horizon: float) -> None:
         if not horizon >= 1:
             raise ValueError(f"horizon must be >= 1 (steps), got {horizon!r}")
-        self.params = [p for p in params]
-        self.lr, self.horizon = lr, float(horizon)
-        self._fresh()
+        self.horizon = float(horizon)
+        super().__init__(params, lr, weight=1.0 / self.horizon)
 
     def _fresh(self) -> None:
-        self.inner = torch.optim.AdamW(self.params, lr=self.lr, fused=True)
-        self.state: list[dict | None] = [None] * len(self.params)
-        self._last = torch.full((len(self.params),), -1.0)
-        self._fell_back = torch.zeros(len(self.params), dtype=torch.bool)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
+        super()._fresh()
+        n = len(self.params)
+        self.prev: list[Tensor | None] = [None] * n
+        self.log_mean, self.count = [0.0] * n, [0] * n
+        self._last = torch.full((n,), -1.0)
+        self._fell_back = torch.zeros(n, dtype=torch.bool)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
         self.inner.step(closure)
-        base = 1.0 / self.horizon
-        for i, p in enumerate(self.params):
+        if self.ema is None:  # the first step of the task: the EMA starts at the stepped weights
+            self.ema = [p.detach().float().clone() for p in self.params]
+        for i, (p, ema) in enumerate(zip(self.params, self.ema)):
             if p.grad is None:
                 continue
             g = p.grad.detach().float()
-            s = self.state[i]
-            if s is None:  # the first step of the task: the EMA starts at the stepped weights
-                self.state[i] = {"ema": p.detach().float().clone(), "prev": g.clone(),
-                                 "log_mean": 0.0, "count": 0}
-                self._last[i], self._fell_back[i] = base, True
-                continue
-            ema = s["ema"]
-            a = float((p.detach().float() - ema).abs().sum(dtype=torch.float64))
-            b = float(g.abs().sum(dtype=torch.float64))
-            c = float((g - s["prev"]).abs().sum(dtype=torch.float64))
-            r = (1.0 + b) / (a * c) if a * c > 0 else math.inf
-            if math.isfinite(r) and r > 0:
-                log_r = math.log(r)
-                s["count"] += 1
-                s["log_mean"] += (log_r - s["log_mean"]) / min(s["count"], WINDOW)
-                alpha = min(base * math.exp(log_r - s["log_mean"]), ALPHA_MAX)
-                fell_back = False
-            else:
-                alpha, fell_back = base, True
-            ema.lerp_(p.detach().float(), alpha)
-            s["prev"].copy_(g)
+            alpha, fell_back = self.weight, True
+            if self.prev[i] is not None:
+                a = float((p.detach().float() - ema).abs().sum(dtype=torch.float64))
+                b = float(g.abs().sum(dtype=torch.float64))
+                c = float((g - self.prev[i]).abs().sum(dtype=torch.float64))
+                r = (1.0 + b) / (a * c) if a * c > 0 else math.inf
+                if math.isfinite(r) and r > 0:
+                    self.count[i] += 1
+                    self.log_mean[i] += (math.log(r) - self.log_mean[i]) / min(self.count[i], WINDOW)
+                    alpha = min(self.weight * math.exp(math.log(r) - self.log_mean[i]), ALPHA_MAX)
+                    fell_back = False
+                ema.lerp_(p.detach().float(), alpha)
+            self.prev[i] = g.clone()
             self._last[i], self._fell_back[i] = alpha, fell_back
 
     def alphas(self) -> Alphas:
         return Alphas(self._last.clone(), self._fell_back.clone())
-
-    @torch.no_grad()
-    def end_task(self) -> None:
-        for p, s in zip(self.params, self.state):
-            if s is not None:
-                p.copy_(s["ema"].to(p.dtype))
-        self._fresh()

@@ -42,8 +42,8 @@ class AdamWWithFixedEMA:
         self.inner.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def step(self) -> None:
-        self.inner.step()
+    def step(self, closure=None) -> None:
+        self.inner.step(closure)
         if self.ema is None:  # taken after the first step, like LLaCA's
             self.ema = [p.detach().clone() for p in self.params]
         else:
@@ -53,7 +53,7 @@ class AdamWWithFixedEMA:
     def end_task(self) -> None:
         if self.ema is not None:
             for p, e in zip(self.params, self.ema):
-                p.copy_(e)
+                p.copy_(e.to(p.dtype))
         self._fresh()
 
 

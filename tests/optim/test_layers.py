@@ -109,7 +109,7 @@ def _imports(path: Path) -> set[str]:
     import ast
 
     module = path.relative_to(PACKAGE).with_suffix("")
-    package = list(module.parts[:-1]) if path.name != "__init__.py" else list(module.parts[:-1])
+    package = list(module.parts[:-1])  # a module's package; an __init__.py's is its own
     found = set()
 
     def resolve(parts: list[str]) -> str | None:
