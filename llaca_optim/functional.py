@@ -50,9 +50,13 @@ def state_lists(states: list[dict[str, Tensor]]) -> list[list[Tensor]]:
     return [[s[r.state_key] for s in states if r.state_key in s] for r in roles]
 
 
+# "auto": the main namespace, whose kernel the dispatcher picks by the tensors' device.
+_DISPATCHER = Backend("auto", library.define(library.NAMESPACE))
+
+
 def _backend(backend: str | Backend, params: list[Tensor]) -> Backend:
-    if backend == "auto" or not params:  # the dispatcher picks the kernel by the tensors' device
-        return Backend("auto", library.define(library.NAMESPACE))
+    if backend == "auto" or not params:
+        return _DISPATCHER
     return resolve_backend(backend, params[0].device.type)
 
 
