@@ -129,16 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
-    import llaca_optim
+    from .ops.registry import resolve_backend
 
-    status = llaca_optim.backend_status()
-    if args.backend != "auto":
-        if args.backend not in status:
-            parser.error(f"--backend must be auto or one of {sorted(status)}, got {args.backend!r}")
-        try:
-            llaca_optim.LLaCAAdamW([torch.zeros(1, requires_grad=True)], backend=args.backend)
-        except (RuntimeError, ValueError) as err:  # the demo trains on the CPU
-            parser.error(f"--backend {args.backend} does not run CPU tensors here: {err}")
+    try:  # the optimizers' own resolution: an unknown name, or one that cannot run CPU tensors
+        resolve_backend(args.backend, "cpu")
+    except (RuntimeError, ValueError) as err:
+        parser.error(f"--backend {args.backend!r}: {err}")
     return args
 
 
