@@ -12,7 +12,6 @@ from ..ops.registry import Backend
 from ..ops.roles import StepHyper
 from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS
 from ..presets import Preset
-from . import stale
 from . import validation
 from .base import LLaCAOptimizerBase, eager_under_compile
 from .plan import run_step
@@ -210,12 +209,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             groups = self.param_groups
             super().load_state_dict(state_dict)
             self._zero.regroup(groups, self.param_groups)
-            self._check_loaded_groups("LLaCAAdamW", validation.ADAMW_GROUP_KEYS)
-            live = self._restore_llaca_entries(state_dict, id_map, self.state)
-            self._check_loaded(state_dict, id_map, "LLaCAAdamW")
-            found = self._restart_stale_emas(state_dict, id_map)
-        stale.warn(found, "LLaCAAdamW")
-        self._put_back_live_weights(live)
-        self._invalidate_plans()
+            live, found = self._settle_loaded(state_dict, id_map, "LLaCAAdamW",
+                                              validation.ADAMW_GROUP_KEYS)
+        self._finish_load(live, found, "LLaCAAdamW")
         # Our state dicts hold no pending blends, but one copied from `state` itself may.
         self._pending.pending = any("ema_pending" in entry for entry in self.state.values())

@@ -534,6 +534,24 @@ class LLaCAOptimizerBase(Optimizer):
                           llaca=bool(group_of[id(p)]["llaca"]), source=validation.loaded_state(owner, pid),
                           slots=len(partition.rows) if partition else 1)
 
+    def _settle_loaded(self, state_dict: dict[str, Any], id_map: dict[int, Tensor], owner: str,
+                       group_keys: tuple[str, ...]) -> tuple[dict[Tensor, Tensor], list[str]]:
+        """What both optimizers' loads do once torch's loader put the groups and state in place,
+        inside ``_restored_on_error``: check the groups, put the LLaCA entries back in their own
+        dtypes, check every entry, and drop the EMAs that did not follow their steps. Returns the
+        live weights to put back and what to warn of (NOTE [stale EMAs] in stale.py)."""
+        self._check_loaded_groups(owner, group_keys)
+        live = self._restore_llaca_entries(state_dict, id_map, self.state)
+        self._check_loaded(state_dict, id_map, owner)
+        return live, self._restart_stale_emas(state_dict, id_map)
+
+    def _finish_load(self, live: dict[Tensor, Tensor], found: list[str], owner: str) -> None:
+        """After a load that succeeded: the warning of stale EMAs, the live weights of a state dict
+        saved inside ``ema_weights()``, and a fresh plan."""
+        stale.warn(found, owner)
+        self._put_back_live_weights(live)
+        self._invalidate_plans()
+
     @contextmanager
     def _restored_on_error(self, *optimizers: Optimizer) -> Iterator[None]:
         """Puts the state and groups of ``optimizers`` back if the block raises. torch's

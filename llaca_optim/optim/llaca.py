@@ -12,7 +12,6 @@ from torch.optim import Optimizer
 from ..ops.registry import Backend
 from ..ops.roles import StepHyper
 from ..ops.roles import LLACA_UPDATE
-from . import stale
 from . import validation
 from .base import LLaCAOptimizerBase, eager_under_compile
 from .inner_check import check_inner_state_dict
@@ -173,10 +172,5 @@ class LLaCA(LLaCAOptimizerBase):
             self._zero.regroup(groups, self.param_groups)
             super().load_state_dict(state_dict["llaca"])
             self._link_groups()
-            self._check_loaded_groups("LLaCA", ())
-            live = self._restore_llaca_entries(state_dict["llaca"], id_map, self.state)
-            self._check_loaded(state_dict["llaca"], id_map, "LLaCA")
-            found = self._restart_stale_emas(state_dict["llaca"], id_map)
-        stale.warn(found, "LLaCA")
-        self._put_back_live_weights(live)
-        self._invalidate_plans()
+            live, found = self._settle_loaded(state_dict["llaca"], id_map, "LLaCA", ())
+        self._finish_load(live, found, "LLaCA")
