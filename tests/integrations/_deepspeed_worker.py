@@ -16,7 +16,6 @@ differs between one process and two, the optimizer's work on the same gradients 
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import os
 import sys
@@ -34,12 +33,7 @@ import llaca_optim  # noqa: E402
 from llaca_optim.integrations import deepspeed as ds_integration  # noqa: E402
 from llaca_optim.optim import zero  # noqa: E402
 
-# DeepSpeed builds a shared-memory all-reduce op (two C++ files, about 30 s on two cores) when it starts its
-# communication backend on the CPU; gloo alone does the reductions of these tiny models.
-# By sys.modules: `import deepspeed.comm.torch as m` binds the attribute `torch` of
-# deepspeed.comm, which is the torch package itself.
-importlib.import_module("deepspeed.comm.torch")
-sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+import _no_shm_op  # noqa: E402,F401  (no build of DeepSpeed's shared-memory op)
 
 STEPS, SAVE_AT, MICRO = 24, 12, 4
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "prev_grad", "ema")
