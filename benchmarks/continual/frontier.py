@@ -79,7 +79,7 @@ class Recorded:
         return out
 
 
-class Telemetry:
+class RecordedFactory:
     """A factory ``params -> Recorded(optimizer)`` that keeps what every optimizer it made saw,
     run by run (``start_run`` marks a new run)."""
 
@@ -118,7 +118,7 @@ def frontier_methods(family: str, lr: float, backend: str = "auto", quick: bool 
 
     for h in (HORIZONS[1::3] if quick else HORIZONS[::every]):
         out.append((f"LLaCA horizon={h:g}", {"kind": "llaca-horizon", "horizon": h},
-                    Telemetry(lambda ps, h=h: HorizonLLaCA(ps, lr, horizon=h))))
+                    RecordedFactory(lambda ps, h=h: HorizonLLaCA(ps, lr, horizon=h))))
     grids = QUICK_SCALES if quick else SCALES[family]
     for norms in ("sum", "mean"):
         for scale in grids[norms][::1 if quick else every]:
@@ -126,7 +126,7 @@ def frontier_methods(family: str, lr: float, backend: str = "auto", quick: bool 
                 ps, lr=lr, scale=s, base_weight=BASE_WEIGHT, norms=n, backend=backend))
             out.append((f"LLaCA {norms} scale={scale:g}",
                         {"kind": f"llaca-{norms}", "scale": scale, "base_weight": BASE_WEIGHT,
-                         "norms": norms}, Telemetry(factory)))
+                         "norms": norms}, RecordedFactory(factory)))
     return out
 
 

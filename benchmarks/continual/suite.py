@@ -184,10 +184,10 @@ def run(argv: list[str] | None = None) -> Path:
                 base = st["prepare"](seed)  # shared by every method of this seed
                 for name, _, factory in plans[st["name"]]:
                     progress.set_postfix_str(f"{st['name']} seed {seed}: {name}")
-                    if isinstance(factory, frontier.Telemetry):
+                    if isinstance(factory, frontier.RecordedFactory):
                         factory.start_run()
                     runs[name].append(st["run"](name, factory, seed, base, progress))
-                    if isinstance(factory, frontier.Telemetry):
+                    if isinstance(factory, frontier.RecordedFactory):
                         telemetry[name].append(factory.last_run())
             out = root / st["name"] / ("frontier" if args.frontier else "")
             write(out, st, args, argv, plans[st["name"]], runs, telemetry)

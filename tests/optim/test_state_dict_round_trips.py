@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from llaca_optim import LLaCA, LLaCAAdamW, functional
+from llaca_optim.ops.roles import LLACA_STATE_KEYS
+from llaca_optim.optim import stale
 from support.compare import assert_equal
 from support.state import assert_same, everything, make_model, train
 
@@ -84,7 +86,7 @@ def test_a_state_dict_without_knobs_keeps_the_wrappers_knobs(knob):
 def _without_llaca(saved):
     out = copy.deepcopy(saved)
     for entry in out["state"].values():
-        for key in ("ema", "prev_grad", "alpha", "alpha_fell_back", "ema_step"):
+        for key in (*LLACA_STATE_KEYS, stale.KEY):
             entry.pop(key, None)
     return out
 
