@@ -54,6 +54,13 @@ QUICK_SCALES = {"sum": (0.1, 2.0), "mean": (1e-9, 1e-7)}
 # The horizon prototype (horizon.py), at the fixed EMA's horizons (1 / weight): each point has a
 # fixed-EMA twin of the same time constant.
 HORIZONS = tuple(round(1 / w) for w in EMA_WEIGHTS)
+# The recipe-length run (digits-lora, 500-step cosine tasks) costs about three times a short one,
+# so it sweeps four values per method, where the short run's frontier moved: the fixed EMA from
+# one too slow to learn a task (0.001) to one that forgets as AdamW does (0.03), the horizons of
+# those weights, and the scales whose alphas span that range (sum 10 already falls back on half
+# of the tensor-steps at 150-step tasks, mean 1e-7 on half).
+RECIPE_GRID = {"ema": (0.001, 0.003, 0.01, 0.03), "horizon": (1000, 333, 100, 33),
+               "sum": (0.3, 1.0, 3.0, 10.0), "mean": (3e-9, 1e-8, 3e-8, 1e-7)}
 
 
 class Recorded:
@@ -102,26 +109,25 @@ class RecordedFactory:
 
 
 def frontier_methods(family: str, lr: float, backend: str = "auto", quick: bool = False,
-                     every: int = 1):
+                     recipe: bool = False):
     """(name, settings, factory) of every frontier method, AdamW first. ``family`` names the
-    grids (a recipe-length variant, ``digits-lora-cosine-500``, takes its family's); ``every``
-    keeps every n-th value of each grid (the long runs' thinner frontiers)."""
+    grids; ``recipe``: the recipe-length run's (``RECIPE_GRID``)."""
     family = next(f for f in sorted(SCALES, key=len, reverse=True) if family.startswith(f))
     from .methods import AdamWWithFixedEMA
 
     out = [("AdamW", {"kind": "adamw"}, lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True))]
-    weights = EMA_WEIGHTS[1::2] if quick else EMA_WEIGHTS[::every]
+    weights = EMA_WEIGHTS[1::2] if quick else RECIPE_GRID["ema"] if recipe else EMA_WEIGHTS
     for w in weights:
         out.append((f"EMA w={w:g}", {"kind": "ema", "ema_weight": w},
                     lambda ps, w=w: AdamWWithFixedEMA(ps, lr, weight=w)))
     from .horizon import HorizonLLaCA
 
-    for h in (HORIZONS[1::3] if quick else HORIZONS[::every]):
+    for h in (HORIZONS[1::3] if quick else RECIPE_GRID["horizon"] if recipe else HORIZONS):
         out.append((f"LLaCA horizon={h:g}", {"kind": "llaca-horizon", "horizon": h},
                     RecordedFactory(lambda ps, h=h: HorizonLLaCA(ps, lr, horizon=h))))
-    grids = QUICK_SCALES if quick else SCALES[family]
+    grids = QUICK_SCALES if quick else RECIPE_GRID if recipe else SCALES[family]
     for norms in ("sum", "mean"):
-        for scale in grids[norms][::1 if quick else every]:
+        for scale in grids[norms]:
             factory = (lambda ps, s=scale, n=norms: llaca_optim.LLaCAAdamW(
                 ps, lr=lr, scale=s, base_weight=BASE_WEIGHT, norms=n, backend=backend))
             out.append((f"LLaCA {norms} scale={scale:g}",

@@ -163,7 +163,7 @@ def run(argv: list[str] | None = None) -> Path:
     settings = settings_of(args)
     if args.frontier:
         plans = {st["name"]: frontier.frontier_methods(st["name"], st["lr"], args.backend, args.quick,
-                                                       every=1 if args.schedule == "constant" else 2)
+                                                       recipe=args.schedule == "cosine")
                  for st in settings}
     else:
         plans = {st["name"]: methods(st["lr"], args.backend, sweep=not args.no_sweep, grid=st["grid"])
