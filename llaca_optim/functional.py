@@ -104,7 +104,7 @@ def _check_lengths(**lists: list[Tensor]) -> None:
 def adamw_llaca(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                 exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor],
                 state_steps: list[Tensor], emas: list[Tensor], prev_grads: list[Tensor],
-                alphas: list[Tensor], fell_back: list[Tensor], *, lr: float | Tensor = 1e-3,
+                alphas: list[Tensor], alpha_fell_backs: list[Tensor], *, lr: float | Tensor = 1e-3,
                 beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 1e-2,
                 eps: float = 1e-8, amsgrad: bool = False, maximize: bool = False,
                 llaca: bool = True, preset: str = "coin", scale: float | None = None,
@@ -115,16 +115,17 @@ def adamw_llaca(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     balance weight from the gradient, its change and the drift from the EMA, then the EMA blend
     (docs/spec.md section 2). ``alphas`` holds -1 for a tensor with no LLaCA step yet; the call
     writes each tensor's alpha there and whether it fell back to ``base_weight`` into
-    ``fell_back``. ``grad_scale`` and ``found_inf`` are GradScaler's (the gradients are divided
-    by the scale; a non-zero ``found_inf`` skips the whole step)."""
+    ``alpha_fell_backs``. ``grad_scale`` and ``found_inf`` are GradScaler's (the gradients are
+    divided by the scale; a non-zero ``found_inf`` skips the whole step)."""
     _check_lengths(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
-                   state_steps=state_steps, **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}),
-                   **(dict(emas=emas, prev_grads=prev_grads, alphas=alphas, fell_back=fell_back)
-                      if llaca else {}))
+                   state_steps=state_steps,
+                   **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}),
+                   **(dict(emas=emas, prev_grads=prev_grads, alphas=alphas,
+                           alpha_fell_backs=alpha_fell_backs) if llaca else {}))
     balance = _knobs(preset, scale, base_weight, norms)
     bucket = Bucket(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                     max_exp_avg_sqs=max_exp_avg_sqs, state_steps=state_steps, emas=emas,
-                    prev_grads=prev_grads, alphas=alphas, fell_back=fell_back)
+                    prev_grads=prev_grads, alphas=alphas, alpha_fell_backs=alpha_fell_backs)
     hyper = StepHyper(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
                       amsgrad=amsgrad, maximize=maximize, llaca=llaca, scale=balance.scale,
                       base_weight=balance.base_weight, mean_norms=balance.mean_norms,
@@ -134,7 +135,7 @@ def adamw_llaca(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
 
 @torch.no_grad()
 def llaca_update(params: list[Tensor], grads: list[Tensor], emas: list[Tensor],
-                 prev_grads: list[Tensor], alphas: list[Tensor], fell_back: list[Tensor], *,
+                 prev_grads: list[Tensor], alphas: list[Tensor], alpha_fell_backs: list[Tensor], *,
                  preset: str = "coin", scale: float | None = None,
                  base_weight: float | None = None, norms: str | None = None,
                  grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
@@ -142,10 +143,10 @@ def llaca_update(params: list[Tensor], grads: list[Tensor], emas: list[Tensor],
     """The LLaCA update alone, after any other optimizer's step of ``params`` (arguments as in
     :func:`adamw_llaca`)."""
     _check_lengths(**dict(zip((r.arg for r in roles_of(LLACA_UPDATE)),
-                              (params, grads, emas, prev_grads, alphas, fell_back))))
+                              (params, grads, emas, prev_grads, alphas, alpha_fell_backs))))
     balance = _knobs(preset, scale, base_weight, norms)
     bucket = Bucket(params=params, grads=grads, emas=emas, prev_grads=prev_grads, alphas=alphas,
-                    fell_back=fell_back)
+                    alpha_fell_backs=alpha_fell_backs)
     hyper = StepHyper(scale=balance.scale, base_weight=balance.base_weight,
                       mean_norms=balance.mean_norms, grad_scale=grad_scale, found_inf=found_inf)
     step_bucket(_backend(backend, params), bucket, hyper, LLACA_UPDATE)

@@ -48,7 +48,7 @@ def balance_weight(a: float, b: float, c: float, scale: float, base_weight: floa
 
 
 @torch.no_grad()
-def alphas_from_sums_(sums: Tensor, elements: Tensor, alpha: Tensor, fell_back: Tensor,
+def alphas_from_sums_(sums: Tensor, elements: Tensor, alpha: Tensor, alpha_fell_back: Tensor,
                       pending: Tensor, *, scale: float, base_weight: float, mean_norms: bool,
                       found_inf: Tensor | None = None) -> None:
     """:func:`balance_weight` for many tensors at once, from their whole-tensor sums, in place:
@@ -59,7 +59,7 @@ def alphas_from_sums_(sums: Tensor, elements: Tensor, alpha: Tensor, fell_back: 
     count (float64, for ``mean_norms``). On entry ``alpha`` (float32) holds each tensor's last
     alpha, negative before its first LLaCA step (whose EMA the kernels just set to p: it has no
     blend and falls back); on exit the new alphas (computed in float64, then rounded), with the
-    fallback flags in ``fell_back`` and in ``pending`` the blends left to apply. A non-zero
+    fallback flags in ``alpha_fell_back`` and in ``pending`` the blends left to apply. A non-zero
     ``found_inf`` (AMP overflow: the kernels changed nothing) leaves all three as they were."""
     fresh = alpha < 0
     if mean_norms:
@@ -72,10 +72,10 @@ def alphas_from_sums_(sums: Tensor, elements: Tensor, alpha: Tensor, fell_back: 
     if found_inf is not None:
         skipped = found_inf.to(device=sums.device) != 0
         new_alpha = torch.where(skipped, alpha.to(torch.float64), new_alpha)
-        new_fell_back = torch.where(skipped, fell_back, new_fell_back)
+        new_fell_back = torch.where(skipped, alpha_fell_back, new_fell_back)
         new_pending = torch.where(skipped, pending, new_pending)
     alpha.copy_(new_alpha)
-    fell_back.copy_(new_fell_back)
+    alpha_fell_back.copy_(new_fell_back)
     pending.copy_(new_pending)
 
 

@@ -38,7 +38,7 @@ def make_bucket(workload, dtype, with_adamw: bool) -> Bucket:
     b.emas = [p.detach().to(ema_dtype, copy=True) for p in params]
     b.prev_grads = [torch.randn_like(p) for p in params]
     b.alphas = [torch.full((), 0.5, device=DEVICE) for _ in params]  # not fresh: full LLaCA path
-    b.fell_back = [torch.zeros((), dtype=torch.bool, device=DEVICE) for _ in params]
+    b.alpha_fell_backs = [torch.zeros((), dtype=torch.bool, device=DEVICE) for _ in params]
     return b
 
 

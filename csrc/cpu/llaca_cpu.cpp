@@ -197,7 +197,7 @@ bool finish_alpha(const TensorJob& job, double a, double b, double c, const Call
     return false;
   }
   const double elements = call.mean_norms ? static_cast<double>(job.numel) : 1.0;
-  *job.fell_back =
+  *job.alpha_fell_back =
       tensor_alpha(job.fresh(), a, b, c, elements, call.scale, call.base_weight, *job.alpha);
   return true;
 }
@@ -401,7 +401,7 @@ bool read_amp(const std::optional<Tensor>& grad_scale, const std::optional<Tenso
 void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                      TensorList exp_avg_sqs, TensorList max_exp_avg_sqs, TensorList state_steps,
                      TensorList emas, TensorList prev_grads, TensorList alphas,
-                     TensorList fell_back, TensorList ema_pending, double lr, double beta1,
+                     TensorList alpha_fell_backs, TensorList ema_pending, double lr, double beta1,
                      double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
                      bool llaca, double scale, double base_weight, bool mean_norms,
                      const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
@@ -414,7 +414,7 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   call.mean_norms = mean_norms;
   std::vector<TensorJob> jobs;
   const Lists lists = adamw_llaca_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                               state_steps, emas, prev_grads, alphas, fell_back,
+                                               state_steps, emas, prev_grads, alphas, alpha_fell_backs,
                                                ema_pending);
   const at::ScalarType ema_dtype = build_jobs(lists, /*adamw=*/true, amsgrad, llaca, shard_sums, jobs, call);
   check_call_scalar(lr_tensor, "lr", c10::Device(c10::DeviceType::CPU));
@@ -437,7 +437,7 @@ void adamw_llaca_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
 }
 
 void llaca_update_cpu(TensorList params, TensorList grads, TensorList emas, TensorList prev_grads,
-                      TensorList alphas, TensorList fell_back, double scale, double base_weight,
+                      TensorList alphas, TensorList alpha_fell_backs, double scale, double base_weight,
                       bool mean_norms, const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
                       const std::optional<Tensor>& shard_sums) {
   CallScalars call;
@@ -445,7 +445,7 @@ void llaca_update_cpu(TensorList params, TensorList grads, TensorList emas, Tens
   call.base_weight = base_weight;
   call.mean_norms = mean_norms;
   std::vector<TensorJob> jobs;
-  const Lists lists = llaca_update_lists(params, grads, emas, prev_grads, alphas, fell_back);
+  const Lists lists = llaca_update_lists(params, grads, emas, prev_grads, alphas, alpha_fell_backs);
   const at::ScalarType ema_dtype =
       build_jobs(lists, /*adamw=*/false, false, /*llaca=*/true, shard_sums, jobs, call);
   if (read_amp(grad_scale, found_inf, call)) return;

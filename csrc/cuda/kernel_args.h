@@ -98,7 +98,7 @@ constexpr int64_t kChunk = int64_t(kThreads) * kElemsPerThread;
 
 // One row per tensor: a pointer per role (llaca/roles.h: param, grad, exp_avg, exp_avg_sq,
 // max_exp_avg_sq, step, ema, prev_grad, alpha (< 0 on entry: the tensor's first LLaCA step),
-// fell_back, pending (the deferred blend, NOTE [CUDA deferred blend]; null: blend within the
+// alpha_fell_back, pending (the deferred blend, NOTE [CUDA deferred blend]; null: blend within the
 // call)), null where the call does not use the role, and the tensor's size.
 struct TensorMeta : Pointers {
   int64_t numel;

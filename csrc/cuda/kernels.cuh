@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
   if (ADAMW) LLACA_ASSUME_GLOBAL(meta.step);
   if (LLACA) {
     LLACA_ASSUME_GLOBAL(meta.alpha);
-    LLACA_ASSUME_GLOBAL(meta.fell_back);
+    LLACA_ASSUME_GLOBAL(meta.alpha_fell_back);
   }
   // Read before the block (or the tensor's last block) overwrites them below.
   const bool fresh = LLACA && *meta.alpha < 0.0f;
@@ -325,7 +325,7 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
         if (meta.pending != nullptr) set_flag(meta.pending, false);  // blended below, or fresh
         float alpha;
         const double elements = args.mean_norms ? static_cast<double>(meta.numel) : 1.0;
-        *meta.fell_back = tensor_alpha(fresh, sum_a, sum_b, sum_c, elements, args.scale,
+        *meta.alpha_fell_back = tensor_alpha(fresh, sum_a, sum_b, sum_c, elements, args.scale,
                                        args.base_weight, alpha);
         *meta.alpha = alpha;
         alpha_shared = alpha;
@@ -386,7 +386,7 @@ __global__ void __launch_bounds__(kThreads) step_chunks(StepArgs args) {
   if (threadIdx.x == 0 && !sharded) {
     float alpha;
     const double elements = args.mean_norms ? static_cast<double>(meta.numel) : 1.0;
-    *meta.fell_back =
+    *meta.alpha_fell_back =
         tensor_alpha(fresh, a, b, c, elements, args.scale, args.base_weight, alpha);
     *meta.alpha = alpha;
   }

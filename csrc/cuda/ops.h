@@ -40,7 +40,7 @@ class Ops {
   static void adamw_llaca(TensorList params, TensorList grads, TensorList exp_avgs,
                           TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
                           TensorList state_steps, TensorList emas, TensorList prev_grads,
-                          TensorList alphas, TensorList fell_back, TensorList ema_pending,
+                          TensorList alphas, TensorList alpha_fell_backs, TensorList ema_pending,
                           double lr, double beta1,
                           double beta2, double weight_decay, double eps, bool amsgrad,
                           bool maximize, bool llaca, double scale, double base_weight,
@@ -49,7 +49,7 @@ class Ops {
                           const std::optional<Tensor>& found_inf,
                           const std::optional<Tensor>& shard_sums) {
     const Lists lists = adamw_llaca_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                                 state_steps, emas, prev_grads, alphas, fell_back,
+                                                 state_steps, emas, prev_grads, alphas, alpha_fell_backs,
                                                  ema_pending);
     const at::ScalarType ema_dtype =
         check_lists(lists, /*adamw=*/true, amsgrad, llaca, Runtime::kDeviceType, Runtime::kName);
@@ -84,12 +84,12 @@ class Ops {
   }
 
   static void llaca_update(TensorList params, TensorList grads, TensorList emas,
-                           TensorList prev_grads, TensorList alphas, TensorList fell_back,
+                           TensorList prev_grads, TensorList alphas, TensorList alpha_fell_backs,
                            double scale, double base_weight, bool mean_norms,
                            const std::optional<Tensor>& grad_scale,
                            const std::optional<Tensor>& found_inf,
                            const std::optional<Tensor>& shard_sums) {
-    const Lists lists = llaca_update_lists(params, grads, emas, prev_grads, alphas, fell_back);
+    const Lists lists = llaca_update_lists(params, grads, emas, prev_grads, alphas, alpha_fell_backs);
     const at::ScalarType ema_dtype = check_lists(lists, /*adamw=*/false, false, /*llaca=*/true,
                                                  Runtime::kDeviceType, Runtime::kName);
     double* sum_rows = shard_sum_rows(shard_sums, lists, /*llaca=*/true);

@@ -19,7 +19,7 @@ The ops take per-tensor lists (the roles of ``roles.py``) of one (device, dtype)
 
 * ``adamw_llaca_``: the fused step; AdamW on ``params``/moments/``state_steps`` and, when ``llaca``
   is true, the LLaCA update on ``emas``/``prev_grads`` with one alpha and one fallback flag per
-  tensor written into ``alphas``/``fell_back`` (one-element tensors, so reading them needs no
+  tensor written into ``alphas``/``alpha_fell_backs`` (one-element tensors, so reading them needs no
   host synchronisation). With ``llaca`` false the LLaCA lists may be empty.
 * ``llaca_update_``: the LLaCA update alone, after any other optimizer's step.
 * ``llaca_flush_``: applies the blends that a deferring ``adamw_llaca_`` left pending.
@@ -96,7 +96,7 @@ SCHEMAS = tuple(schema(op) for op in OP_NAMES)
 # the alpha rule is written once per language: there, csrc/include/llaca/math.h, and the Triton
 # kernels.
 ALPHAS = "llaca_alphas_"
-ALPHAS_SCHEMA = ("llaca_alphas_(Tensor sums, Tensor elements, Tensor(a!) alpha, Tensor(b!) fell_back, "
+ALPHAS_SCHEMA = ("llaca_alphas_(Tensor sums, Tensor elements, Tensor(a!) alpha, Tensor(b!) alpha_fell_back, "
                  "Tensor(c!) pending, *, float scale, float base_weight, bool mean_norms, "
                  "Tensor? found_inf=None) -> ()")
 

@@ -35,7 +35,7 @@ def _overflowed(found_inf: Tensor | None) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
 
 
-def _llaca(i: int, params, grad, emas, prev_grads, alphas, fell_back, scale, base_weight,
+def _llaca(i: int, params, grad, emas, prev_grads, alphas, alpha_fell_backs, scale, base_weight,
            mean_norms, compute_dtype, shard_sums=None) -> None:
     fresh = bool(alphas[i].item() < 0)
     dtype = _compute_dtype(params[i], compute_dtype)
@@ -52,14 +52,14 @@ def _llaca(i: int, params, grad, emas, prev_grads, alphas, fell_back, scale, bas
         params[i], grad, emas[i], prev_grads[i], fresh=fresh, scale=scale,
         base_weight=base_weight, mean_norms=mean_norms, compute_dtype=dtype)
     alphas[i].fill_(alpha)
-    fell_back[i].fill_(fell)
+    alpha_fell_backs[i].fill_(fell)
 
 
 def kernels(compute_dtype: torch.dtype = torch.float32) -> dict[str, Callable[..., None]]:
     """The three ops' reference kernels, computing in ``compute_dtype``."""
 
     def adamw_llaca_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas,
-                     prev_grads, alphas, fell_back, ema_pending, *, lr, beta1, beta2,
+                     prev_grads, alphas, alpha_fell_backs, ema_pending, *, lr, beta1, beta2,
                      weight_decay, eps, amsgrad, maximize, llaca, scale, base_weight,
                      mean_norms=False, lr_tensor=None, grad_scale=None, found_inf=None, shard_sums=None) -> None:
         if _overflowed(found_inf):
@@ -74,11 +74,11 @@ def kernels(compute_dtype: torch.dtype = torch.float32) -> dict[str, Callable[..
                     maximize=maximize, grad_scale=grad_scale,
                     compute_dtype=_compute_dtype(param, compute_dtype))
                 if llaca:
-                    _llaca(i, params, grad, emas, prev_grads, alphas, fell_back, scale,
+                    _llaca(i, params, grad, emas, prev_grads, alphas, alpha_fell_backs, scale,
                            base_weight, mean_norms, compute_dtype, shard_sums)
 
-    def llaca_update_(params, grads, emas, prev_grads, alphas, fell_back, *, scale, base_weight,
-                      mean_norms=False, grad_scale=None, found_inf=None, shard_sums=None) -> None:
+    def llaca_update_(params, grads, emas, prev_grads, alphas, alpha_fell_backs, *, scale,
+                      base_weight, mean_norms=False, grad_scale=None, found_inf=None, shard_sums=None) -> None:
         if _overflowed(found_inf):
             return
         with torch.no_grad():
@@ -86,8 +86,8 @@ def kernels(compute_dtype: torch.dtype = torch.float32) -> dict[str, Callable[..
                 grad = grads[i].to(_compute_dtype(param, compute_dtype))
                 if grad_scale is not None:
                     grad = grad / grad_scale.to(device=grad.device, dtype=grad.dtype)
-                _llaca(i, params, grad, emas, prev_grads, alphas, fell_back, scale, base_weight,
-                       mean_norms, compute_dtype, shard_sums)
+                _llaca(i, params, grad, emas, prev_grads, alphas, alpha_fell_backs, scale,
+                       base_weight, mean_norms, compute_dtype, shard_sums)
 
     def llaca_flush_(params, emas, alphas, ema_pending) -> None:
         # The reference never defers a blend itself; what it finds pending is a sharded step's.

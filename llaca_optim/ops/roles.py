@@ -81,7 +81,7 @@ ROLES: tuple[Role, ...] = (
     # kernels read (library.py).
     Role("alphas", "alpha", "float32", False, "llaca",
          {ADAMW_LLACA: "w", LLACA_UPDATE: "w", LLACA_FLUSH: "r"}, -1.0),
-    Role("fell_back", "alpha_fell_back", "bool", False, "llaca",
+    Role("alpha_fell_backs", "alpha_fell_back", "bool", False, "llaca",
          {ADAMW_LLACA: "w", LLACA_UPDATE: "w"}, False),
     # Set on the device while the EMA lacks the blend of the last step. Only tensors whose blend
     # may be deferred have it; state dicts never hold it, since they are taken after a flush.
@@ -150,7 +150,7 @@ class Bucket:
     emas: list[Tensor] = field(default_factory=_lists)
     prev_grads: list[Tensor] = field(default_factory=_lists)
     alphas: list[Tensor] = field(default_factory=_lists)
-    fell_back: list[Tensor] = field(default_factory=_lists)
+    alpha_fell_backs: list[Tensor] = field(default_factory=_lists)
     ema_pending: list[Tensor] = field(default_factory=_lists)
     param_versions: list[int] | None = None
     sources: list[Tensor] | None = None

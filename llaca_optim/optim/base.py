@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..ops.registry import Backend, BackendChoice, is_dtensor
-from ..ops.roles import ADAMW_LLACA, LLACA_STATE_KEYS, SLOT_DTYPES
+from ..ops.roles import ADAMW_LLACA, BY_STATE_KEY, LLACA_STATE_KEYS, SLOT_DTYPES
 from ..ops.roles import SHAPED_STATE_KEYS
 from ..presets import Preset
 from ..state import counting
@@ -505,12 +505,12 @@ class LLaCAOptimizerBase(Optimizer):
                     value = torch.tensor(float(value))
                 if not isinstance(value, Tensor):
                     continue
-                if key == "ema":
-                    dtype = validation.ema_dtype_for(p, group_of[id(p)]["ema_dtype"])
-                elif key in SLOT_DTYPES:
-                    dtype = SLOT_DTYPES[key]
-                else:
-                    continue
+                role = BY_STATE_KEY.get(key)
+                if role is None or role.dtype == "param":
+                    continue  # torch's loader cast it to the parameter's dtype already
+                ema_dtype = (validation.ema_dtype_for(p, group_of[id(p)]["ema_dtype"])
+                             if role.dtype == "ema" else None)
+                dtype = role.dtype_for(p, ema_dtype)
                 state[key] = value.to(device=p.device, dtype=dtype)  # value is our deep copy
         return live
 

@@ -94,9 +94,9 @@ class ShardReduce:
         # finish_alphas' results, one element per tensor, and views of those elements: the
         # per-tensor slots are separate tensors, filled with one _foreach_copy_ per kind.
         self._alpha = torch.zeros(n_tensors, dtype=torch.float32, device=device)
-        self._fell_back = torch.zeros(n_tensors, dtype=torch.bool, device=device)
+        self._alpha_fell_back = torch.zeros(n_tensors, dtype=torch.bool, device=device)
         self._pending = torch.zeros(n_tensors, dtype=torch.bool, device=device)
-        self._views = [list(t.unbind()) for t in (self._alpha, self._fell_back, self._pending)]
+        self._views = [list(t.unbind()) for t in (self._alpha, self._alpha_fell_back, self._pending)]
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
@@ -104,19 +104,19 @@ class ShardReduce:
         for dim in self.layout.sum_dims:
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM, group=self.layout.mesh.get_group(dim))
 
-    def finish_alphas(self, ops: Any, alphas: list[Tensor], fell_back: list[Tensor],
+    def finish_alphas(self, ops: Any, alphas: list[Tensor], alpha_fell_backs: list[Tensor],
                       pending: list[Tensor], hyper: Any) -> None:
         """Step 3 of NOTE [sharded parameters]: each tensor's alpha and fallback flag from its
         whole-tensor sums, and its blend marked pending, by the backend's ``llaca_alphas_`` op
         (``ops``: its namespace): the rule of the kernels' ``tensor_alpha``, in float64, then
         rounded to float32. ``hyper``: the step's StepHyper (with ``found_inf`` set, the kernels
         changed nothing, and neither does this)."""
-        for views, slots in zip(self._views, (alphas, fell_back, pending)):
+        for views, slots in zip(self._views, (alphas, alpha_fell_backs, pending)):
             torch._foreach_copy_(views, slots)  # the slots' values on entry: fresh marks, AMP skips
-        ops.llaca_alphas_(self.sums, self.elements, self._alpha, self._fell_back, self._pending,
+        ops.llaca_alphas_(self.sums, self.elements, self._alpha, self._alpha_fell_back, self._pending,
                           scale=hyper.scale, base_weight=hyper.base_weight,
                           mean_norms=hyper.mean_norms, found_inf=hyper.found_inf)
-        for slots, views in zip((alphas, fell_back, pending), self._views):
+        for slots, views in zip((alphas, alpha_fell_backs, pending), self._views):
             torch._foreach_copy_(slots, views)
 
 
@@ -127,17 +127,17 @@ class SegmentReduce:
     tensors, and possibly none: the kernels' sums of this rank's pieces (``sums``, a row per
     piece) go into the rows of their tensors in ``row_sums`` (a row per tensor of the partition,
     the same on every rank), one all-reduce over ``process_group`` adds the ranks' rows, and the
-    alphas of every tensor of the partition are set in ``alpha`` and ``fell_back``, the state's
+    alphas of every tensor of the partition are set in ``alpha`` and ``alpha_fell_back``, the state's
     vectors (one element per row). The pieces' blends are applied at once, through
     ``flags``."""
 
-    def __init__(self, rows: list[int], elements: list[int], alpha: Tensor, fell_back: Tensor,
+    def __init__(self, rows: list[int], elements: list[int], alpha: Tensor, alpha_fell_back: Tensor,
                  process_group: Any) -> None:
         device = alpha.device
         # Each row's (whole tensor's) element count, for the mean norms (norms="mean").
         self.elements = torch.tensor(elements, dtype=torch.float64, device=device)
         self.process_group = process_group
-        self.alpha, self.fell_back = alpha, fell_back
+        self.alpha, self.alpha_fell_back = alpha, alpha_fell_back
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.sums = torch.zeros((len(rows), 3), dtype=torch.float64, device=device)
         self.row_sums = torch.zeros((alpha.numel(), 3), dtype=torch.float64, device=device)
@@ -152,14 +152,14 @@ class SegmentReduce:
         self.row_sums.index_copy_(0, self.rows, self.sums)
         dist.all_reduce(self.row_sums, op=dist.ReduceOp.SUM, group=self.process_group)
 
-    def finish_alphas(self, ops: Any, alphas: list[Tensor], fell_back: list[Tensor],
+    def finish_alphas(self, ops: Any, alphas: list[Tensor], alpha_fell_backs: list[Tensor],
                       pending: list[Tensor], hyper: Any) -> None:
         """Every row's alpha and fallback flag into the state's vectors (``alphas`` and
-        ``fell_back``, the pieces' views of them, are not needed), by the backend's
+        ``alpha_fell_backs``, the pieces' views of them, are not needed), by the backend's
         ``llaca_alphas_`` op (``ops``), and the pieces' blends marked in ``pending`` (this
         bucket's ``flags``)."""
         self._row_pending.zero_()  # no blend of a row is pending before this step's
-        ops.llaca_alphas_(self.row_sums, self.elements, self.alpha, self.fell_back,
+        ops.llaca_alphas_(self.row_sums, self.elements, self.alpha, self.alpha_fell_back,
                           self._row_pending, scale=hyper.scale, base_weight=hyper.base_weight,
                           mean_norms=hyper.mean_norms, found_inf=hyper.found_inf)
         self._pending.copy_(self._row_pending.index_select(0, self.rows))
@@ -172,7 +172,7 @@ def finish_step(backend: Any, bucket: Any, hyper: Any) -> None:
     shard = bucket.shard
     shard.all_reduce()
     flags = bucket.ema_pending or shard.flags
-    shard.finish_alphas(backend.ops, bucket.alphas, bucket.fell_back, flags, hyper)
+    shard.finish_alphas(backend.ops, bucket.alphas, bucket.alpha_fell_backs, flags, hyper)
     if not bucket.ema_pending and bucket.params:
         step_bucket(backend, type(bucket)(params=bucket.params, emas=bucket.emas,
                                           alphas=bucket.alphas, ema_pending=flags), hyper, LLACA_FLUSH)

@@ -248,12 +248,14 @@ def check_state(param: Tensor, state: Any, label: str, *, adamw: bool, llaca: bo
                     f"(torch.tensor(value, dtype={dtype}, device=param.device) makes one); "
                     f"{source.fix}")
             continue
-        dtypes = _EMA_DTYPES if key == "ema" else (param.dtype,)
+        # The role's dtype rule: an EMA dtype may differ from the parameter's, within limits.
+        role = roles.BY_STATE_KEY[key]
+        dtypes = _EMA_DTYPES if role.dtype == "ema" else (role.dtype_for(param, param.dtype),)
         if (not isinstance(value, Tensor) or value.shape != param.shape
                 or value.device != param.device or value.dtype not in dtypes):
             got = (f"shape {tuple(value.shape)}, {value.dtype} on {value.device}"
                    if isinstance(value, Tensor) else f"a {type(value).__name__}")
-            want = "one of " + ", ".join(map(str, dtypes)) if key == "ema" else str(param.dtype)
+            want = "one of " + ", ".join(map(str, dtypes)) if len(dtypes) > 1 else str(dtypes[0])
             raise RuntimeError(
                 f"{where} must be a tensor of the parameter's shape {tuple(param.shape)} on "
                 f"{param.device}, of dtype {want}; got {got}; {source.fix}")

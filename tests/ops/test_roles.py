@@ -98,3 +98,23 @@ def test_the_bucket_has_a_list_per_role_in_the_tables_order():
     names = [f.name for f in fields(roles.Bucket)]
     assert names[: len(roles.ROLES)] == [role.arg for role in roles.ROLES]
     assert not set(names[len(roles.ROLES):]) & {role.arg for role in roles.ROLES}
+
+
+def test_the_python_signatures_take_the_lists_in_schema_order():
+    """The reference kernels bind the schema by position, and the public functional API names
+    its lists as the table does (the deferral flags are internal: its calls blend at once)."""
+    import inspect
+
+    from llaca_optim import functional
+    from llaca_optim.ops import reference_kernels
+
+    def lists(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+    for op, kernel in reference_kernels.kernels().items():
+        if op in roles.OP_NAMES:
+            assert lists(kernel) == [r.arg for r in roles.roles_of(op)], op
+    public = {roles.ADAMW_LLACA: functional.adamw_llaca, roles.LLACA_UPDATE: functional.llaca_update}
+    for op, fn in public.items():
+        assert lists(fn) == [r.arg for r in roles.roles_of(op) if r.part != "deferral"], op

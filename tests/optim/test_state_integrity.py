@@ -14,18 +14,11 @@ import torch
 from torch import nn
 
 from support.compare import assert_equal
-from support.state import assert_same, everything, make_model, train
+from support.state import assert_same, everything, make_model, make_optimizer, train
 from llaca_optim import LLaCA, LLaCAAdamW
 from support.backends import backends
 
 KINDS = ["fused", "wrapper"]
-
-
-def make_optimizer(kind, params, backend="auto", inner=None, **kw):
-    if kind == "fused":
-        return LLaCAAdamW(params, lr=1e-2, backend=backend, **kw)
-    inner = inner or (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9))
-    return LLaCA(inner(params), backend=backend, **kw)
 
 
 # ---------------------------------------------------------------- state dicts inside the swap

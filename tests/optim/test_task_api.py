@@ -7,33 +7,16 @@ import io
 
 import pytest
 import torch
-from torch import nn
 
 from support.compare import assert_equal
 from support.backends import backend_value, backends
-from support.scenarios import assert_same, check_grad_scaler_overflow, snapshot
-from llaca_optim import LLaCA, LLaCAAdamW
+from support.scenarios import check_grad_scaler_overflow
+from support.state import assert_same, everything, make_model, make_optimizer, run_steps
+
 
 @pytest.fixture(params=backends())
 def backend(request):
     return backend_value(request.param)
-
-
-def make_model(dtype=torch.float32) -> nn.Module:
-    return nn.Sequential(nn.Linear(9, 40), nn.GELU(), nn.Linear(40, 3)).to(dtype)
-
-
-def make_optimizer(kind, params, backend, **kw):
-    if kind == "fused":
-        return LLaCAAdamW(params, lr=1e-2, backend=backend, **kw)
-    return LLaCA(torch.optim.SGD(params, lr=0.05, momentum=0.9), backend=backend, **kw)
-
-
-def run_steps(model, optimizer, data):
-    for x in data:
-        optimizer.zero_grad()
-        model(x).float().pow(2).mean().backward()
-        optimizer.step()
 
 
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
@@ -41,21 +24,21 @@ def run_steps(model, optimizer, data):
 def test_ema_weights_round_trip_is_bit_exact(backend, kind, dtype):
     model = make_model(dtype)
     optimizer = make_optimizer(kind, model.parameters(), backend)
-    run_steps(model, optimizer, torch.randn(5, 4, 9, dtype=dtype))
-    before = snapshot(model, optimizer)
-    x = torch.randn(4, 9, dtype=dtype)
+    run_steps(model, optimizer, torch.randn(5, 4, 6, dtype=dtype))
+    before = everything(model, optimizer)
+    x = torch.randn(4, 6, dtype=dtype)
     with optimizer.ema_weights():
-        for p, ema in zip(model.parameters(), before["ema"]):
+        for p, ema in zip(model.parameters(), (s["ema"] for s in before["state"])):
             assert_equal(p.detach(), ema.to(dtype), what="EMA swapped in")
             assert_equal(optimizer.ema(p), ema, what="ema() inside the swap")
         with pytest.raises(RuntimeError, match="ema_weights"):
             optimizer.step()
         ema_output = model(x)
-    assert_same(snapshot(model, optimizer), before)
+    assert_same(everything(model, optimizer), before)
     with pytest.raises(RuntimeError, match="boom"):
         with optimizer.ema_weights():
             raise RuntimeError("boom")
-    assert_same(snapshot(model, optimizer), before)
+    assert_same(everything(model, optimizer), before)
     assert not torch.equal(ema_output, model(x))
 
 
@@ -63,7 +46,7 @@ def test_ema_weights_round_trip_is_bit_exact(backend, kind, dtype):
 def test_end_task_loads_the_ema_and_resets_to_a_fresh_optimizer(backend, kind):
     model = make_model()
     optimizer = make_optimizer(kind, model.parameters(), backend)
-    run_steps(model, optimizer, torch.randn(6, 4, 9))
+    run_steps(model, optimizer, torch.randn(6, 4, 6))
     emas = [optimizer.ema(p).clone() for p in model.parameters()]
     optimizer.end_task()
     for p, ema in zip(model.parameters(), emas):
@@ -72,16 +55,16 @@ def test_end_task_loads_the_ema_and_resets_to_a_fresh_optimizer(backend, kind):
     # From here on it behaves exactly like a freshly built optimizer on the same weights.
     twin = copy.deepcopy(model)
     fresh = make_optimizer(kind, twin.parameters(), backend)
-    data = torch.randn(3, 4, 9)
+    data = torch.randn(3, 4, 6)
     run_steps(model, optimizer, data)
     run_steps(twin, fresh, data)
-    assert_same(snapshot(model, optimizer), snapshot(twin, fresh))
+    assert_same(everything(model, optimizer), everything(twin, fresh))
 
 
 def test_end_task_can_keep_moments(backend):
     model = make_model()
     optimizer = make_optimizer("fused", model.parameters(), backend)
-    run_steps(model, optimizer, torch.randn(3, 4, 9))
+    run_steps(model, optimizer, torch.randn(3, 4, 6))
     moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
     optimizer.end_task(keep_moments=True)
     for p, m in zip(model.parameters(), moments):
@@ -95,7 +78,7 @@ def test_end_task_can_keep_moments(backend):
 def test_state_dict_saved_halfway_continues_identically(backend, kind, dtype):
     model = make_model(dtype)
     optimizer = make_optimizer(kind, model.parameters(), backend)
-    data = torch.randn(10, 4, 9, dtype=dtype)
+    data = torch.randn(10, 4, 6, dtype=dtype)
     run_steps(model, optimizer, data[:5])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
@@ -110,19 +93,19 @@ def test_state_dict_saved_halfway_continues_identically(backend, kind, dtype):
     ema = resumed.ema(next(resumed_model.parameters()))
     assert ema.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype), "EMA kept its precision"
     run_steps(resumed_model, resumed, data[5:])
-    assert_same(snapshot(resumed_model, resumed), snapshot(model, optimizer))
+    assert_same(everything(resumed_model, resumed), everything(model, optimizer))
 
 
 def test_alphas_are_device_tensors_and_report_fallback(backend):
     model = make_model()
     optimizer = make_optimizer("fused", model.parameters(), backend)
     assert optimizer.alphas().alphas.numel() == 0
-    run_steps(model, optimizer, torch.randn(1, 4, 9))
+    run_steps(model, optimizer, torch.randn(1, 4, 6))
     first = optimizer.alphas()
     assert first.alphas.dtype == torch.float32 and first.fell_back.dtype == torch.bool
     assert len(first.params) == 4 and bool(first.fell_back.all())  # no previous gradient yet
     assert torch.allclose(first.alphas, torch.full((4,), 0.01))
-    run_steps(model, optimizer, torch.randn(3, 4, 9))
+    run_steps(model, optimizer, torch.randn(3, 4, 6))
     later = optimizer.alphas()
     adaptive = later.alphas[~later.fell_back]
     assert bool(((adaptive > 0) & (adaptive < 1)).all())
@@ -140,7 +123,7 @@ def test_scaled_gradients_are_unscaled_inside_the_step(backend):
     ours = make_optimizer("fused", model.parameters(), backend)
     plain = make_optimizer("fused", twin.parameters(), backend)
     scale = torch.tensor(256.0)
-    for x in torch.randn(4, 4, 9):
+    for x in torch.randn(4, 4, 6):
         for m, opt in ((model, ours), (twin, plain)):
             opt.zero_grad()
             m(x).pow(2).mean().backward()
@@ -149,4 +132,4 @@ def test_scaled_gradients_are_unscaled_inside_the_step(backend):
         ours.grad_scale, ours.found_inf = scale, torch.tensor(0.0)
         ours.step()
         plain.step()
-    assert_same(snapshot(model, ours), snapshot(twin, plain))
+    assert_same(everything(model, ours), everything(twin, plain))

@@ -8,23 +8,15 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
-from llaca_optim import LLaCA, LLaCAAdamW
+from llaca_optim import LLaCAAdamW
 from llaca_optim.optim import telemetry
-
-
-def run_task(model, optimizer, steps):
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(torch.randn(8, 6)).pow(2).mean().backward()
-        optimizer.step()
+from support.state import make_model, make_optimizer, train
 
 
 def make(kind, model, **knobs):
-    if kind == "fused":
-        return LLaCAAdamW(model.parameters(), lr=1e-2, **knobs)
-    return LLaCA(torch.optim.AdamW(model.parameters(), lr=1e-2), **knobs)
+    # The wrapper around AdamW, as the Trainer builds it.
+    return make_optimizer(kind, model.parameters(), inner=lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+                          **knobs)
 
 
 def messages(record):
@@ -33,13 +25,13 @@ def messages(record):
 
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
 def test_a_task_run_as_a_fixed_ema_says_so_once(kind):
-    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    model = make_model()
     optimizer = make(kind, model, scale=1e9)  # every alpha far above 1: all fall back
-    run_task(model, optimizer, telemetry.MIN_STEPS + 5)
+    train(model, optimizer, telemetry.MIN_STEPS + 5)
     assert bool(optimizer.alphas().fell_back.all())
     with pytest.warns(UserWarning, match=r"100% of the tensors' alphas fell out.*fixed EMA.*Lower `scale`"):
         optimizer.end_task()
-    run_task(model, optimizer, telemetry.MIN_STEPS + 5)
+    train(model, optimizer, telemetry.MIN_STEPS + 5)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         optimizer.end_task()
@@ -48,10 +40,10 @@ def test_a_task_run_as_a_fixed_ema_says_so_once(kind):
 
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
 def test_an_ema_too_slow_for_its_task_says_so(kind):
-    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    model = make_model()
     optimizer = make(kind, model, scale=1e-12, norms="mean")
     steps = telemetry.MIN_STEPS + 10
-    run_task(model, optimizer, steps)
+    train(model, optimizer, steps)
     found = optimizer.alphas()
     median = float(found.alphas.double().median())
     assert telemetry.kept_share(median, steps) < telemetry.MIN_KEPT
@@ -60,9 +52,9 @@ def test_an_ema_too_slow_for_its_task_says_so(kind):
 
 
 def test_short_tasks_and_adaptive_alphas_say_nothing():
-    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+    model = make_model()
     optimizer = LLaCAAdamW(model.parameters(), lr=1e-2, scale=1e9)
-    run_task(model, optimizer, telemetry.MIN_STEPS - 1)  # too short to judge
+    train(model, optimizer, telemetry.MIN_STEPS - 1)  # too short to judge
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         optimizer.end_task()

@@ -1,14 +1,11 @@
-"""Scenarios more than one test module runs: snapshots of a model and its optimizer, and the
-GradScaler overflow check, and the package without its extension."""
+"""Scenarios more than one test module runs: the GradScaler overflow check, and the package
+without its extension."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from support.compare import assert_equal
-from support.trajectory import collect
+from support.state import assert_same, everything
 
 # The first lines of a subprocess's code that hides the installed extension (llaca_optim._C)
 # from it: the package as installed without its native kernels.
@@ -20,17 +17,6 @@ HIDE_EXTENSION = (
     "            raise ImportError('llaca_optim._C hidden by the test')\n"
     "sys.meta_path.insert(0, Hide())\n"
 )
-
-
-def snapshot(model, optimizer):
-    return copy.deepcopy(collect(optimizer, list(model.parameters())))
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        for i, (x, y) in enumerate(zip(a[key], b[key])):
-            assert_equal(x, y, what=f"{key}[{i}]")
 
 
 def check_grad_scaler_overflow(model, optimizer, dtype, device="cpu"):
@@ -51,10 +37,10 @@ def check_grad_scaler_overflow(model, optimizer, dtype, device="cpu"):
 
     for _ in range(3):
         scaled_step(poison=False)
-    before = snapshot(model, optimizer)
+    before = everything(model, optimizer)
     scale_before = scaler.get_scale()
     scaled_step(poison=True)
-    assert_same(snapshot(model, optimizer), before)
+    assert_same(everything(model, optimizer), before)
     assert scaler.get_scale() < scale_before
     scaled_step(poison=False)
     assert int(optimizer.state[next(model.parameters())]["step"]) == 4

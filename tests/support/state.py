@@ -1,6 +1,7 @@
 """An optimizer's whole state, copied and compared: every parameter, every state tensor (the
-wrapper's and its inner optimizer's) and every group option; and the small model and training
-loop that the state tests step it with (fresh random data, or given gradients for a twin)."""
+wrapper's and its inner optimizer's) and every group option; and the small model, the two
+optimizers and the training loops that the state and task-API tests step them with (fresh random
+data, given batches, or given gradients for a twin)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,29 @@ import copy
 import torch
 from torch import nn
 
+from llaca_optim import LLaCA, LLaCAAdamW
 from support.compare import assert_equal
 
 
 def make_model(dtype=torch.float32) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3)).to(dtype)
+
+
+def make_optimizer(kind, params, backend="auto", inner=None, **kw):
+    """``kind`` "fused": LLaCAAdamW; "wrapper": LLaCA around ``inner(params)`` (default SGD with
+    momentum, whose state LLaCA's does not share a key with)."""
+    if kind == "fused":
+        return LLaCAAdamW(params, lr=1e-2, backend=backend, **kw)
+    inner = inner or (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9))
+    return LLaCA(inner(params), backend=backend, **kw)
+
+
+def run_steps(model, optimizer, data):
+    """One step per batch of ``data``."""
+    for x in data:
+        optimizer.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        optimizer.step()
 
 
 def train(model, optimizer, steps, grads=None):

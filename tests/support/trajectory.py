@@ -11,8 +11,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_grad", "alpha",
-              "alpha_fell_back")
+from llaca_optim.ops.roles import LLACA_STATE, MADE_ORDER
+
+# Every state entry of the role table that a state dict holds (the deferral flag never is: it is
+# flushed first), so that a new role is compared as soon as it is a row there.
+STATE_KEYS = tuple(r.state_key for r in MADE_ORDER if r.part != "deferral")
 
 
 def tensor_zoo(dtype: torch.dtype, large: bool = True,
@@ -88,7 +91,7 @@ def collect(optimizer, params) -> dict[str, list[Tensor]]:
     for key in STATE_KEYS:
         values = []
         for p in params:
-            state = llaca_state.get(p, {}) if key in ("ema", "prev_grad", "alpha", "alpha_fell_back") else inner_state.get(p, {})
+            state = (llaca_state if key in LLACA_STATE else inner_state).get(p, {})
             if key in state:  # torch.as_tensor: some inner optimizers count steps in ints
                 values.append(torch.as_tensor(state[key]).detach().cpu().clone())
         if values:

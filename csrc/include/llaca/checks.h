@@ -45,7 +45,7 @@ struct Lists {
 inline Lists adamw_llaca_lists(TensorList params, TensorList grads, TensorList exp_avgs,
                                TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
                                TensorList state_steps, TensorList emas, TensorList prev_grads,
-                               TensorList alphas, TensorList fell_back, TensorList ema_pending) {
+                               TensorList alphas, TensorList alpha_fell_backs, TensorList ema_pending) {
   Lists l;
   l.params = params;
   l.grads = grads;
@@ -56,20 +56,20 @@ inline Lists adamw_llaca_lists(TensorList params, TensorList grads, TensorList e
   l.emas = emas;
   l.prev_grads = prev_grads;
   l.alphas = alphas;
-  l.fell_back = fell_back;
+  l.alpha_fell_backs = alpha_fell_backs;
   l.ema_pending = ema_pending;
   return l;
 }
 
 inline Lists llaca_update_lists(TensorList params, TensorList grads, TensorList emas,
-                                TensorList prev_grads, TensorList alphas, TensorList fell_back) {
+                                TensorList prev_grads, TensorList alphas, TensorList alpha_fell_backs) {
   Lists l;
   l.params = params;
   l.grads = grads;
   l.emas = emas;
   l.prev_grads = prev_grads;
   l.alphas = alphas;
-  l.fell_back = fell_back;
+  l.alpha_fell_backs = alpha_fell_backs;
   return l;
 }
 

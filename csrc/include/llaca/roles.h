@@ -30,7 +30,7 @@ enum class Part { kTensor, kAdamW, kAmsGrad, kLLaCA, kDeferral };
   X(emas, ema, void*, Kind::kEma, Part::kLLaCA)                             \
   X(prev_grads, prev_grad, void*, Kind::kParam, Part::kLLaCA)               \
   X(alphas, alpha, float*, Kind::kFloatSlot, Part::kLLaCA)                  \
-  X(fell_back, fell_back, bool*, Kind::kBoolSlot, Part::kLLaCA)             \
+  X(alpha_fell_backs, alpha_fell_back, bool*, Kind::kBoolSlot, Part::kLLaCA)\
   X(ema_pending, pending, uint8_t*, Kind::kBoolSlot, Part::kDeferral)
 
 enum Role : int {

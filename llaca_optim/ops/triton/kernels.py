@@ -41,7 +41,7 @@ from ..roles import TABLE_ROW
 # that kind).
 P, G, M, V, VMAX, EMA, GPREV, STEP, ALPHA, FELL_BACK, PENDING = (tl.constexpr(TABLE_ROW[arg]) for arg in (
     "params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "emas", "prev_grads",
-    "state_steps", "alphas", "fell_back", "ema_pending"))
+    "state_steps", "alphas", "alpha_fell_backs", "ema_pending"))
 
 
 @triton.jit

@@ -146,7 +146,7 @@ class TritonLauncher:
         defer = llaca and adamw and bool(lists.get("ema_pending"))
         wanted = {"params", "grads"}
         wanted |= {"exp_avgs", "exp_avg_sqs", "state_steps"} | ({"max_exp_avg_sqs"} if amsgrad else set()) if adamw else set()
-        wanted |= {"emas", "prev_grads", "alphas", "fell_back"} if llaca else set()
+        wanted |= {"emas", "prev_grads", "alphas", "alpha_fell_backs"} if llaca else set()
         wanted |= {"ema_pending"} if defer else set()
         table, aligned = self.addresses({k: v for k, v in lists.items() if k in wanted}, n, device)
         dummy = tables.partials  # any tensor on the device, for pointer arguments left unused
