@@ -12,7 +12,7 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+#include <bit>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -20,17 +20,8 @@
 namespace llaca {
 namespace cpu {
 
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
+inline float bits_to_float(uint32_t u) { return std::bit_cast<float>(u); }
+inline uint32_t float_to_bits(float f) { return std::bit_cast<uint32_t>(f); }
 
 // bfloat16 is the top half of an fp32: widening is a shift.
 inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }

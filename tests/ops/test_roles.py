@@ -65,8 +65,8 @@ def test_cpp_kernels_take_the_lists_in_schema_order():
         names = re.findall(r"TensorList (\w+)", signature)
         assert names == [r.arg for r in roles.roles_of(op)], op
         body = checks[checks.index(f"Lists {op[:-1]}_lists("):]
-        body = body[:body.index("return l;")]
-        assert re.findall(r"l\.(\w+) = (\w+);", body) == [(n, n) for n in names], op
+        body = body[body.index("return {"):body.index("};")]
+        assert re.findall(r"\.(\w+) = (\w+)", body) == [(n, n) for n in names], op
 
 
 def test_triton_address_table_rows_follow_the_table():

@@ -22,7 +22,7 @@ using at::Tensor;
 using at::TensorList;
 
 // The per-tensor lists of one call, one field per role; a call leaves the lists it does not take
-// empty. Filled by name (lists.emas = emas), read by name or by role (lists[k_emas]).
+// empty. Filled by name (designated initializers), read by name or by role (lists[k_emas]).
 struct Lists {
 #define LLACA_ROLE_LIST(list, field, type, kind, part) TensorList list;
   LLACA_ROLES(LLACA_ROLE_LIST)
@@ -45,42 +45,24 @@ struct Lists {
 inline Lists adamw_llaca_lists(TensorList params, TensorList grads, TensorList exp_avgs,
                                TensorList exp_avg_sqs, TensorList max_exp_avg_sqs,
                                TensorList state_steps, TensorList emas, TensorList prev_grads,
-                               TensorList alphas, TensorList alpha_fell_backs, TensorList ema_pending) {
-  Lists l;
-  l.params = params;
-  l.grads = grads;
-  l.exp_avgs = exp_avgs;
-  l.exp_avg_sqs = exp_avg_sqs;
-  l.max_exp_avg_sqs = max_exp_avg_sqs;
-  l.state_steps = state_steps;
-  l.emas = emas;
-  l.prev_grads = prev_grads;
-  l.alphas = alphas;
-  l.alpha_fell_backs = alpha_fell_backs;
-  l.ema_pending = ema_pending;
-  return l;
+                               TensorList alphas, TensorList alpha_fell_backs,
+                               TensorList ema_pending) {
+  return {.params = params, .grads = grads, .exp_avgs = exp_avgs, .exp_avg_sqs = exp_avg_sqs,
+          .max_exp_avg_sqs = max_exp_avg_sqs, .state_steps = state_steps, .emas = emas,
+          .prev_grads = prev_grads, .alphas = alphas, .alpha_fell_backs = alpha_fell_backs,
+          .ema_pending = ema_pending};
 }
 
 inline Lists llaca_update_lists(TensorList params, TensorList grads, TensorList emas,
-                                TensorList prev_grads, TensorList alphas, TensorList alpha_fell_backs) {
-  Lists l;
-  l.params = params;
-  l.grads = grads;
-  l.emas = emas;
-  l.prev_grads = prev_grads;
-  l.alphas = alphas;
-  l.alpha_fell_backs = alpha_fell_backs;
-  return l;
+                                TensorList prev_grads, TensorList alphas,
+                                TensorList alpha_fell_backs) {
+  return {.params = params, .grads = grads, .emas = emas, .prev_grads = prev_grads,
+          .alphas = alphas, .alpha_fell_backs = alpha_fell_backs};
 }
 
 inline Lists llaca_flush_lists(TensorList params, TensorList emas, TensorList alphas,
                                TensorList ema_pending) {
-  Lists l;
-  l.params = params;
-  l.emas = emas;
-  l.alphas = alphas;
-  l.ema_pending = ema_pending;
-  return l;
+  return {.params = params, .emas = emas, .alphas = alphas, .ema_pending = ema_pending};
 }
 
 // The lists a call uses, by role, taken out of its Lists once per call (a role the call does not
