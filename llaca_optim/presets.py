@@ -21,6 +21,10 @@ class Preset:
     scale: float
     base_weight: float
     norms: str = "sum"
+    # Set: the EMA's time constant in steps, the level the balance weight is calibrated to
+    # (``base_weight`` is then 1 / horizon and ``scale`` unused; NOTE [horizon] in
+    # optim/sharded.py).
+    horizon: float | None = None
 
     @property
     def mean_norms(self) -> bool:

@@ -47,9 +47,15 @@ def balance_weight(a: float, b: float, c: float, scale: float, base_weight: floa
     return base_weight, True
 
 
+# The horizon rule's constants (NOTE [horizon] in llaca_optim/optim/sharded.py).
+HORIZON_WINDOW = 20       # steps: the running mean's memory once it holds that many
+HORIZON_ALPHA_MAX = 0.5   # a blend that would move the EMA most of the way to p is capped here
+
+
 @torch.no_grad()
 def alphas_from_sums_(sums: Tensor, elements: Tensor, alpha: Tensor, alpha_fell_back: Tensor,
-                      pending: Tensor, *, scale: float, base_weight: float, mean_norms: bool,
+                      signal_log_mean: Tensor, signal_count: Tensor, pending: Tensor, *,
+                      scale: float, base_weight: float, mean_norms: bool, horizon: float = 0.0,
                       found_inf: Tensor | None = None) -> None:
     """:func:`balance_weight` for many tensors at once, from their whole-tensor sums, in place:
     the finish of a sharded step (NOTE [sharded parameters] in optim/sharded.py), the default
@@ -60,23 +66,35 @@ def alphas_from_sums_(sums: Tensor, elements: Tensor, alpha: Tensor, alpha_fell_
     alpha, negative before its first LLaCA step (whose EMA the kernels just set to p: it has no
     blend and falls back); on exit the new alphas (computed in float64, then rounded), with the
     fallback flags in ``alpha_fell_back`` and in ``pending`` the blends left to apply. A non-zero
-    ``found_inf`` (AMP overflow: the kernels changed nothing) leaves all three as they were."""
+    ``found_inf`` (AMP overflow: the kernels changed nothing) leaves them all as they were.
+
+    With ``horizon`` > 0, alpha follows the horizon's rule instead (NOTE [horizon] in
+    llaca_optim/optim/sharded.py; ``scale`` and ``mean_norms`` do not enter it and
+    ``base_weight`` is 1 / horizon), reading and updating ``signal_log_mean`` and
+    ``signal_count`` (float64, one element per tensor; empty tensors without a horizon)."""
     fresh = alpha < 0
     if mean_norms:
         sums = sums / elements.unsqueeze(1)
     a, b, c = sums.unbind(1)
-    candidate = scale * (1.0 + b) / (a * c)
-    adaptive = (candidate > 0) & (candidate < 1) & ~fresh
+    updates = []
+    if horizon > 0:
+        signal = (1.0 + b) / (a * c)
+        adaptive = torch.isfinite(signal) & (signal > 0) & ~fresh
+        log_signal = torch.where(adaptive, signal, 1.0).log()
+        count = signal_count + adaptive.to(torch.float64)
+        memory = count.clamp(min=1.0, max=HORIZON_WINDOW)
+        log_mean = torch.where(adaptive, signal_log_mean + (log_signal - signal_log_mean) / memory,
+                               signal_log_mean)
+        candidate = ((log_signal - log_mean).exp() / horizon).clamp(max=HORIZON_ALPHA_MAX)
+        updates = [(signal_log_mean, log_mean), (signal_count, count)]
+    else:
+        candidate = scale * (1.0 + b) / (a * c)
+        adaptive = (candidate > 0) & (candidate < 1) & ~fresh
     new_alpha = torch.where(adaptive, candidate, base_weight)
-    new_fell_back, new_pending = ~adaptive, ~fresh
-    if found_inf is not None:
-        skipped = found_inf.to(device=sums.device) != 0
-        new_alpha = torch.where(skipped, alpha.to(torch.float64), new_alpha)
-        new_fell_back = torch.where(skipped, alpha_fell_back, new_fell_back)
-        new_pending = torch.where(skipped, pending, new_pending)
-    alpha.copy_(new_alpha)
-    alpha_fell_back.copy_(new_fell_back)
-    pending.copy_(new_pending)
+    updates = [(alpha, new_alpha), (alpha_fell_back, ~adaptive), (pending, ~fresh), *updates]
+    skipped = None if found_inf is None else found_inf.to(device=sums.device) != 0
+    for old, new in updates:
+        old.copy_(new if skipped is None else torch.where(skipped, old.to(new.dtype), new))
 
 
 def _l1(x: Tensor) -> float:

@@ -96,9 +96,12 @@ SCHEMAS = tuple(schema(op) for op in OP_NAMES)
 # the alpha rule is written once per language: there, csrc/include/llaca/math.h, and the Triton
 # kernels.
 ALPHAS = "llaca_alphas_"
-ALPHAS_SCHEMA = ("llaca_alphas_(Tensor sums, Tensor elements, Tensor(a!) alpha, Tensor(b!) alpha_fell_back, "
-                 "Tensor(c!) pending, *, float scale, float base_weight, bool mean_norms, "
-                 "Tensor? found_inf=None) -> ()")
+# With horizon > 0 the rule is the horizon's (NOTE [horizon] in optim/sharded.py), which reads
+# and updates each tensor's signal statistic (empty tensors otherwise).
+ALPHAS_SCHEMA = ("llaca_alphas_(Tensor sums, Tensor elements, Tensor(a!) alpha, "
+                 "Tensor(b!) alpha_fell_back, Tensor(c!) signal_log_mean, Tensor(d!) signal_count, "
+                 "Tensor(e!) pending, *, float scale, float base_weight, bool mean_norms, "
+                 "float horizon=0., Tensor? found_inf=None) -> ()")
 
 _libraries: dict[str, torch.library.Library] = {}  # keeping them alive keeps the ops defined
 _implemented: set[tuple[str, str]] = set()

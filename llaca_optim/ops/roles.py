@@ -61,8 +61,9 @@ class Role:
 
 _ALL_W = {ADAMW_LLACA: "w"}
 # part: "tensor" (the parameter and its gradient), "adamw" (LLaCAAdamW's moments and counter),
-# "amsgrad" (with amsgrad=True), "llaca" (the EMA state, made together), "deferral" (the flag of
-# a blend left pending, NOTE [deferred blend] in optim/deferred.py).
+# "amsgrad" (with amsgrad=True), "llaca" (the EMA state, made together), "horizon" (with
+# horizon=H), "deferral" (the flag of a blend left pending, NOTE [deferred blend] in
+# optim/deferred.py). A role with no op is state the optimizer keeps beside the ops' lists.
 ROLES: tuple[Role, ...] = (
     Role("params", None, "param", True, "tensor",
          {ADAMW_LLACA: "w", LLACA_UPDATE: "r", LLACA_FLUSH: "r"}),
@@ -83,6 +84,12 @@ ROLES: tuple[Role, ...] = (
          {ADAMW_LLACA: "w", LLACA_UPDATE: "w", LLACA_FLUSH: "r"}, -1.0),
     Role("alpha_fell_backs", "alpha_fell_back", "bool", False, "llaca",
          {ADAMW_LLACA: "w", LLACA_UPDATE: "w"}, False),
+    # With horizon=H, the calibration of the balance weight (NOTE [horizon] in
+    # optim/sharded.py): the running mean of the log of each tensor's signal, and the number of
+    # steps it holds. No kernel reads them: the alpha op of the step's finish does, from the
+    # kernels' sums. float64, as the op computes.
+    Role("signal_log_means", "signal_log_mean", "float64", False, "horizon", {}, 0.0),
+    Role("signal_counts", "signal_count", "float64", False, "horizon", {}, 0.0),
     # Set on the device while the EMA lacks the blend of the last step. Only tensors whose blend
     # may be deferred have it; state dicts never hold it, since they are taken after a flush.
     Role("ema_pending", "ema_pending", "bool", False, "deferral",
@@ -95,10 +102,11 @@ BY_STATE_KEY = {role.state_key: role for role in ROLES if role.state_key is not 
 # The rows of a kernel's address table (apex's addresses[depth][tensor]; the Triton kernels and
 # the CUDA workspace): arrays shaped like the parameter first, whose 16-byte alignment is checked
 # together, then the one-element slots.
-TABLE_ROWS: tuple[Role, ...] = (tuple(r for r in ROLES if r.shaped)
-                                + tuple(r for r in ROLES if not r.shaped))
+OP_ROLES: tuple[Role, ...] = tuple(r for r in ROLES if r.ops)  # the C++ table's rows
+TABLE_ROWS: tuple[Role, ...] = (tuple(r for r in OP_ROLES if r.shaped)
+                                + tuple(r for r in OP_ROLES if not r.shaped))
 TABLE_ROW = {role.arg: i for i, role in enumerate(TABLE_ROWS)}
-ARRAY_ROWS = sum(1 for r in ROLES if r.shaped)
+ARRAY_ROWS = sum(1 for r in OP_ROLES if r.shaped)
 
 
 def roles_of(op: str) -> tuple[Role, ...]:
@@ -119,7 +127,8 @@ def state_keys(*parts: str) -> tuple[str, ...]:
 # optimizer.state entries, by what makes them (a step makes each part's entries together).
 ADAMW_STATE = state_keys("adamw")                      # step, exp_avg, exp_avg_sq
 LLACA_STATE = state_keys("llaca")                      # ema, prev_grad, alpha, alpha_fell_back
-LLACA_STATE_KEYS = state_keys("llaca", "deferral")     # what end_task drops
+HORIZON_STATE = state_keys("horizon")                  # signal_log_mean, signal_count
+LLACA_STATE_KEYS = state_keys("llaca", "horizon", "deferral")  # what end_task drops
 SHAPED_STATE_KEYS = tuple(r.state_key for r in ROLES if r.shaped and r.state_key is not None)
 SLOT_DTYPES: dict[str, torch.dtype] = {
     r.state_key: r.slot_dtype for r in ROLES if not r.shaped and r.state_key is not None}
@@ -151,6 +160,8 @@ class Bucket:
     prev_grads: list[Tensor] = field(default_factory=_lists)
     alphas: list[Tensor] = field(default_factory=_lists)
     alpha_fell_backs: list[Tensor] = field(default_factory=_lists)
+    signal_log_means: list[Tensor] = field(default_factory=_lists)
+    signal_counts: list[Tensor] = field(default_factory=_lists)
     ema_pending: list[Tensor] = field(default_factory=_lists)
     param_versions: list[int] | None = None
     sources: list[Tensor] | None = None
@@ -179,5 +190,6 @@ class StepHyper:
     scale: float = 2.0
     base_weight: float = 0.01
     mean_norms: bool = False
+    horizon: float = 0.0  # 0: off (the scale rule)
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None

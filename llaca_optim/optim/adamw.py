@@ -45,6 +45,11 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             forms alpha from the three L1 sums; ``"mean"`` from the L1 means (each sum over the
             tensor's number of elements), whose regime does not fall with the tensor's size
             (docs/spec.md section 2).
+        horizon: the EMA's time constant in steps, in place of ``scale``, ``base_weight`` and
+            ``norms``: each tensor's alpha is calibrated to about ``1 / horizon`` at any tensor
+            size (its signal over the running geometric mean of its signal, capped at 0.5), and
+            LLaCA's signal moves it up and down around that level (docs/continual.md,
+            "Choosing settings").
         llaca: ``False`` turns the EMA off for the group (plain AdamW).
         ema_dtype: ``None`` (float32 for 16-bit parameters, else the parameter's dtype),
             ``"param"`` (the parameter's dtype, as the published code), or a torch dtype.
@@ -62,8 +67,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             capturable (the step counter lives on the device), whatever they say.
         differentiable: only ``False``: the kernels update in place outside autograd.
 
-    All of ``preset``, ``scale``, ``base_weight``, ``norms``, ``llaca``, ``ema_dtype`` and
-    ``defer_blend`` are per param group.
+    All of ``preset``, ``scale``, ``base_weight``, ``norms``, ``horizon``, ``llaca``,
+    ``ema_dtype`` and ``defer_blend`` are per param group.
     Works with ``torch.amp.GradScaler`` the way torch's fused AdamW does: the kernels unscale the
     gradients and skip the whole step (EMA included) when an overflow was found. Works with
     DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism): the kernels run on the local
@@ -92,6 +97,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         scale: float | None = None,
         base_weight: float | None = None,
         norms: str | None = None,
+        horizon: float | None = None,
         llaca: bool = True,
         ema_dtype: Any = None,
         defer_blend: bool = True,
@@ -101,7 +107,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
             differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            preset=preset, scale=scale, base_weight=base_weight, norms=norms, llaca=llaca,
+            preset=preset, scale=scale, base_weight=base_weight, norms=norms, horizon=horizon,
+            llaca=llaca,
             ema_dtype=ema_dtype,
             defer_blend=defer_blend,
         )
@@ -146,6 +153,8 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             parts.add("amsgrad")
         if group["llaca"]:
             parts.add("llaca")
+            if group.get("horizon") is not None:
+                parts.add("horizon")
             if group["defer_blend"]:
                 parts.add("deferral")
         return frozenset(parts)
@@ -179,7 +188,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
             lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=float(group["weight_decay"]),
             eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
             llaca=group["llaca"], scale=balance.scale, base_weight=balance.base_weight,
-            mean_norms=balance.mean_norms,
+            mean_norms=balance.mean_norms, horizon=balance.horizon or 0.0,
             # GradScaler's, when it hands them to the step instead of unscaling itself.
             grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
         )

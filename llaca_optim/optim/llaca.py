@@ -26,7 +26,7 @@ class LLaCA(LLaCAOptimizerBase):
 
     The wrapper *shares* the inner optimizer's ``param_groups`` (LR schedulers, ``zero_grad`` and
     ``add_param_group`` act on both); the LLaCA knobs (``preset``, ``scale``, ``base_weight``, ``norms``,
-    ``llaca``, ``ema_dtype``) are stored in those groups, so each group can set its own, and a
+    ``horizon``, ``llaca``, ``ema_dtype``, as :class:`LLaCAAdamW` takes them) are stored in those groups, so each group can set its own, and a
     group that already carries one of these keys keeps its value. ``state_dict()`` holds the inner
     optimizer's state dict under ``"inner"`` and the LLaCA state under ``"llaca"``.
 
@@ -43,6 +43,7 @@ class LLaCA(LLaCAOptimizerBase):
         scale: float | None = None,
         base_weight: float | None = None,
         norms: str | None = None,
+        horizon: float | None = None,
         llaca: bool = True,
         ema_dtype: Any = None,
         backend: str | Backend = "auto",
@@ -51,8 +52,8 @@ class LLaCA(LLaCAOptimizerBase):
             raise TypeError(
                 f"llaca_optim: LLaCA wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        knobs = dict(preset=preset, scale=scale, base_weight=base_weight, norms=norms, llaca=llaca,
-                     ema_dtype=ema_dtype)
+        knobs = dict(preset=preset, scale=scale, base_weight=base_weight, norms=norms,
+                     horizon=horizon, llaca=llaca, ema_dtype=ema_dtype)
         validation.resolve_llaca_knobs(knobs, "constructor arguments")
         validation.check_each_param_once(optimizer.param_groups)
         for gi, group in enumerate(optimizer.param_groups):  # validate all before changing any
@@ -115,7 +116,9 @@ class LLaCA(LLaCAOptimizerBase):
     _op = LLACA_UPDATE
 
     def _parts(self, group: dict[str, Any]) -> frozenset[str] | None:
-        return frozenset({"tensor", "llaca"}) if group["llaca"] else None
+        if not group["llaca"]:
+            return None
+        return frozenset({"tensor", "llaca", *(("horizon",) if group.get("horizon") is not None else ())})
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The inner optimizer's step, then the LLaCA update of every parameter with a gradient."""
@@ -135,7 +138,7 @@ class LLaCA(LLaCAOptimizerBase):
     @torch.no_grad()
     def _update(self, plan) -> None:
         run_step([(StepHyper(scale=balance.scale, base_weight=balance.base_weight,
-                             mean_norms=balance.mean_norms), buckets)
+                             mean_norms=balance.mean_norms, horizon=balance.horizon or 0.0), buckets)
                   for _, buckets, balance in plan if buckets],
                  adamw=False, pending=self._pending)
         self._task_steps += 1

@@ -27,6 +27,23 @@ The optimizer state of a DTensor parameter is made of DTensors with the paramete
 ``torch.distributed.checkpoint`` saves and reshards it; the per-tensor slots (``step``,
 ``alpha``, ``alpha_fell_back``) are plain tensors, identical on every rank. The reference backend
 takes DTensors whole (DTensor's own reductions, one host sync per tensor).
+
+NOTE [horizon]
+With ``horizon=H`` a group's alphas come from steps 1-4 above whatever its tensors are (a plain
+tensor's bucket has a reduction with nothing to reduce), so the rule is written once, in the
+``llaca_alphas_`` op, and holds on every backend, for DTensors and for ZeRO partitions alike.
+LLaCA's signal ``r = (1 + b) / (a c)`` has a level that falls with the tensor's size
+(docs/coin-recipe.md); each tensor keeps the running mean ``m`` of ``log r`` (state
+``signal_log_mean``, with ``signal_count`` the steps it holds: the mean of the task's steps for
+the first ``HORIZON_WINDOW`` of them, then an EMA of weight 1 / ``HORIZON_WINDOW``), and
+
+    alpha = min(exp(log r - m) / H, HORIZON_ALPHA_MAX)
+
+whose typical value is 1/H at any size, while a step whose signal is above its recent level
+blends more and one below it less. A step whose signal is not finite (``a c = 0``) blends 1/H
+and leaves ``m`` as it was. The statistic is state like the EMA: saved, loaded, dropped by
+``end_task``. ``benchmarks/continual/horizon.py`` is the prototype the frontiers ran; a test
+holds this to it.
 """
 
 from __future__ import annotations
@@ -83,7 +100,8 @@ class ShardReduce:
     mesh dimensions its tensors are sharded along, then the alphas from the reduced sums. Every
     buffer is allocated once and reused (a step allocates nothing in proportion to the model)."""
 
-    def __init__(self, layout: ShardLayout, elements: list[int], device: torch.device) -> None:
+    def __init__(self, layout: ShardLayout | None, elements: list[int], device: torch.device) -> None:
+        """``layout`` None: plain tensors (a horizon group, NOTE [horizon]): nothing to reduce."""
         n_tensors = len(elements)
         self.layout = layout
         self.sums = torch.zeros((n_tensors, 3), dtype=torch.float64, device=device)
@@ -96,28 +114,34 @@ class ShardReduce:
         self._alpha = torch.zeros(n_tensors, dtype=torch.float32, device=device)
         self._alpha_fell_back = torch.zeros(n_tensors, dtype=torch.bool, device=device)
         self._pending = torch.zeros(n_tensors, dtype=torch.bool, device=device)
-        self._views = [list(t.unbind()) for t in (self._alpha, self._alpha_fell_back, self._pending)]
+        self._signal = torch.zeros((2, n_tensors), dtype=torch.float64, device=device)
+        self._views = [list(t.unbind()) for t in (self._alpha, self._alpha_fell_back, self._pending,
+                                                  *self._signal)]
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
 
-        for dim in self.layout.sum_dims:
+        for dim in self.layout.sum_dims if self.layout is not None else ():
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM, group=self.layout.mesh.get_group(dim))
 
-    def finish_alphas(self, ops: Any, alphas: list[Tensor], alpha_fell_backs: list[Tensor],
-                      pending: list[Tensor], hyper: Any) -> None:
+    def finish_alphas(self, ops: Any, bucket: Any, pending: list[Tensor], hyper: Any) -> None:
         """Step 3 of NOTE [sharded parameters]: each tensor's alpha and fallback flag from its
         whole-tensor sums, and its blend marked pending, by the backend's ``llaca_alphas_`` op
         (``ops``: its namespace): the rule of the kernels' ``tensor_alpha``, in float64, then
-        rounded to float32. ``hyper``: the step's StepHyper (with ``found_inf`` set, the kernels
-        changed nothing, and neither does this)."""
-        for views, slots in zip(self._views, (alphas, alpha_fell_backs, pending)):
-            torch._foreach_copy_(views, slots)  # the slots' values on entry: fresh marks, AMP skips
-        ops.llaca_alphas_(self.sums, self.elements, self._alpha, self._alpha_fell_back, self._pending,
-                          scale=hyper.scale, base_weight=hyper.base_weight,
-                          mean_norms=hyper.mean_norms, found_inf=hyper.found_inf)
-        for slots, views in zip((alphas, alpha_fell_backs, pending), self._views):
-            torch._foreach_copy_(slots, views)
+        rounded to float32, or the horizon's (NOTE [horizon]). ``hyper``: the step's StepHyper
+        (with ``found_inf`` set, the kernels changed nothing, and neither does this)."""
+        slots = [bucket.alphas, bucket.alpha_fell_backs, pending]
+        if hyper.horizon:
+            slots += [bucket.signal_log_means, bucket.signal_counts]
+        for views, kind in zip(self._views, slots):
+            torch._foreach_copy_(views, kind)  # the slots' values on entry: fresh marks, AMP skips
+        signal = self._signal if hyper.horizon else self._signal[:, :0]
+        ops.llaca_alphas_(self.sums, self.elements, self._alpha, self._alpha_fell_back,
+                          signal[0], signal[1], self._pending, scale=hyper.scale,
+                          base_weight=hyper.base_weight, mean_norms=hyper.mean_norms,
+                          horizon=hyper.horizon, found_inf=hyper.found_inf)
+        for kind, views in zip(slots, self._views):
+            torch._foreach_copy_(kind, views)
 
 
 class SegmentReduce:
@@ -132,12 +156,16 @@ class SegmentReduce:
     ``flags``."""
 
     def __init__(self, rows: list[int], elements: list[int], alpha: Tensor, alpha_fell_back: Tensor,
-                 process_group: Any) -> None:
+                 signal: tuple[Tensor, Tensor] | None, process_group: Any) -> None:
+        """``signal``: the partition's ``signal_log_mean`` and ``signal_count`` vectors, with
+        horizon=H (NOTE [horizon])."""
         device = alpha.device
         # Each row's (whole tensor's) element count, for the mean norms (norms="mean").
         self.elements = torch.tensor(elements, dtype=torch.float64, device=device)
         self.process_group = process_group
         self.alpha, self.alpha_fell_back = alpha, alpha_fell_back
+        none = torch.zeros(0, dtype=torch.float64, device=device)
+        self.signal = signal if signal is not None else (none, none)
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.sums = torch.zeros((len(rows), 3), dtype=torch.float64, device=device)
         self.row_sums = torch.zeros((alpha.numel(), 3), dtype=torch.float64, device=device)
@@ -152,16 +180,15 @@ class SegmentReduce:
         self.row_sums.index_copy_(0, self.rows, self.sums)
         dist.all_reduce(self.row_sums, op=dist.ReduceOp.SUM, group=self.process_group)
 
-    def finish_alphas(self, ops: Any, alphas: list[Tensor], alpha_fell_backs: list[Tensor],
-                      pending: list[Tensor], hyper: Any) -> None:
-        """Every row's alpha and fallback flag into the state's vectors (``alphas`` and
-        ``alpha_fell_backs``, the pieces' views of them, are not needed), by the backend's
-        ``llaca_alphas_`` op (``ops``), and the pieces' blends marked in ``pending`` (this
-        bucket's ``flags``)."""
+    def finish_alphas(self, ops: Any, bucket: Any, pending: list[Tensor], hyper: Any) -> None:
+        """Every row's alpha and fallback flag into the state's vectors (the bucket's lists,
+        the pieces' views of them, are not needed), by the backend's ``llaca_alphas_`` op
+        (``ops``), and the pieces' blends marked in ``pending`` (this bucket's ``flags``)."""
         self._row_pending.zero_()  # no blend of a row is pending before this step's
         ops.llaca_alphas_(self.row_sums, self.elements, self.alpha, self.alpha_fell_back,
-                          self._row_pending, scale=hyper.scale, base_weight=hyper.base_weight,
-                          mean_norms=hyper.mean_norms, found_inf=hyper.found_inf)
+                          *self.signal, self._row_pending, scale=hyper.scale,
+                          base_weight=hyper.base_weight, mean_norms=hyper.mean_norms,
+                          horizon=hyper.horizon, found_inf=hyper.found_inf)
         self._pending.copy_(self._row_pending.index_select(0, self.rows))
 
 
@@ -172,7 +199,7 @@ def finish_step(backend: Any, bucket: Any, hyper: Any) -> None:
     shard = bucket.shard
     shard.all_reduce()
     flags = bucket.ema_pending or shard.flags
-    shard.finish_alphas(backend.ops, bucket.alphas, bucket.alpha_fell_backs, flags, hyper)
+    shard.finish_alphas(backend.ops, bucket, flags, hyper)
     if not bucket.ema_pending and bucket.params:
         step_bucket(backend, type(bucket)(params=bucket.params, emas=bucket.emas,
                                           alphas=bucket.alphas, ema_pending=flags), hyper, LLACA_FLUSH)

@@ -19,6 +19,7 @@ LLACA_GROUP_DEFAULTS: dict[str, Any] = {
     "scale": None,
     "base_weight": None,
     "norms": None,
+    "horizon": None,
     "llaca": True,
     "ema_dtype": None,
 }
@@ -70,7 +71,21 @@ def resolve_llaca_knobs(group: dict[str, Any], where: str) -> Preset:
     if not isinstance(group["llaca"], bool):
         raise TypeError(f"llaca_optim: llaca must be True or False, got {group['llaca']!r} ({where})")
     check_ema_dtype(group["ema_dtype"], where)
-    return Preset(scale=float(scale), base_weight=float(base_weight), norms=norms)
+    horizon = group.get("horizon")
+    if horizon is None:
+        return Preset(scale=float(scale), base_weight=float(base_weight), norms=norms)
+    if (isinstance(horizon, bool) or not isinstance(horizon, (int, float))
+            or not math.isfinite(horizon) or horizon < 1):
+        raise ValueError(
+            f"llaca_optim: horizon must be a finite number of steps >= 1, got {horizon!r} "
+            f"({where}); it is the EMA's time constant: alpha is calibrated to about 1/horizon")
+    explicit = [k for k in ("scale", "base_weight", "norms") if group.get(k) is not None]
+    if explicit:
+        raise ValueError(
+            f"llaca_optim: horizon={horizon!r} sets the balance weight's level itself, so "
+            f"{' and '.join(explicit)} would be ignored ({where}); pass horizon alone, or drop it "
+            "and set the level with scale")
+    return Preset(scale=1.0, base_weight=1.0 / float(horizon), norms="sum", horizon=float(horizon))
 
 
 def check_ema_dtype(ema_dtype: Any, where: str) -> None:

@@ -260,12 +260,65 @@ def test_the_alphas_op_is_the_per_tensor_rule_on_every_backend(backend):
             alpha, fell = reference.balance_weight(row[0] / divide, row[1] / divide, row[2] / divide, scale, base)
             expected.append((alpha, fell, True))
         alpha, fell_back, pending = old_alpha.clone(), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
-        ops.llaca_alphas_(sums, elements, alpha, fell_back, pending, scale=scale, base_weight=base,
-                          mean_norms=mean)
+        none = torch.zeros(0, dtype=torch.float64)  # no horizon: no signal statistic
+        ops.llaca_alphas_(sums, elements, alpha, fell_back, none, none, pending, scale=scale,
+                          base_weight=base, mean_norms=mean)
         assert alpha.tolist() == [torch.tensor(a, dtype=torch.float32).item() for a, _, _ in expected]
         assert fell_back.tolist() == [f for _, f, _ in expected]
         assert pending.tolist() == [p for _, _, p in expected]
         before = (alpha.clone(), fell_back.clone(), pending.clone())
-        ops.llaca_alphas_(sums * 2, elements, alpha, fell_back, pending, scale=scale, base_weight=base,
-                          mean_norms=mean, found_inf=torch.ones(()))
+        ops.llaca_alphas_(sums * 2, elements, alpha, fell_back, none, none, pending, scale=scale,
+                          base_weight=base, mean_norms=mean, found_inf=torch.ones(()))
         assert all(torch.equal(x, y) for x, y in zip(before, (alpha, fell_back, pending)))
+
+
+@pytest.mark.parametrize("backend", backends(), indirect=True)
+def test_the_alphas_op_is_the_horizon_rule_on_every_backend(backend):
+    """With ``horizon=H`` the op's alpha is the signal r = (1 + b) / (a c) over its running
+    geometric mean (the mean of log r over the steps so far, then an EMA of weight 1/20), over H,
+    capped at 0.5; a fresh tensor or a non-finite signal takes 1/H and leaves the statistic as it
+    was; a found_inf step changes nothing. Checked over many steps against the rule written out
+    per tensor in Python floats."""
+    import math
+
+    from llaca_optim.ops.registry import Backend, resolve_backend
+
+    ops = (backend if isinstance(backend, Backend) else resolve_backend(backend, "cpu")).ops
+    n, horizon, window = 16, 37.0, 20
+    elements = torch.randint(1, 10**6, (n,)).double()
+    alpha = torch.full((n,), -1.0)  # every tensor fresh at the first step
+    fell_back, pending = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    log_mean, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    want_mean, want_count = [0.0] * n, [0] * n
+    for step in range(45):
+        # Levels that differ by orders of magnitude between tensors, as sizes make them.
+        sums = torch.rand(n, 3, dtype=torch.float64) * torch.logspace(-2, 4, n, dtype=torch.float64).unsqueeze(1)
+        if step % 7 == 3:
+            sums[step % n, 0] = 0.0  # a c = 0: not finite
+        if step == 30:  # an AMP overflow: nothing moves
+            before = [t.clone() for t in (alpha, fell_back, pending, log_mean, count)]
+            ops.llaca_alphas_(sums, elements, alpha, fell_back, log_mean, count, pending, scale=2.0,
+                              base_weight=1 / horizon, mean_norms=False, horizon=horizon,
+                              found_inf=torch.ones(()))
+            assert all(torch.equal(x, y) for x, y in zip(before, (alpha, fell_back, pending, log_mean, count)))
+            continue
+        expected = []
+        for i, (a, b, c) in enumerate(sums.tolist()):
+            fresh = alpha[i].item() < 0
+            r = (1.0 + b) / (a * c) if a * c > 0 else math.inf
+            if fresh or not math.isfinite(r):
+                expected.append((1 / horizon, True, not fresh))
+                continue
+            want_count[i] += 1
+            want_mean[i] += (math.log(r) - want_mean[i]) / min(want_count[i], window)
+            expected.append((min(math.exp(math.log(r) - want_mean[i]) / horizon, 0.5), False, True))
+        ops.llaca_alphas_(sums, elements, alpha, fell_back, log_mean, count, pending, scale=2.0,
+                          base_weight=1 / horizon, mean_norms=False, horizon=horizon)
+        torch.testing.assert_close(alpha, torch.tensor([e[0] for e in expected], dtype=torch.float32),
+                                   rtol=1e-6, atol=0)
+        assert fell_back.tolist() == [e[1] for e in expected]
+        assert pending.tolist() == [e[2] for e in expected]
+        assert count.tolist() == want_count
+        torch.testing.assert_close(log_mean, torch.tensor(want_mean, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    # The level is 1/H whatever the tensor's signal level: the median alpha of the late steps.
+    assert 0.5 / horizon < alpha[~fell_back].median().item() < 2 / horizon

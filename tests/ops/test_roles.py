@@ -26,8 +26,8 @@ def cpp_roles() -> list[tuple[str, str, str]]:
 
 def test_cpp_and_python_tables_agree():
     rows = cpp_roles()
-    assert [name for name, _, _ in rows] == [r.arg for r in roles.ROLES]
-    for (name, kind, part), role in zip(rows, roles.ROLES):
+    assert [name for name, _, _ in rows] == [r.arg for r in roles.OP_ROLES]
+    for (name, kind, part), role in zip(rows, roles.OP_ROLES):
         assert KINDS[kind] == (role.dtype, role.shaped), name
         assert PARTS[part] == role.part, name
 
@@ -71,7 +71,7 @@ def test_cpp_kernels_take_the_lists_in_schema_order():
 
 def test_triton_address_table_rows_follow_the_table():
     rows = roles.TABLE_ROWS
-    assert sorted(r.arg for r in rows) == sorted(r.arg for r in roles.ROLES)
+    assert sorted(r.arg for r in rows) == sorted(r.arg for r in roles.OP_ROLES)
     assert all(r.shaped for r in rows[: roles.ARRAY_ROWS])
     assert not any(r.shaped for r in rows[roles.ARRAY_ROWS:])
 

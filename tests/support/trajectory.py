@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from llaca_optim.ops.roles import LLACA_STATE, MADE_ORDER
+from llaca_optim.ops.roles import LLACA_STATE_KEYS, MADE_ORDER
 
 # Every state entry of the role table that a state dict holds (the deferral flag never is: it is
 # flushed first), so that a new role is compared as soon as it is a row there.
@@ -91,7 +91,7 @@ def collect(optimizer, params) -> dict[str, list[Tensor]]:
     for key in STATE_KEYS:
         values = []
         for p in params:
-            state = (llaca_state if key in LLACA_STATE else inner_state).get(p, {})
+            state = (llaca_state if key in LLACA_STATE_KEYS else inner_state).get(p, {})
             if key in state:  # torch.as_tensor: some inner optimizers count steps in ints
                 values.append(torch.as_tensor(state[key]).detach().cpu().clone())
         if values:
