@@ -127,6 +127,7 @@ class LLaCACallback(TrainerCallback):
         self._fallback_streak = 0
         self._last: dict[str, float] = {}
         self._said: set[str] = set()
+        self._horizon = False  # whether a group sets its level with horizon (the knob to name)
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if not self.log_alphas or logs is None or optimizer is None:
@@ -151,13 +152,14 @@ class LLaCACallback(TrainerCallback):
         """Logs, once per callback and kind, what the balance weights say about the settings
         (llaca_optim/optim/telemetry.py): the same words as the optimizer's warning."""
         for code, message in telemetry.diagnose(summary["llaca/alpha_median"],
-                                                summary["llaca/alpha_fallback_fraction"], steps):
+                                                summary["llaca/alpha_fallback_fraction"], steps,
+                                                self._horizon):
             if code not in self._said and (only is None or code == only):
                 self._said.add(code)
                 logger.warning(message)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        llaca_optimizer(optimizer)
+        self._horizon = telemetry.uses_horizon(llaca_optimizer(optimizer))
         self._logged_step = None
         self._task_start = state.global_step
         self._fallback_streak = 0

@@ -338,7 +338,7 @@ class LLaCAOptimizerBase(Optimizer):
         summary = telemetry.summarize(found.alphas, found.fell_back)
         if summary is None:
             return
-        for code, message in telemetry.diagnose(*summary, steps):
+        for code, message in telemetry.diagnose(*summary, steps, telemetry.uses_horizon(self)):
             if code not in self._warned:
                 self._warned.add(code)
                 warnings.warn(message, UserWarning, stacklevel=3)

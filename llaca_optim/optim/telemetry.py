@@ -35,13 +35,26 @@ def kept_share(alpha: float, steps: int) -> float:
     return 1.0 - (1.0 - min(max(alpha, 0.0), 1.0)) ** steps
 
 
-def diagnose(median_alpha: float, fallback_fraction: float, steps: int) -> list[tuple[str, str]]:
+def uses_horizon(optimizer: Any) -> bool:
+    """Whether a group of ``optimizer`` sets its level with ``horizon`` (the knob to name)."""
+    return any(group.get("horizon") is not None for group in optimizer.param_groups)
+
+
+def diagnose(median_alpha: float, fallback_fraction: float, steps: int,
+             horizon: bool = False) -> list[tuple[str, str]]:
     """``(code, message)`` for each thing the task's balance weights say about the settings:
-    ``median_alpha`` and ``fallback_fraction`` over the tensors, ``steps`` the task's steps."""
+    ``median_alpha`` and ``fallback_fraction`` over the tensors, ``steps`` the task's steps;
+    ``horizon``: the level was set with ``horizon`` (the knob the messages name)."""
     found = []
     if steps < MIN_STEPS:
         return found
-    if fallback_fraction >= FALLBACK_SHARE:
+    if fallback_fraction >= FALLBACK_SHARE and horizon:
+        found.append((FIXED_EMA, (
+            f"llaca_optim: {fallback_fraction:.0%} of the tensors' signals were not finite "
+            "(no drift from the EMA, or no change of the gradient: |p - ema| * |g - g_prev| = 0), "
+            "so their alphas took 1/horizon: LLaCA ran as a fixed EMA. Check that the gradients "
+            "change between steps; docs/continual.md, 'Choosing settings'")))
+    elif fallback_fraction >= FALLBACK_SHARE:
         found.append((FIXED_EMA, (
             f"llaca_optim: {fallback_fraction:.0%} of the tensors' alphas fell out of (0, 1) and "
             "took base_weight: LLaCA ran as a fixed EMA of weight base_weight, not an adaptive "
@@ -53,6 +66,7 @@ def diagnose(median_alpha: float, fallback_fraction: float, steps: int) -> list[
             f"llaca_optim: the median alpha was {median_alpha:.3g} in a task of {steps} steps: "
             f"the EMA follows the weights over about {1 / max(median_alpha, 1e-30):.3g} steps, "
             f"so end_task keeps only {kept_share(median_alpha, steps):.0%} of what the task "
-            "moved the weights (the task is mostly not learned). Raise `scale` for an EMA that "
-            "follows within a task; docs/continual.md, 'Choosing settings'")))
+            "moved the weights (the task is mostly not learned). "
+            + ("Lower `horizon` below the task's length" if horizon else "Raise `scale`")
+            + " for an EMA that follows within a task; docs/continual.md, 'Choosing settings'")))
     return found

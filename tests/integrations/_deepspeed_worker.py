@@ -67,6 +67,8 @@ def make_optimizer(kind, model, backend="auto", norms="sum"):
     # (each row's sums over its whole tensor's size) the scale that does so is smaller.
     knobs = dict(scale=1e-3 if norms == "sum" else 1e-5, base_weight=0.01, norms=norms,
                  backend=backend)
+    if norms == "horizon":  # the level set by horizon=H (NOTE [horizon] in optim/sharded.py)
+        knobs = dict(horizon=5, backend=backend)
     if kind == "LLaCAAdamW":
         return llaca_optim.LLaCAAdamW(groups(model, 1e-2), lr=1e-2, weight_decay=0.01, **knobs)
     return llaca_optim.LLaCA(torch.optim.AdamW(groups(model, 1e-2), lr=1e-2, weight_decay=0.01), **knobs)
@@ -155,7 +157,7 @@ def run(kind, stage, bf16=False, backend="auto", offload=False, norms="sum"):
     diffs = {"alpha": 0.0, "fell_back_mismatches": 0, "adaptive_alphas": 0}
     result = {"case": f"{kind}/stage{stage}{'/bf16' if bf16 else ''}"
                       f"{'/' + backend if backend != 'auto' else ''}{'/offload' if offload else ''}"
-                      f"{'/mean' if norms == 'mean' else ''}",
+                      f"{'/' + norms if norms != 'sum' else ''}",
               "rank": dist.get_rank()}
     ckpt = None
     for step, batch in enumerate(data):
@@ -185,6 +187,7 @@ def run(kind, stage, bf16=False, backend="auto", offload=False, norms="sum"):
             engine.save_checkpoint(ckpt, tag="mid")
             ema_at_save = ds_integration.ema_state_dict(model, optimizer)
     state = gathered(optimizer)
+    twin_opt.flush_ema()  # its state is read directly below (a deferring bucket's EMA lags)
     for n in names:
         p = params[n]
         diffs["param"] = max(diffs.get("param", 0.0), rel(safe_get_full_fp32_param(p).view_as(twin_params[n]), twin_params[n]))
@@ -450,7 +453,8 @@ def main() -> None:
     results += [run("LLaCA", 2), run("LLaCAAdamW", 2, bf16=True), run("LLaCAAdamW", 3, bf16=True),
                 run("LLaCAAdamW", 1, backend="reference"), run("LLaCAAdamW", 2, offload=True),
                 run("LLaCAAdamW", 3, offload=True), run("LLaCAAdamW", 2, norms="mean"),
-                run("LLaCAAdamW", 3, norms="mean")]
+                run("LLaCAAdamW", 3, norms="mean"), run("LLaCAAdamW", 2, norms="horizon"),
+                run("LLaCA", 3, bf16=True, norms="horizon")]
     results += [fp16_optimizer(kind) for kind in ("flattened", "unfused")]
     results.append(views_of_one_buffer())
     results.append(trainer_case())

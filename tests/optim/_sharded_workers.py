@@ -18,6 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llaca_optim.ops.roles import LLACA_STATE_KEYS, MADE_ORDER
+
+# Every state entry a state dict holds (the role table's, the deferral flag aside).
+STATE_KEYS = tuple(r.state_key for r in MADE_ORDER if r.part != "deferral")
+
 SHAPES = [(7, 5), (13,), (3, 1, 4), (1, 9), (2,), (301, 33), (2**18 + 4099,)]
 SMALL_SHAPES = SHAPES[:-1]  # Triton's interpreter is slow on the large one
 
@@ -51,6 +56,8 @@ def build_optimizer(params: list[nn.Parameter], config: dict[str, Any]):
     backend = resolve_backend(config["backend"])
     knobs = dict(scale=config["scale"], base_weight=0.01, norms=config.get("norms", "sum"),
                  backend=backend)
+    if config.get("horizon"):  # the level is the horizon's (NOTE [horizon] in optim/sharded.py)
+        knobs = dict(horizon=config["horizon"], backend=backend)
     if config.get("wrapper"):
         inner = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
         return LLaCA(inner, **knobs)
@@ -63,9 +70,8 @@ def gathered(optimizer, params, whole) -> dict[str, list[torch.Tensor]]:
     optimizer.flush_ema()
     inner = getattr(optimizer, "optimizer", optimizer)
     out: dict[str, list[torch.Tensor]] = {"param": [whole(p).detach().clone() for p in params]}
-    for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ema", "prev_grad", "alpha",
-                "alpha_fell_back"):
-        owner = optimizer.state if key in ("ema", "prev_grad", "alpha", "alpha_fell_back") else inner.state
+    for key in STATE_KEYS:
+        owner = optimizer.state if key in LLACA_STATE_KEYS else inner.state
         values = [whole(owner[p][key]).detach().clone() for p in params if key in owner.get(p, {})]
         if values:
             out[key] = values

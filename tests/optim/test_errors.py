@@ -112,6 +112,14 @@ def test_complex_parameters_are_refused():
         ({"norms": "median"}, "norms must be 'sum' .* or 'mean' .*got 'median'"),
         ({"norms": True}, "norms must be 'sum'"),
         ({"backend": "tpu"}, "unknown backend 'tpu'"),
+        ({"horizon": 0.5}, "horizon must be a finite number of steps >= 1, got 0.5"),
+        ({"horizon": math.inf}, "horizon must be a finite number of steps >= 1"),
+        ({"horizon": True}, "horizon must be a finite number of steps >= 1, got True"),
+        ({"horizon": "100"}, "horizon must be a finite number of steps >= 1, got '100'"),
+        ({"horizon": 100, "scale": 2.0}, "horizon=100 sets the balance weight's level itself, so "
+                                         "scale would be ignored .*pass horizon alone"),
+        ({"horizon": 100, "base_weight": 0.01, "norms": "mean"},
+         "so base_weight and norms would be ignored"),
     ],
 )
 def test_bad_hyperparameters(kwargs, pattern):
@@ -142,6 +150,11 @@ def test_bad_group_edits_are_caught_at_step_and_add_param_group():
         opt.step()
     assert_unchanged(before, model, opt)
     opt.param_groups[0]["norms"] = None
+    opt.param_groups[0]["horizon"] = 0
+    with pytest.raises(ValueError, match=r"horizon must be .*got 0 \(param_groups\[0\]\)"):
+        opt.step()
+    assert_unchanged(before, model, opt)
+    opt.param_groups[0]["horizon"] = None
 
 
 def test_unavailable_backend_says_why():

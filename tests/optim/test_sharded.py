@@ -49,6 +49,9 @@ JOBS = {
     # (scale 1e-3 puts these tensors' mean-norm alphas in (0, 1)).
     "cpu-fp32-mean": dict(backend="cpu", dtype=torch.float32, norms="mean", scale=1e-3),
     "cuda_sim-bf16-mean": dict(backend="cuda_sim", dtype=torch.bfloat16, norms="mean", scale=1e-3),
+    # horizon=H: the whole tensors' signals, and the signal statistic, identical on every rank.
+    "cpu-fp32-horizon": dict(backend="cpu", dtype=torch.float32, horizon=5),
+    "wrapper-triton-bf16-horizon": dict(backend="triton", dtype=torch.bfloat16, horizon=5, wrapper=True),
 }
 # On a GPU machine, one rank (one GPU, NCCL): the real kernels' sharded mode, bit for bit.
 GPU_JOBS = {

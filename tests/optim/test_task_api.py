@@ -42,10 +42,16 @@ def test_ema_weights_round_trip_is_bit_exact(backend, kind, dtype):
     assert not torch.equal(ema_output, model(x))
 
 
+# horizon=H keeps a signal statistic per tensor beside the EMA (NOTE [horizon] in
+# optim/sharded.py): it is state like the EMA's, so these run with and without it.
+HORIZONS = [None, 7]
+
+
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
-def test_end_task_loads_the_ema_and_resets_to_a_fresh_optimizer(backend, kind):
+@pytest.mark.parametrize("horizon", HORIZONS)
+def test_end_task_loads_the_ema_and_resets_to_a_fresh_optimizer(backend, kind, horizon):
     model = make_model()
-    optimizer = make_optimizer(kind, model.parameters(), backend)
+    optimizer = make_optimizer(kind, model.parameters(), backend, horizon=horizon)
     run_steps(model, optimizer, torch.randn(6, 4, 6))
     emas = [optimizer.ema(p).clone() for p in model.parameters()]
     optimizer.end_task()
@@ -54,30 +60,33 @@ def test_end_task_loads_the_ema_and_resets_to_a_fresh_optimizer(backend, kind):
     assert not optimizer.state and not getattr(optimizer, "optimizer", optimizer).state
     # From here on it behaves exactly like a freshly built optimizer on the same weights.
     twin = copy.deepcopy(model)
-    fresh = make_optimizer(kind, twin.parameters(), backend)
+    fresh = make_optimizer(kind, twin.parameters(), backend, horizon=horizon)
     data = torch.randn(3, 4, 6)
     run_steps(model, optimizer, data)
     run_steps(twin, fresh, data)
     assert_same(everything(model, optimizer), everything(twin, fresh))
 
 
-def test_end_task_can_keep_moments(backend):
+@pytest.mark.parametrize("horizon", HORIZONS)
+def test_end_task_can_keep_moments(backend, horizon):
     model = make_model()
-    optimizer = make_optimizer("fused", model.parameters(), backend)
+    optimizer = make_optimizer("fused", model.parameters(), backend, horizon=horizon)
     run_steps(model, optimizer, torch.randn(3, 4, 6))
+    assert ("signal_count" in optimizer.state[next(model.parameters())]) == (horizon is not None)
     moments = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
     optimizer.end_task(keep_moments=True)
     for p, m in zip(model.parameters(), moments):
         assert_equal(optimizer.state[p]["exp_avg"], m, what="exp_avg kept")
-        assert "ema" not in optimizer.state[p]
+        assert "ema" not in optimizer.state[p] and "signal_count" not in optimizer.state[p]
     assert int(optimizer.state[next(model.parameters())]["step"]) == 3
 
 
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_state_dict_saved_halfway_continues_identically(backend, kind, dtype):
+@pytest.mark.parametrize("horizon", HORIZONS)
+def test_state_dict_saved_halfway_continues_identically(backend, kind, dtype, horizon):
     model = make_model(dtype)
-    optimizer = make_optimizer(kind, model.parameters(), backend)
+    optimizer = make_optimizer(kind, model.parameters(), backend, horizon=horizon)
     data = torch.randn(10, 4, 6, dtype=dtype)
     run_steps(model, optimizer, data[:5])
     buffer = io.BytesIO()
@@ -88,8 +97,11 @@ def test_state_dict_saved_halfway_continues_identically(backend, kind, dtype):
     saved = torch.load(buffer)
     resumed_model = make_model(dtype)
     resumed_model.load_state_dict(saved["model"])
-    resumed = make_optimizer(kind, resumed_model.parameters(), backend)
+    resumed = make_optimizer(kind, resumed_model.parameters(), backend, horizon=horizon)
     resumed.load_state_dict(saved["optimizer"])
+    if horizon is not None:  # the statistic came back in its own dtype, not the parameter's
+        state = (resumed.state[next(resumed_model.parameters())])
+        assert state["signal_log_mean"].dtype == torch.float64 and int(state["signal_count"]) == 4
     ema = resumed.ema(next(resumed_model.parameters()))
     assert ema.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype), "EMA kept its precision"
     run_steps(resumed_model, resumed, data[5:])

@@ -71,3 +71,15 @@ def test_short_tasks_and_adaptive_alphas_say_nothing():
 ])
 def test_the_rules(median, fallback, steps, codes):
     assert [code for code, _ in telemetry.diagnose(median, fallback, steps)] == codes
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+def test_a_horizon_longer_than_its_task_names_the_horizon(kind):
+    """With horizon=H the level is 1/H: a horizon far beyond the task's length discards the
+    task, and the warning names the knob that set it."""
+    model = make_model()
+    optimizer = make(kind, model, horizon=10_000)
+    steps = telemetry.MIN_STEPS + 10
+    train(model, optimizer, steps)
+    with pytest.warns(UserWarning, match=rf"in a task of {steps} steps.*Lower `horizon`"):
+        optimizer.end_task()

@@ -1,9 +1,11 @@
 """The frontiers of benchmarks/continual: the comparison with the fixed EMA follows its
 definition (linear reading of the EMA's curve, the spreads added in quadrature, the aim's
-margins), and the horizon prototype's alphas sit at 1/H whatever the tensor's size."""
+margins); the horizon prototype that the frontiers ran is what ``horizon=H`` computes, and its
+alphas sit at 1/H whatever the tensor's size."""
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import statistics
@@ -12,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import llaca_optim
 from benchmarks.continual import frontier
 from benchmarks.continual.horizon import ALPHA_MAX, WINDOW, HorizonLLaCA
 
@@ -51,14 +54,22 @@ def test_the_analysis_reads_the_fixed_emas_curve_at_each_llaca_point():
     assert h["aim_met_same_horizon"] and h["median_alpha_times_horizon"] == pytest.approx(0.4)
 
 
+def _make(maker, params, horizon, backend="auto"):
+    if maker == "prototype":
+        return HorizonLLaCA(list(params), lr=1e-3, horizon=horizon)
+    # The prototype's inner step: torch's AdamW with its default weight decay (0.01).
+    return llaca_optim.LLaCAAdamW(params, lr=1e-3, weight_decay=0.01, horizon=horizon, backend=backend)
+
+
+@pytest.mark.parametrize("maker", ["prototype", "library"])
 @pytest.mark.parametrize("horizon", [10, 100, 1000])
-def test_the_horizon_prototype_blends_about_one_over_h_at_every_size(horizon):
+def test_the_horizon_blends_about_one_over_h_at_every_size(maker, horizon):
     """Layers of very different sizes (12 to 60,000 elements): with a fixed scale their alphas
     differ by orders of magnitude; with a horizon, each tensor's median alpha over a task is
     within 3x of 1/H, and over the steps before the running mean starts forgetting (its first
     WINDOW) the alphas' geometric mean is 1/H exactly (the cap aside)."""
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 200))
-    optimizer = HorizonLLaCA(model.parameters(), lr=1e-3, horizon=horizon)
+    optimizer = _make(maker, model.parameters(), horizon)
     seen = [[] for _ in model.parameters()]
     labels = torch.randint(0, 200, (400,))
     inputs = torch.randn(400, 4)
@@ -96,3 +107,26 @@ def test_the_recipe_schedule_warms_up_then_decays_to_zero():
     mid = ramp + (steps - ramp) // 2
     assert factors[mid] == pytest.approx(0.5 * (1 + math.cos(math.pi * (mid - ramp) / (steps - ramp))))
     assert {lr_factor(s, steps, "constant", 0.03) for s in range(steps)} == {1.0}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_the_library_horizon_is_the_prototype_the_frontiers_ran(backend):
+    """``LLaCAAdamW(horizon=H)`` steps as benchmarks/continual/horizon.py does, step by step
+    (weights, EMAs and alphas), so the frontiers' horizon points are the library's."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 40), nn.Tanh(), nn.Linear(40, 300), nn.Tanh(), nn.Linear(300, 5))
+    models = [base, copy.deepcopy(base)]
+    prototype = _make("prototype", models[0].parameters(), 30)
+    library = _make("library", models[1].parameters(), 30, backend)
+    for step in range(60):
+        x, y = torch.randn(16, 8), torch.randint(0, 5, (16,))
+        for model, optimizer in zip(models, (prototype, library)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        torch.testing.assert_close(library.alphas().alphas, prototype.alphas().alphas, rtol=1e-4, atol=0)
+        assert torch.equal(library.alphas().fell_back, prototype.alphas().fell_back)
+        for p, q in zip(models[1].parameters(), models[0].parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+    for p, ema in zip(models[1].parameters(), prototype.ema):
+        torch.testing.assert_close(library.ema(p), ema, rtol=0, atol=1e-5)
