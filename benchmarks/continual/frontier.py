@@ -120,11 +120,12 @@ def frontier_methods(family: str, lr: float, backend: str = "auto", quick: bool 
     for w in weights:
         out.append((f"EMA w={w:g}", {"kind": "ema", "ema_weight": w},
                     lambda ps, w=w: AdamWWithFixedEMA(ps, lr, weight=w)))
-    from .horizon import HorizonLLaCA
-
+    # LLaCAAdamW(horizon=H); the committed points up to the recipe-length run came from the
+    # prototype in horizon.py, which it equals step by step (tests/programs/test_frontier.py).
     for h in (HORIZONS[1::3] if quick else RECIPE_GRID["horizon"] if recipe else HORIZONS):
         out.append((f"LLaCA horizon={h:g}", {"kind": "llaca-horizon", "horizon": h},
-                    RecordedFactory(lambda ps, h=h: HorizonLLaCA(ps, lr, horizon=h))))
+                    RecordedFactory(lambda ps, h=h: llaca_optim.LLaCAAdamW(
+                        ps, lr=lr, horizon=h, backend=backend))))
     grids = QUICK_SCALES if quick else RECIPE_GRID if recipe else SCALES[family]
     for norms in ("sum", "mean"):
         for scale in grids[norms]:

@@ -1,5 +1,8 @@
-"""A prototype of ``horizon=H``: LLaCA's balance weight calibrated so that its typical value is
-1/H at any tensor size, with LLaCA's signal still moving it up and down around that level.
+"""The prototype of ``horizon=H`` that the frontiers ran before the knob was in the library
+(``LLaCAAdamW(horizon=H)``, NOTE [horizon] in llaca_optim/optim/sharded.py, which steps as this
+does: tests/programs/test_frontier.py): LLaCA's balance weight calibrated so that its typical
+value is 1/H at any tensor size, with LLaCA's signal still moving it up and down around that
+level.
 
 LLaCA's weight for a tensor at a step is ``scale * r`` with the signal ``r = (1 + b) / (a c)``
 (``a = |p - ema|_1``, ``b = |g|_1``, ``c = |g - g_prev|_1``). The level of ``r`` falls as a power
