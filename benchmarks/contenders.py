@@ -16,7 +16,8 @@ Baselines (docs/spec.md section 5):
 Ours: ``LLaCAAdamW(backend=...)`` (one fused AdamW+LLaCA op) and ``LLaCA(AdamW(fused=True))``
 (torch's step, then our standalone update) for every backend available on the device; also
 ``LLaCAAdamW`` over the same tensors as one-rank DTensors (the sharded path of FSDP2: kernels in
-their sums-out mode, an all-reduce, the alphas from the sums), and with ``defer_blend=False``.
+their sums-out mode, an all-reduce, the alphas from the sums), with ``horizon=100`` (the same
+finish without the all-reduce) and with ``defer_blend=False``.
 """
 
 from __future__ import annotations
@@ -235,6 +236,11 @@ def contenders(device: torch.device, model_bytes: int, include_published: bool =
             out.append(Contender(f"LLaCAAdamW[{b}] sharded (1 rank)", "ours", b, "llaca",
                                  lambda ps, b=b: OptimizerStepper(llaca_optim.LLaCAAdamW(
                                      as_one_rank_dtensors(ps), backend=b))))
+        if b != "reference":
+            # horizon=H: the kernels' sums, the alpha op, the blend deferred (NOTE [horizon]).
+            out.append(Contender(f"LLaCAAdamW[{b}] horizon=100", "ours", b, "llaca",
+                                 lambda ps, b=b: OptimizerStepper(
+                                     llaca_optim.LLaCAAdamW(ps, backend=b, horizon=100))))
         if b in ("cuda", "cpu"):
             # The two-phase design (blend in the step: 13 accesses for tensors too large to
             # finish in one visit), to show what the deferred blend (the default) gains.

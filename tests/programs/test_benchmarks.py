@@ -60,9 +60,12 @@ def test_quick_run_writes_well_formed_results(tmp_path, cpu_backend):
         if r["family"] in ("lora_llama", "full", "many_tiny") and r["backend"] == "cpu":
             # docs/spec.md section 5: no per-step allocation proportional to the model. The fused
             # optimizer allocates nothing; the wrapper's inner torch step a few bytes; the
-            # sharded path its per-tensor alpha arithmetic (a few scalars per tensor, no data).
+            # sharded path its per-tensor alpha arithmetic (a few scalars per tensor, no data),
+            # and the horizon's finish more of those (its signal statistic's arithmetic).
             if "sharded" in r["implementation"]:
                 limit = 128 * r["n_tensors"]
+            elif "horizon" in r["implementation"]:
+                limit = 512 * r["n_tensors"]
             else:
                 limit = 0 if r["implementation"].startswith("LLaCAAdamW") else 4096
             assert r["step_alloc_bytes"] <= limit, what
