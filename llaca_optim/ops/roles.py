@@ -140,7 +140,7 @@ def _lists() -> list[Tensor]:
 
 @dataclass
 class Bucket:
-    """Per-tensor lists of one op call, one field per role of ``ROLES``, in its order (empty
+    """Per-tensor lists of one op call, one field per role of ``OP_ROLES``, in its order (empty
     when a part is off: the AdamW lists for the standalone update, the LLaCA lists with
     llaca=False, ``ema_pending`` when nothing may be deferred; tests/ops/test_roles.py holds the
     fields to the table), plus what the optimizer keeps with them: ``param_versions`` (the
@@ -160,8 +160,6 @@ class Bucket:
     prev_grads: list[Tensor] = field(default_factory=_lists)
     alphas: list[Tensor] = field(default_factory=_lists)
     alpha_fell_backs: list[Tensor] = field(default_factory=_lists)
-    signal_log_means: list[Tensor] = field(default_factory=_lists)
-    signal_counts: list[Tensor] = field(default_factory=_lists)
     ema_pending: list[Tensor] = field(default_factory=_lists)
     param_versions: list[int] | None = None
     sources: list[Tensor] | None = None

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ..ops.registry import Backend, BackendChoice, is_dtensor, reference_backend
 from ..functional import step_bucket
-from ..ops.roles import ADAMW_LLACA, LLACA_UPDATE, MADE_ORDER, ROLES, Bucket, Role, StepHyper, roles_of
+from ..ops.roles import (ADAMW_LLACA, HORIZON_STATE, LLACA_UPDATE, MADE_ORDER, Bucket, Role,
+                         StepHyper, roles_of)
 from ..presets import Preset
 from ..state import StateMap, counting
 from . import sharded
@@ -224,11 +225,9 @@ class StepPlanner:
         """Makes missing state, sorts ``pairs`` into buckets and decides which defer; returns
         each bucket with the positions in ``pairs`` of its tensors. Tensors that had a blend
         pending and now go to a bucket that does not defer are added to ``flush_first``."""
-        # The bucket's lists: the op's roles of the group's parts, and the state kept beside them
-        # (roles with no op: the horizon's statistic, for the alpha op of the step's finish).
-        roles = [r for r in ROLES if r.part in parts and r.part != "deferral"
-                 and (r in self.roles or not r.ops)]
-        made = [r for r in MADE_ORDER if r in roles]
+        roles = [r for r in self.roles if r.part in parts and r.part != "deferral"]
+        # The state made: the lists' and the horizon's statistic (no op's list: the finish's).
+        made = [r for r in MADE_ORDER if r in roles or (r.part == "horizon" and r.part in parts)]
         llaca = "llaca" in parts
         horizon = "horizon" in parts
         opened: dict[tuple[Any, ...], tuple[Backend, Bucket, list[int], list[tuple[Tensor, Any]]]] = {}
@@ -257,15 +256,17 @@ class StepPlanner:
                 getattr(bucket, role.arg).append(view(value) if role.shaped else value)
         for key, (backend, bucket, positions, members) in opened.items():
             layout = key[-1]
+            signal = ([[entry[key] for _, entry in members] for key in HORIZON_STATE]
+                      if horizon else None)
             if layout is not None and layout.sum_dims and llaca:
                 # The cross-shard reduction of the sums (a DTensor replicated on every mesh
                 # dimension needs none: each rank holds the whole tensor and computes the same
                 # alpha as the others).
                 bucket.shard = sharded.ShardReduce(layout, [p.numel() for p in bucket.sources],
-                                                   bucket.params[0].device)
+                                                   bucket.params[0].device, signal)
             elif horizon:  # the same finish, with nothing to reduce (NOTE [horizon])
                 bucket.shard = sharded.ShardReduce(None, [p.numel() for p in bucket.params],
-                                                   bucket.params[0].device)
+                                                   bucket.params[0].device, signal)
             # Deferring needs a backend that defers and a tensor its kernels do not finish in one
             # visit (or a sharded bucket, whose blend comes after the reduction anyway); a bucket
             # that would never leave a blend pending gets no flags: one list less to pass.
@@ -299,7 +300,7 @@ class StepPlanner:
                 break
         bucket = Bucket(segments=[(seg.start, seg.numel) for seg in partition.segments])
         for seg in partition.segments:
-            for role in (r for r in roles if r.ops):  # the horizon's vectors go to the finish
+            for role in roles:
                 value = p if role.arg == "params" else g if role.arg == "grads" else entry[role.state_key]
                 piece = value.narrow(0, seg.start, seg.numel) if role.shaped else value[seg.row]
                 getattr(bucket, role.arg).append(piece)
@@ -307,8 +308,8 @@ class StepPlanner:
             bucket.shard = sharded.SegmentReduce([seg.row for seg in partition.segments],
                                                  [shape.numel() for shape in partition.row_shapes],
                                                  entry["alpha"], entry["alpha_fell_back"],
-                                                 (entry["signal_log_mean"], entry["signal_count"])
-                                                 if "signal_count" in entry else None,
+                                                 [entry[key] for key in HORIZON_STATE]
+                                                 if any(r.part == "horizon" for r in made) else None,
                                                  partition.process_group)
         return backend, bucket
 

@@ -100,8 +100,10 @@ class ShardReduce:
     mesh dimensions its tensors are sharded along, then the alphas from the reduced sums. Every
     buffer is allocated once and reused (a step allocates nothing in proportion to the model)."""
 
-    def __init__(self, layout: ShardLayout | None, elements: list[int], device: torch.device) -> None:
-        """``layout`` None: plain tensors (a horizon group, NOTE [horizon]): nothing to reduce."""
+    def __init__(self, layout: ShardLayout | None, elements: list[int], device: torch.device,
+                 signal: list[list[Tensor]] | None = None) -> None:
+        """``layout`` None: plain tensors (a horizon group, NOTE [horizon]): nothing to reduce.
+        ``signal``: with a horizon, the tensors' ``signal_log_mean`` and ``signal_count`` slots."""
         n_tensors = len(elements)
         self.layout = layout
         self.sums = torch.zeros((n_tensors, 3), dtype=torch.float64, device=device)
@@ -114,7 +116,8 @@ class ShardReduce:
         self._alpha = torch.zeros(n_tensors, dtype=torch.float32, device=device)
         self._alpha_fell_back = torch.zeros(n_tensors, dtype=torch.bool, device=device)
         self._pending = torch.zeros(n_tensors, dtype=torch.bool, device=device)
-        self._signal = torch.zeros((2, n_tensors), dtype=torch.float64, device=device)
+        self.signal_slots = signal
+        self._signal = torch.zeros((2, n_tensors if signal else 0), dtype=torch.float64, device=device)
         self._views = [list(t.unbind()) for t in (self._alpha, self._alpha_fell_back, self._pending,
                                                   *self._signal)]
 
@@ -130,14 +133,11 @@ class ShardReduce:
         (``ops``: its namespace): the rule of the kernels' ``tensor_alpha``, in float64, then
         rounded to float32, or the horizon's (NOTE [horizon]). ``hyper``: the step's StepHyper
         (with ``found_inf`` set, the kernels changed nothing, and neither does this)."""
-        slots = [bucket.alphas, bucket.alpha_fell_backs, pending]
-        if hyper.horizon:
-            slots += [bucket.signal_log_means, bucket.signal_counts]
+        slots = [bucket.alphas, bucket.alpha_fell_backs, pending, *(self.signal_slots or ())]
         for views, kind in zip(self._views, slots):
             torch._foreach_copy_(views, kind)  # the slots' values on entry: fresh marks, AMP skips
-        signal = self._signal if hyper.horizon else self._signal[:, :0]
         ops.llaca_alphas_(self.sums, self.elements, self._alpha, self._alpha_fell_back,
-                          signal[0], signal[1], self._pending, scale=hyper.scale,
+                          self._signal[0], self._signal[1], self._pending, scale=hyper.scale,
                           base_weight=hyper.base_weight, mean_norms=hyper.mean_norms,
                           horizon=hyper.horizon, found_inf=hyper.found_inf)
         for kind, views in zip(slots, self._views):

@@ -208,7 +208,7 @@ def test_horizon_matches_reference(kernel, dtype, kind, request):
 
     run, ref32, ref64 = trajectories(make, dtype, kernel=kernel)
     assert {"signal_log_mean", "signal_count"} <= run.keys()
-    assert_within_rule(run, ref32, ref64, dtype)
+    assert_within_rule(run, ref32, ref64, dtype, horizon=True)
     fell_back = torch.stack(ref64["alpha_fell_back"])
     populated = torch.tensor([p.numel() > 0 for p in ref64["param"]])
     # Only a signal that is not finite falls back (a 16-bit tensor whose drift is below one

@@ -96,8 +96,8 @@ def test_the_bucket_has_a_list_per_role_in_the_tables_order():
     from dataclasses import fields
 
     names = [f.name for f in fields(roles.Bucket)]
-    assert names[: len(roles.ROLES)] == [role.arg for role in roles.ROLES]
-    assert not set(names[len(roles.ROLES):]) & {role.arg for role in roles.ROLES}
+    assert names[: len(roles.OP_ROLES)] == [role.arg for role in roles.OP_ROLES]
+    assert not set(names[len(roles.OP_ROLES):]) & {role.arg for role in roles.ROLES}
 
 
 def test_the_python_signatures_take_the_lists_in_schema_order():

@@ -57,17 +57,24 @@ def mean_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).abs().nan_to_num(nan=float("inf")).masked_fill(agree, 0.0).mean())
 
 
-ALPHA_KEYS = ("ema", "alpha", "alpha_fell_back")  # what a split at alpha ~ 1 sends elsewhere
+# What a split (below) sends elsewhere.
+ALPHA_KEYS = ("ema", "alpha", "alpha_fell_back", "signal_log_mean", "signal_count")
 
 
 def alpha_relative_floor(dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 1e-2
 
 
-def check_alphas(kernel, ref32, ref64, dtype) -> set[int]:
+def check_alphas(kernel, ref32, ref64, dtype, horizon=False) -> set[int]:
     """Each step's alpha and fallback flag against the references'; returns the tensors whose
     fallback decision parted from both references' where the adaptive side's alpha lay within
-    the alpha floor of 1 (see the module docstring): their later steps are not compared."""
+    the alpha floor of 1 (see the module docstring): their later steps are not compared.
+
+    ``horizon``: alphas from ``horizon=H``, which fall back only where the signal is not finite,
+    that is where the drift |p - ema| is zero. With 16-bit parameters that is a rounding
+    decision: an AdamW step of about half a 16-bit ulp leaves p where the EMA is in one run and
+    moves it in another (the module docstring's ties). A split there is allowed for 16-bit
+    parameters, as the split at alpha ~ 1 is; in fp32 it fails."""
     floor = alpha_relative_floor(dtype)
     split: set[int] = set()
     for step, (k_row, r32_row, r64_row) in enumerate(zip(kernel[ALPHAS_PER_STEP], ref32[ALPHAS_PER_STEP],
@@ -77,6 +84,12 @@ def check_alphas(kernel, ref32, ref64, dtype) -> set[int]:
                 continue
             assert k is not None, f"step {step} tensor {i}: no alpha from the kernel"
             (a_k, fb_k), (a_32, fb_32), (a_64, fb_64) = k, r32, r64
+            if fb_k != fb_64 and fb_k != fb_32 and horizon:
+                assert dtype != torch.float32, (
+                    f"step {step} tensor {i}: the kernel {'fell back' if fb_k else 'did not fall back'} "
+                    f"(alpha {a_k}) but the references did not (alphas {a_32}, {a_64})")
+                split.add(i)
+                continue
             if fb_k != fb_64 and fb_k != fb_32:
                 adaptive = a_64 if fb_k else a_k
                 assert adaptive >= 1.0 - floor, (
@@ -91,7 +104,7 @@ def check_alphas(kernel, ref32, ref64, dtype) -> set[int]:
     return split
 
 
-def assert_within_rule(kernel, ref32, ref64, dtype, steps=STEPS):
+def assert_within_rule(kernel, ref32, ref64, dtype, steps=STEPS, horizon=False):
     """For every tensor: max error <= 2 x the fp32 reference's + sqrt(steps) roundings of the
     largest value in the *parameter's* dtype (independent rounding differences compound like a
     random walk; a 16-bit parameter that rounds the other way once moves its fp32 EMA by alpha x
@@ -99,7 +112,7 @@ def assert_within_rule(kernel, ref32, ref64, dtype, steps=STEPS):
     value in the state's own dtype, which a systematic error cannot meet."""
     ulps = math.sqrt(steps)
     assert kernel.keys() == ref64.keys(), f"state keys differ: {sorted(kernel)} vs {sorted(ref64)}"
-    split = check_alphas(kernel, ref32, ref64, dtype) if ALPHAS_PER_STEP in ref64 else set()
+    split = check_alphas(kernel, ref32, ref64, dtype, horizon) if ALPHAS_PER_STEP in ref64 else set()
     for key in ref64:
         if key == ALPHAS_PER_STEP:
             continue
