@@ -84,7 +84,9 @@ def check_alphas(kernel, ref32, ref64, dtype, horizon=False) -> set[int]:
                 continue
             assert k is not None, f"step {step} tensor {i}: no alpha from the kernel"
             (a_k, fb_k), (a_32, fb_32), (a_64, fb_64) = k, r32, r64
-            if fb_k != fb_64 and fb_k != fb_32 and horizon:
+            if fb_k != fb_64 and horizon and (dtype != torch.float32 or fb_k != fb_32):
+                # Against the oracle's decision (also where the fp32 reference's is the kernel's:
+                # the signal statistic then counts another step than the oracle's).
                 assert dtype != torch.float32, (
                     f"step {step} tensor {i}: the kernel {'fell back' if fb_k else 'did not fall back'} "
                     f"(alpha {a_k}) but the references did not (alphas {a_32}, {a_64})")
