@@ -34,19 +34,22 @@ def test_auto_picks_the_cuda_kernels(cuda_backend):
 
 
 @pytest.mark.parametrize("backend", GPU_KERNELS)
-@pytest.mark.parametrize("kind", ["fused", "fused, EMA read between replays", "wrapper"])
+@pytest.mark.parametrize("kind", ["fused", "fused, EMA read between replays", "wrapper",
+                                  "fused, horizon"])
 def test_captured_step_replays_like_eager_steps(backend, kind):
     """The eager twin of the fused optimizer blends within the step (defer_blend=False); reading
     an EMA between replays flushes the deferred blends, which the next replay must see (the
     flags live on the device). The gradients are allocated inside the capture (set_to_none), so
     the step's address tables are built and uploaded during the capture: the CUDA backend
     copies them outside the graph (NOTE [CUDA workspace]); Triton's upload from pinned memory
-    is captured as a copy node whose host block torch never recycles."""
+    is captured as a copy node whose host block torch never recycles. With a horizon the
+    step's finish (the alpha op and its slot copies, NOTE [horizon]) is captured too."""
     backend = backend_or_skip(backend)
 
     def make(model, defer):
         if kind.startswith("fused"):
-            return LLaCAAdamW(model.parameters(), lr=1e-3, backend=backend, defer_blend=defer)
+            return LLaCAAdamW(model.parameters(), lr=1e-3, backend=backend, defer_blend=defer,
+                              horizon=50 if kind.endswith("horizon") else None)
         return LLaCA(torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9), backend=backend)
 
     inputs = torch.randn(12, 16, 512, device="cuda")
