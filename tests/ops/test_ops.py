@@ -290,6 +290,7 @@ def test_the_alphas_op_is_the_horizon_rule_on_every_backend(backend):
     fell_back, pending = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
     log_mean, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     want_mean, want_count = [0.0] * n, [0] * n
+    late = []
     for step in range(45):
         # Levels that differ by orders of magnitude between tensors, as sizes make them.
         sums = torch.rand(n, 3, dtype=torch.float64) * torch.logspace(-2, 4, n, dtype=torch.float64).unsqueeze(1)
@@ -320,5 +321,8 @@ def test_the_alphas_op_is_the_horizon_rule_on_every_backend(backend):
         assert pending.tolist() == [e[2] for e in expected]
         assert count.tolist() == want_count
         torch.testing.assert_close(log_mean, torch.tensor(want_mean, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-    # The level is 1/H whatever the tensor's signal level: the median alpha of the late steps.
-    assert 0.5 / horizon < alpha[~fell_back].median().item() < 2 / horizon
+        if step >= 20:
+            late.append(alpha[~fell_back])
+    # The level is 1/H whatever the tensor's signal level (they differ by 10^6 here): the median
+    # alpha over the tensors and the steps after the running mean's first window.
+    assert 1 / 3 < torch.cat(late).median().item() * horizon < 3
