@@ -128,6 +128,10 @@ def state_keys(*parts: str) -> tuple[str, ...]:
 ADAMW_STATE = state_keys("adamw")                      # step, exp_avg, exp_avg_sq
 LLACA_STATE = state_keys("llaca")                      # ema, prev_grad, alpha, alpha_fell_back
 HORIZON_STATE = state_keys("horizon")                  # signal_log_mean, signal_count
+# What a state dict holds of a parameter's entries: all but the deferral flag, which is flushed
+# before any state dict is taken.
+SAVED_STATE_KEYS = state_keys("adamw", "amsgrad", "llaca", "horizon")
+UNSAVED_STATE_KEYS = state_keys("deferral")
 LLACA_STATE_KEYS = state_keys("llaca", "horizon", "deferral")  # what end_task drops
 SHAPED_STATE_KEYS = tuple(r.state_key for r in ROLES if r.shaped and r.state_key is not None)
 SLOT_DTYPES: dict[str, torch.dtype] = {

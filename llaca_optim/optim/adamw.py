@@ -152,9 +152,7 @@ class LLaCAAdamW(LLaCAOptimizerBase):
         if group["amsgrad"]:
             parts.add("amsgrad")
         if group["llaca"]:
-            parts.add("llaca")
-            if group.get("horizon") is not None:
-                parts.add("horizon")
+            parts |= self._llaca_parts(group)
             if group["defer_blend"]:
                 parts.add("deferral")
         return frozenset(parts)

@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..ops.registry import Backend, BackendChoice, is_dtensor
-from ..ops.roles import ADAMW_LLACA, BY_STATE_KEY, LLACA_STATE_KEYS, SLOT_DTYPES
+from ..ops.roles import (ADAMW_LLACA, BY_STATE_KEY, LLACA_STATE_KEYS, SLOT_DTYPES,
+                         UNSAVED_STATE_KEYS)
 from ..ops.roles import SHAPED_STATE_KEYS
 from ..presets import Preset
 from ..state import counting
@@ -147,6 +148,12 @@ class LLaCAOptimizerBase(Optimizer):
 
     def _parts(self, group: dict[str, Any]) -> frozenset[str] | None:
         raise NotImplementedError
+
+    @staticmethod
+    def _llaca_parts(group: dict[str, Any]) -> set[str]:
+        """The parts of a group's LLaCA update: the EMA state, and the horizon's statistic when
+        the group sets its level with ``horizon`` (both optimizers)."""
+        return {"llaca", "horizon"} if group.get("horizon") is not None else {"llaca"}
 
     # NOTE [torch.compile] Under torch.compile (of `optimizer.step`, or of a training step that
     # calls it) our step runs eagerly: the plan, the kernels' launches and the deferred-blend
@@ -402,7 +409,7 @@ class LLaCAOptimizerBase(Optimizer):
         self.flush_ema()
         saved = super().state_dict()
         saved["state"] = {
-            pid: {k: v for k, v in entry.items() if k != "ema_pending"}
+            pid: {k: v for k, v in entry.items() if k not in UNSAVED_STATE_KEYS}
             for pid, entry in saved["state"].items()
         }
         if self._ema_swap is not None:

@@ -116,9 +116,7 @@ class LLaCA(LLaCAOptimizerBase):
     _op = LLACA_UPDATE
 
     def _parts(self, group: dict[str, Any]) -> frozenset[str] | None:
-        if not group["llaca"]:
-            return None
-        return frozenset({"tensor", "llaca", *(("horizon",) if group.get("horizon") is not None else ())})
+        return frozenset({"tensor", *self._llaca_parts(group)}) if group["llaca"] else None
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The inner optimizer's step, then the LLaCA update of every parameter with a gradient."""

@@ -256,7 +256,7 @@ class StepPlanner:
                 getattr(bucket, role.arg).append(view(value) if role.shaped else value)
         for key, (backend, bucket, positions, members) in opened.items():
             layout = key[-1]
-            signal = ([[entry[key] for _, entry in members] for key in HORIZON_STATE]
+            signal = ([[entry[state_key] for _, entry in members] for state_key in HORIZON_STATE]
                       if horizon else None)
             if layout is not None and layout.sum_dims and llaca:
                 # The cross-shard reduction of the sums (a DTensor replicated on every mesh

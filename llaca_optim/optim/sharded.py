@@ -156,7 +156,7 @@ class SegmentReduce:
     ``flags``."""
 
     def __init__(self, rows: list[int], elements: list[int], alpha: Tensor, alpha_fell_back: Tensor,
-                 signal: tuple[Tensor, Tensor] | None, process_group: Any) -> None:
+                 signal: list[Tensor] | None, process_group: Any) -> None:
         """``signal``: the partition's ``signal_log_mean`` and ``signal_count`` vectors, with
         horizon=H (NOTE [horizon])."""
         device = alpha.device

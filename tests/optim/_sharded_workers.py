@@ -18,10 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llaca_optim.ops.roles import LLACA_STATE_KEYS, MADE_ORDER
-
-# Every state entry a state dict holds (the role table's, the deferral flag aside).
-STATE_KEYS = tuple(r.state_key for r in MADE_ORDER if r.part != "deferral")
+from llaca_optim.ops.roles import LLACA_STATE_KEYS, SAVED_STATE_KEYS as STATE_KEYS
 
 SHAPES = [(7, 5), (13,), (3, 1, 4), (1, 9), (2,), (301, 33), (2**18 + 4099,)]
 SMALL_SHAPES = SHAPES[:-1]  # Triton's interpreter is slow on the large one

@@ -11,11 +11,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from llaca_optim.ops.roles import LLACA_STATE_KEYS, MADE_ORDER
+from llaca_optim.ops.roles import LLACA_STATE_KEYS, SAVED_STATE_KEYS
 
-# Every state entry of the role table that a state dict holds (the deferral flag never is: it is
-# flushed first), so that a new role is compared as soon as it is a row there.
-STATE_KEYS = tuple(r.state_key for r in MADE_ORDER if r.part != "deferral")
+# Every state entry of the role table that a state dict holds, so that a new role is compared as
+# soon as it is a row there.
+STATE_KEYS = SAVED_STATE_KEYS
 
 
 def tensor_zoo(dtype: torch.dtype, large: bool = True,
