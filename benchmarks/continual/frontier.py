@@ -110,14 +110,16 @@ class RecordedFactory:
 
 
 def frontier_methods(family: str, lr: float, backend: str = "auto", quick: bool = False,
-                     recipe: bool = False):
+                     recipe: bool = False, ema_weights: tuple[float, ...] | None = None):
     """(name, settings, factory) of every frontier method, AdamW first. ``family`` names the
-    grids; ``recipe``: the recipe-length run's (``RECIPE_GRID``)."""
+    grids; ``recipe``: the recipe-length run's (``RECIPE_GRID``); ``ema_weights``, when given,
+    replaces the fixed EMA's grid (points sampled between its values)."""
     family = next(f for f in sorted(SCALES, key=len, reverse=True) if family.startswith(f))
     from .methods import AdamWWithFixedEMA
 
     out = [("AdamW", {"kind": "adamw"}, lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True))]
-    weights = EMA_WEIGHTS[1::2] if quick else RECIPE_GRID["ema"] if recipe else EMA_WEIGHTS
+    weights = (ema_weights if ema_weights is not None else EMA_WEIGHTS[1::2] if quick
+               else RECIPE_GRID["ema"] if recipe else EMA_WEIGHTS)
     for w in weights:
         out.append((f"EMA w={w:g}", {"kind": "ema", "ema_weight": w},
                     lambda ps, w=w: AdamWWithFixedEMA(ps, lr, weight=w)))

@@ -67,6 +67,9 @@ def parse_args(argv):
     p.add_argument("--frontier", action="store_true",
                    help="sweep a fixed EMA's weight and LLaCA's scale (norms sum and mean) "
                         "instead of the presets, into <family>/frontier/ (frontier.py)")
+    p.add_argument("--ema-weights", nargs="+", type=float, default=None, metavar="W",
+                   help="frontier: the fixed EMA's weights to sweep instead of its grid (to sample "
+                        "between the grid's points, with --methods and --merge)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of the other methods in an existing results.json of the "
                         "same protocol, replacing the rows of the methods run now")
@@ -163,7 +166,8 @@ def run(argv: list[str] | None = None) -> Path:
     settings = settings_of(args)
     if args.frontier:
         plans = {st["name"]: frontier.frontier_methods(st["name"], st["lr"], args.backend, args.quick,
-                                                       recipe=args.schedule == "cosine")
+                                                       recipe=args.schedule == "cosine",
+                                                       ema_weights=args.ema_weights)
                  for st in settings}
     else:
         plans = {st["name"]: methods(st["lr"], args.backend, sweep=not args.no_sweep, grid=st["grid"])
