@@ -4,7 +4,7 @@
 
 For each workload (lora_llama, full, many_tiny, CPU sizes) and dtype, each round runs one
 process per checkout, alternating which goes first; each process times ``LLaCAAdamW`` (backend
-``cpu``) against ``torch.optim.AdamW(fused=True)`` over the same parameters, interleaved step by
+``cpu``, with ``--knobs``) against ``torch.optim.AdamW(fused=True)`` over the same parameters, interleaved step by
 step, and reports the median of each and their ratio. The ratio to fused AdamW in the same
 process is what compares across processes: it cancels the machine's load at that moment. Prints
 a table of the ratios (min-max over rounds) of both checkouts and the median difference.
@@ -33,10 +33,11 @@ import torch
 from benchmarks import workloads
 import llaca_optim
 family, dtype, steps = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3])
+knobs = json.loads(sys.argv[4])
 work = next(w for w in workloads.main_workloads("cpu", False) if w.family == family)
 ours_p = work.make_params(dtype, "cpu")
 theirs_p = work.make_params(dtype, "cpu")
-ours = llaca_optim.LLaCAAdamW(ours_p, lr=1e-4, backend="cpu")
+ours = llaca_optim.LLaCAAdamW(ours_p, lr=1e-4, backend="cpu", **knobs)
 theirs = torch.optim.AdamW(theirs_p, lr=1e-4, fused=True)
 times = {"ours": [], "adamw": []}
 for i in range(steps + 5):
@@ -50,9 +51,9 @@ print(json.dumps({"ours_ms": 1e3 * o, "adamw_ms": 1e3 * a, "ratio": o / a}))
 """
 
 
-def run_one(checkout: Path, family: str, dtype: str, steps: int) -> dict:
+def run_one(checkout: Path, family: str, dtype: str, steps: int, knobs: str = "{}") -> dict:
     env = {**os.environ, "PYTHONPATH": f"{checkout}{os.pathsep}{HERE}"}
-    out = subprocess.run([sys.executable, "-c", CHILD, family, dtype, str(steps)], env=env,
+    out = subprocess.run([sys.executable, "-c", CHILD, family, dtype, str(steps), knobs], env=env,
                          capture_output=True, text=True, check=True, cwd=checkout)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -63,14 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--other", type=Path, required=True, help="the other checkout (A)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--knobs", default="{}", metavar="JSON",
+                   help='LLaCAAdamW keyword arguments for both checkouts, e.g. \'{"horizon": 100}\'')
     args = p.parse_args(argv)
+    json.loads(args.knobs)  # a usage error here, not in every child
     rows = []
     for family, dtype in CASES:
         ratios = {"A": [], "B": []}
         for r in range(args.rounds):
             order = (("A", args.other), ("B", HERE)) if r % 2 == 0 else (("B", HERE), ("A", args.other))
             for name, checkout in order:
-                ratios[name].append(run_one(checkout, family, dtype, args.steps)["ratio"])
+                ratios[name].append(run_one(checkout, family, dtype, args.steps, args.knobs)["ratio"])
         a, b = statistics.median(ratios["A"]), statistics.median(ratios["B"])
         rows.append((family, dtype, ratios, a, b))
         print(f"{family:<11}{dtype:<10} A {min(ratios['A']):.3f}-{max(ratios['A']):.3f}   "

@@ -256,17 +256,15 @@ class StepPlanner:
                 getattr(bucket, role.arg).append(view(value) if role.shaped else value)
         for key, (backend, bucket, positions, members) in opened.items():
             layout = key[-1]
-            signal = ([[entry[state_key] for _, entry in members] for state_key in HORIZON_STATE]
-                      if horizon else None)
             if layout is not None and layout.sum_dims and llaca:
                 # The cross-shard reduction of the sums (a DTensor replicated on every mesh
                 # dimension needs none: each rank holds the whole tensor and computes the same
                 # alpha as the others).
                 bucket.shard = sharded.ShardReduce(layout, [p.numel() for p in bucket.sources],
-                                                   bucket.params[0].device, signal)
+                                                   bucket.params[0].device)
             elif horizon:  # the same finish, with nothing to reduce (NOTE [horizon])
                 bucket.shard = sharded.ShardReduce(None, [p.numel() for p in bucket.params],
-                                                   bucket.params[0].device, signal)
+                                                   bucket.params[0].device)
             # Deferring needs a backend that defers and a tensor its kernels do not finish in one
             # visit (or a sharded bucket, whose blend comes after the reduction anyway); a bucket
             # that would never leave a blend pending gets no flags: one list less to pass.
@@ -279,6 +277,8 @@ class StepPlanner:
                     bucket.ema_pending.append(entry["ema_pending"])
                 elif "ema_pending" in entry:
                     flush_first.append(p)  # its new route would not apply the pending blend
+            if bucket.shard is not None:
+                bucket.shard.hold_slots(bucket, [entry for _, entry in members], horizon)
             built.append((backend, bucket, positions))
         return built
 

@@ -25,7 +25,8 @@ for bit the unsharded one (tested), with several it matches the reference to rou
 The optimizer state of a DTensor parameter is made of DTensors with the parameter's placements
 (``exp_avg``, ``exp_avg_sq``, ``ema``, ``prev_grad``), as ``torch.optim.AdamW`` keeps it, so
 ``torch.distributed.checkpoint`` saves and reshards it; the per-tensor slots (``step``,
-``alpha``, ``alpha_fell_back``) are plain tensors, identical on every rank. The reference backend
+``alpha``, ``alpha_fell_back``) are plain tensors, identical on every rank (a bucket's
+``alpha`` and ``alpha_fell_back`` are views of one vector each, see :class:`ShardReduce`). The reference backend
 takes DTensors whole (DTensor's own reductions, one host sync per tensor).
 
 NOTE [horizon]
@@ -57,7 +58,8 @@ from torch import Tensor
 
 from ..functional import step_bucket
 from ..ops.registry import is_dtensor
-from ..ops.roles import LLACA_FLUSH
+from ..ops.roles import HORIZON_STATE, LLACA_FLUSH
+
 
 def any_sharded() -> bool:
     """Whether any DTensor can exist in this process (see ops.registry.is_dtensor)."""
@@ -98,28 +100,47 @@ def layout_of(p: Tensor, companions: list[Tensor]) -> ShardLayout | None:
 class ShardReduce:
     """The cross-shard part of one bucket's step: its sums tensor and the all-reduce over the
     mesh dimensions its tensors are sharded along, then the alphas from the reduced sums. Every
-    buffer is allocated once and reused (a step allocates nothing in proportion to the model)."""
+    buffer is allocated once and reused (a step allocates nothing in proportion to the model).
 
-    def __init__(self, layout: ShardLayout | None, elements: list[int], device: torch.device,
-                 signal: list[list[Tensor]] | None = None) -> None:
-        """``layout`` None: plain tensors (a horizon group, NOTE [horizon]): nothing to reduce.
-        ``signal``: with a horizon, the tensors' ``signal_log_mean`` and ``signal_count`` slots."""
-        n_tensors = len(elements)
+    The bucket's per-tensor slots (``alpha``, ``alpha_fell_back``, the blend's pending flag and,
+    with a horizon, its statistic) are views of one vector per kind held here (``hold_slots``),
+    as a ZeRO partition's are (:class:`SegmentReduce`): the alpha op writes each vector where the
+    state and the kernels read it, with nothing copied per tensor at a step."""
+
+    def __init__(self, layout: ShardLayout | None, elements: list[int], device: torch.device) -> None:
+        """``layout`` None: plain tensors (a horizon group, NOTE [horizon]): nothing to reduce."""
         self.layout = layout
-        self.sums = torch.zeros((n_tensors, 3), dtype=torch.float64, device=device)
+        self.sums = torch.zeros((len(elements), 3), dtype=torch.float64, device=device)
         # Each whole tensor's element count, for the mean norms (norms="mean").
         self.elements = torch.tensor(elements, dtype=torch.float64, device=device)
-        # Flags for blends applied at once (backends or groups that do not defer).
-        self.flags = [torch.zeros((), dtype=torch.bool, device=device) for _ in range(n_tensors)]
-        # finish_alphas' results, one element per tensor, and views of those elements: the
-        # per-tensor slots are separate tensors, filled with one _foreach_copy_ per kind.
-        self._alpha = torch.zeros(n_tensors, dtype=torch.float32, device=device)
-        self._alpha_fell_back = torch.zeros(n_tensors, dtype=torch.bool, device=device)
-        self._pending = torch.zeros(n_tensors, dtype=torch.bool, device=device)
-        self.signal_slots = signal
-        self._signal = torch.zeros((2, n_tensors if signal else 0), dtype=torch.float64, device=device)
-        self._views = [list(t.unbind()) for t in (self._alpha, self._alpha_fell_back, self._pending,
-                                                  *self._signal)]
+        none = torch.zeros(0, dtype=torch.float64, device=device)
+        self.signal = (none, none)  # the horizon's statistic, when the bucket has one
+        self.alpha = self.alpha_fell_back = self.pending = none
+        self.flags: list[Tensor] = []  # views of ``pending``: the flags of a bucket that does not defer
+
+    def hold_slots(self, bucket: Any, entries: list[dict[str, Any]], horizon: bool) -> None:
+        """Makes the one-element slots of the bucket's tensors (their state ``entries``, in the
+        bucket's order) views of one vector per kind, with the values they held; the entries and
+        the bucket's lists are given the views. Called when the bucket is planned, after its
+        deferral is decided (a bucket that defers keeps its flags in the state; one that does
+        not gets flags of its own, cleared by the blend that reads them)."""
+
+        def vector(key: str) -> tuple[Tensor, list[Tensor]]:
+            held = torch.stack([entry[key] for entry in entries])
+            views = list(held.unbind())
+            for entry, view in zip(entries, views):
+                entry[key] = view
+            return held, views
+
+        self.alpha, bucket.alphas = vector("alpha")
+        self.alpha_fell_back, bucket.alpha_fell_backs = vector("alpha_fell_back")
+        if horizon:
+            self.signal = (vector(HORIZON_STATE[0])[0], vector(HORIZON_STATE[1])[0])
+        if bucket.ema_pending:
+            self.pending, bucket.ema_pending = vector("ema_pending")
+        else:
+            self.pending = torch.zeros(len(entries), dtype=torch.bool, device=self.sums.device)
+            self.flags = list(self.pending.unbind())
 
     def all_reduce(self) -> None:
         import torch.distributed as dist
@@ -127,21 +148,16 @@ class ShardReduce:
         for dim in self.layout.sum_dims if self.layout is not None else ():
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM, group=self.layout.mesh.get_group(dim))
 
-    def finish_alphas(self, ops: Any, bucket: Any, pending: list[Tensor], hyper: Any) -> None:
+    def finish_alphas(self, ops: Any, hyper: Any) -> None:
         """Step 3 of NOTE [sharded parameters]: each tensor's alpha and fallback flag from its
         whole-tensor sums, and its blend marked pending, by the backend's ``llaca_alphas_`` op
         (``ops``: its namespace): the rule of the kernels' ``tensor_alpha``, in float64, then
         rounded to float32, or the horizon's (NOTE [horizon]). ``hyper``: the step's StepHyper
         (with ``found_inf`` set, the kernels changed nothing, and neither does this)."""
-        slots = [bucket.alphas, bucket.alpha_fell_backs, pending, *(self.signal_slots or ())]
-        for views, kind in zip(self._views, slots):
-            torch._foreach_copy_(views, kind)  # the slots' values on entry: fresh marks, AMP skips
-        ops.llaca_alphas_(self.sums, self.elements, self._alpha, self._alpha_fell_back,
-                          self._signal[0], self._signal[1], self._pending, scale=hyper.scale,
+        ops.llaca_alphas_(self.sums, self.elements, self.alpha, self.alpha_fell_back,
+                          *self.signal, self.pending, scale=hyper.scale,
                           base_weight=hyper.base_weight, mean_norms=hyper.mean_norms,
                           horizon=hyper.horizon, found_inf=hyper.found_inf)
-        for kind, views in zip(slots, self._views):
-            torch._foreach_copy_(kind, views)
 
 
 class SegmentReduce:
@@ -180,10 +196,10 @@ class SegmentReduce:
         self.row_sums.index_copy_(0, self.rows, self.sums)
         dist.all_reduce(self.row_sums, op=dist.ReduceOp.SUM, group=self.process_group)
 
-    def finish_alphas(self, ops: Any, bucket: Any, pending: list[Tensor], hyper: Any) -> None:
+    def finish_alphas(self, ops: Any, hyper: Any) -> None:
         """Every row's alpha and fallback flag into the state's vectors (the bucket's lists,
         the pieces' views of them, are not needed), by the backend's ``llaca_alphas_`` op
-        (``ops``), and the pieces' blends marked in ``pending`` (this bucket's ``flags``)."""
+        (``ops``), and the pieces' blends marked in ``flags``."""
         self._row_pending.zero_()  # no blend of a row is pending before this step's
         ops.llaca_alphas_(self.row_sums, self.elements, self.alpha, self.alpha_fell_back,
                           *self.signal, self._row_pending, scale=hyper.scale,
@@ -199,7 +215,7 @@ def finish_step(backend: Any, bucket: Any, hyper: Any) -> None:
     shard = bucket.shard
     shard.all_reduce()
     flags = bucket.ema_pending or shard.flags
-    shard.finish_alphas(backend.ops, bucket, flags, hyper)
+    shard.finish_alphas(backend.ops, hyper)
     if not bucket.ema_pending and bucket.params:
         step_bucket(backend, type(bucket)(params=bucket.params, emas=bucket.emas,
                                           alphas=bucket.alphas, ema_pending=flags), hyper, LLACA_FLUSH)

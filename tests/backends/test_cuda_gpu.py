@@ -43,7 +43,7 @@ def test_captured_step_replays_like_eager_steps(backend, kind):
     the step's address tables are built and uploaded during the capture: the CUDA backend
     copies them outside the graph (NOTE [CUDA workspace]); Triton's upload from pinned memory
     is captured as a copy node whose host block torch never recycles. With a horizon the
-    step's finish (the alpha op and its slot copies, NOTE [horizon]) is captured too."""
+    step's finish (the alpha op over the bucket's slot vectors, NOTE [horizon]) is captured too."""
     backend = backend_or_skip(backend)
 
     def make(model, defer):

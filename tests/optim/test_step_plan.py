@@ -17,6 +17,7 @@ import torch
 
 from support.compare import assert_close, assert_equal
 from llaca_optim import LLaCA, LLaCAAdamW
+from llaca_optim.ops.roles import UNSAVED_STATE_KEYS
 
 SHAPES = [(7, 5), (33,), (4, 4), (1,)]
 
@@ -50,9 +51,12 @@ def step_both(opt_a, opt_b, a, b, grads):
 
 def assert_same(opt_a, opt_b, a, b):
     # fp32 kernel vs fp32 reference over a handful of steps: a few ulps of the values involved.
+    # A blend the kernels left pending (a horizon's bucket defers) is applied first.
+    opt_a.flush_ema()
     for i, (pa, pb) in enumerate(zip(a, b)):
         assert_close(pa, pb, rtol=1e-5, atol=1e-6, what=f"param {i}")
-        sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
+        sa, sb = ({k: v for k, v in opt.state.get(p, {}).items() if k not in UNSAVED_STATE_KEYS}
+                  for opt, p in ((opt_a, pa), (opt_b, pb)))
         assert sorted(sa) == sorted(sb), f"param {i}: state keys {sorted(sa)} vs {sorted(sb)}"
         for key in sa:
             if isinstance(sa[key], torch.Tensor):
@@ -210,17 +214,30 @@ def test_param_replaced_in_its_group_list_between_steps(cpu_backend):
             assert_close(pa, pb, rtol=1e-5, atol=1e-6, what=f"step {step} param {i}")
 
 
-@pytest.mark.parametrize("key", ["ema", "prev_grad", "alpha"])
+# With horizon=H the one-element slots of a bucket are views of one vector (ShardReduce in
+# llaca_optim/optim/sharded.py): an entry put in, or written in place, must reach the step as well.
+LLACA_EDITS = [({}, "ema"), ({}, "prev_grad"), ({}, "alpha"),
+               ({"horizon": 5}, "alpha"), ({"horizon": 5}, "signal_log_mean"),
+               ({"horizon": 5}, "signal_count")]
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["put-in", "in-place"])
+@pytest.mark.parametrize("knobs,key", LLACA_EDITS, ids=[f"{k}{'-horizon' if kw else ''}" for kw, k in LLACA_EDITS])
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
-def test_llaca_state_edits_between_steps(cpu_backend, kind, key):
-    """New LLaCA state tensors put in by the user: the oracle plans afresh at every step."""
+def test_llaca_state_edits_between_steps(cpu_backend, kind, knobs, key, in_place):
+    """LLaCA state tensors put in by the user, or edited in place: the oracle plans afresh at
+    every step."""
     a, b = twin_params()
-    opt_a, opt_b = make_pair(kind, cpu_backend, a, b)
+    opt_a, opt_b = make_pair(kind, cpu_backend, a, b, **knobs)
     for step in range(6):
         if step in (2, 4):
             for opt, ps in ((opt_a, a), (opt_b, b)):
                 old = opt.state[ps[0]][key]
-                opt.state[ps[0]][key] = torch.full_like(old, 0.25) if key == "alpha" else old * 0.5
+                new = torch.full_like(old, 0.25) if key == "alpha" else old * 0.5 + 1
+                if in_place:
+                    old.copy_(new)
+                else:
+                    opt.state[ps[0]][key] = new
         opt_b._invalidate_plans()
         step_both(opt_a, opt_b, a, b, [torch.randn(s) for s in SHAPES])
 
@@ -248,11 +265,12 @@ def test_state_is_one_object_and_saves_as_plain_dicts(cpu_backend, kind, tmp_pat
         assert all(type(entry) is dict for entry in copied.values())
 
 
+@pytest.mark.parametrize("knobs", [{}, {"horizon": 5}], ids=["scale", "horizon"])
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])
 @pytest.mark.parametrize("kind", ["fused", "wrapper"])
-def test_copied_optimizer_steps_on_as_the_original(cpu_backend, kind, how):
+def test_copied_optimizer_steps_on_as_the_original(cpu_backend, kind, how, knobs):
     a, b = twin_params()
-    opt, _ = make_pair(kind, cpu_backend, a, b)
+    opt, _ = make_pair(kind, cpu_backend, a, b, **knobs)
     for _ in range(3):
         set_grads(a, b, [torch.randn(s) for s in SHAPES])
         opt.step()
@@ -282,3 +300,20 @@ def test_optimizer_is_not_copied_while_its_ema_weights_are_swapped_in(cpu_backen
         with pytest.raises(RuntimeError, match="cannot pickle or copy the optimizer while the EMA weights are swapped in"):
             copy.deepcopy(opt)
     copy.deepcopy(opt)  # and can be once they are back
+
+
+@pytest.mark.parametrize("kind", ["fused", "wrapper"])
+def test_a_horizon_buckets_slots_live_in_one_vector_per_kind(cpu_backend, kind):
+    """The alpha op writes a horizon bucket's slots where the state keeps them: each kind's
+    entries are views of one vector (a copy into and out of the op per tensor and step would cost
+    host time in proportion to the number of tensors), also after the state is loaded anew."""
+    a, b = twin_params()
+    opt, _ = make_pair(kind, cpu_backend, a, b, horizon=5)
+    for step in range(3):
+        set_grads(a, b, [torch.randn(s) for s in SHAPES])
+        opt.step()
+        if step == 1:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        for key in ("alpha", "alpha_fell_back", "signal_log_mean", "signal_count"):
+            storages = {opt.state[p][key].untyped_storage().data_ptr() for p in a}
+            assert len(storages) == 1, f"step {step}: {key} is held in {len(storages)} tensors"
