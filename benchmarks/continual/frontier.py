@@ -284,14 +284,67 @@ def report(folder: Path) -> dict:
     return analysis
 
 
+def paired(results: dict, a: str, b: str) -> dict:
+    """Method ``a`` against method ``b`` of one results.json, seed by seed: a seed's runs share
+    the pre-trained model, the data and the batches, so the difference of each metric per seed
+    removes what the seed does to both. Its mean, the seeds' standard deviation of it, the
+    standard error of the mean, and every seed's numbers."""
+    from llaca_optim.demo import Result
+
+    from .metrics import METRICS
+
+    rows = {row["method"]: row for row in results["results"]}
+    missing = [name for name in (a, b) if name not in rows]
+    if missing:
+        raise SystemExit(f"--paired: no method {missing} in the results; they hold {sorted(rows)}")
+    per_seed = {name: [Result(name, matrix, 0.0, "") for matrix in rows[name]["accuracy_matrices"]]
+                for name in (a, b)}
+    n = min(len(runs) for runs in per_seed.values())
+    out = {"family": results["family"], "protocol": results["protocol"], "a": a, "b": b,
+           "seeds": n, "difference": {}, "per_seed": []}
+    for metric in METRICS:
+        diffs = [getattr(x, metric) - getattr(y, metric) for x, y in zip(per_seed[a], per_seed[b])]
+        std = statistics.stdev(diffs) if n > 1 else 0.0
+        out["difference"][metric] = {"mean": statistics.fmean(diffs), "std": std,
+                                     "standard_error": std / math.sqrt(n)}
+    for seed, (x, y) in enumerate(zip(per_seed[a], per_seed[b])):
+        out["per_seed"].append({"seed": seed, **{f"{m}_a": getattr(x, m) for m in METRICS},
+                                **{f"{m}_b": getattr(y, m) for m in METRICS}})
+    return out
+
+
+def report_paired(folder: Path, a: str, b: str) -> dict:
+    """Writes ``paired.json`` (see :func:`paired`) beside ``folder/results.json`` and prints it."""
+    out = paired(json.loads((folder / "results.json").read_text()), a, b)
+    (folder / "paired.json").write_text(json.dumps(out, indent=1))
+    print(f"\n{out['family']}: {out['protocol']}\n  {a} minus {b}, seed by seed ({out['seeds']} seeds):")
+    for metric, d in out["difference"].items():
+        print(f"  {metric:<11}{100 * d['mean']:+6.1f} points (std {100 * d['std']:.1f}, "
+              f"standard error {100 * d['standard_error']:.1f})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
+    import argparse
+
     from .suite import DEFAULT_ROOT
 
-    folders = [Path(a) for a in (argv if argv is not None else sys.argv[1:])]
-    if not folders:  # the committed ones only by name: benchmarks/results/continual/*/frontier
+    p = argparse.ArgumentParser(prog="python -m benchmarks.continual.frontier",
+                                description="the frontiers' analysis (this module's docstring)")
+    p.add_argument("folders", nargs="*", type=Path,
+                   help="folders holding a --frontier run's results.json (default: "
+                        "bench-results/continual/*/frontier)")
+    p.add_argument("--paired", nargs=2, metavar=("A", "B"),
+                   help="compare two methods of each folder seed by seed instead (paired.json)")
+    args = p.parse_args(argv)
+    folders = args.folders
+    if not folders:
         folders = sorted(p.parent for p in DEFAULT_ROOT.glob("*/frontier/results.json"))
     for folder in folders:
-        report(folder)
+        if args.paired:
+            report_paired(folder, *args.paired)
+        else:
+            report(folder)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,46 @@ def test_the_analysis_reads_the_fixed_emas_curve_at_each_llaca_point():
     assert h["aim_met_same_horizon"] and h["median_alpha_times_horizon"] == pytest.approx(0.4)
 
 
+def _matrix(rng, tasks):
+    """An accuracy matrix (row i: after task i) and its Avg.ACC, Forgetting and New.ACC, worked
+    out here from the definitions (metrics.py's docstring)."""
+    acc = [[rng.random() for _ in range(i + 1)] for i in range(tasks)]
+    last = acc[-1]
+    forgetting = statistics.fmean(max(acc[i][j] for i in range(j, tasks - 1)) - last[j]
+                                  for j in range(tasks - 1))
+    return acc, (statistics.fmean(last), forgetting, statistics.fmean(acc[i][i] for i in range(tasks)))
+
+
+def test_the_paired_comparison_differences_each_seeds_runs():
+    rng = random.Random()
+    seeds, tasks = rng.randint(3, 7), rng.randint(2, 5)
+    runs = {name: [_matrix(rng, tasks) for _ in range(seeds)] for name in ("A", "B", "C")}
+    results = {"family": "f", "protocol": "p",
+               "results": [{"method": name, "accuracy_matrices": [m for m, _ in made]}
+                           for name, made in runs.items()]}
+    out = frontier.paired(results, "A", "B")
+    assert out["seeds"] == seeds
+    for k, metric in enumerate(("avg_acc", "forgetting", "new_acc")):
+        diffs = [a[k] - b[k] for (_, a), (_, b) in zip(runs["A"], runs["B"])]
+        got = out["difference"][metric]
+        assert math.isclose(got["mean"], statistics.fmean(diffs), abs_tol=1e-12), metric
+        assert math.isclose(got["std"], statistics.stdev(diffs), abs_tol=1e-12), metric
+        assert math.isclose(got["standard_error"], statistics.stdev(diffs) / math.sqrt(seeds),
+                            abs_tol=1e-12), metric
+        assert [row[f"{metric}_a"] for row in out["per_seed"]] == pytest.approx(
+            [a[k] for _, a in runs["A"]])
+    with pytest.raises(SystemExit, match="no method \\['D'\\]"):
+        frontier.paired(results, "A", "D")
+
+
+def test_the_fixed_ema_can_be_sampled_between_the_grids_weights():
+    weights = (0.004, 0.0055)
+    methods = frontier.frontier_methods("lm-lora", 1e-3, ema_weights=weights)
+    emas = [(name, settings) for name, settings, _ in methods if settings["kind"] == "ema"]
+    assert emas == [(f"EMA w={w:g}", {"kind": "ema", "ema_weight": w}) for w in weights]
+    assert any(settings["kind"] == "llaca-mean" for _, settings, _ in methods)  # the rest as before
+
+
 def _make(maker, params, horizon, backend="auto"):
     if maker == "prototype":
         return HorizonLLaCA(list(params), lr=1e-3, horizon=horizon)
