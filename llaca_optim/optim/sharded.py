@@ -126,7 +126,7 @@ class ShardReduce:
         not gets flags of its own, cleared by the blend that reads them)."""
 
         def vector(key: str) -> tuple[Tensor, list[Tensor]]:
-            held = torch.stack([entry[key] for entry in entries])
+            held = torch.stack([entry[key].reshape(()) for entry in entries])  # () or (1,)
             views = list(held.unbind())
             for entry, view in zip(entries, views):
                 entry[key] = view

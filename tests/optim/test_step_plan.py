@@ -236,8 +236,8 @@ def test_llaca_state_edits_between_steps(cpu_backend, kind, knobs, key, in_place
                 new = torch.full_like(old, 0.25) if key == "alpha" else old * 0.5 + 1
                 if in_place:
                     old.copy_(new)
-                else:
-                    opt.state[ps[0]][key] = new
+                else:  # a one-element slot as a vector of one, which the checks admit
+                    opt.state[ps[0]][key] = new.reshape(1) if old.dim() == 0 else new
         opt_b._invalidate_plans()
         step_both(opt_a, opt_b, a, b, [torch.randn(s) for s in SHAPES])
 
