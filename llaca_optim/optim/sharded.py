@@ -26,8 +26,9 @@ The optimizer state of a DTensor parameter is made of DTensors with the paramete
 (``exp_avg``, ``exp_avg_sq``, ``ema``, ``prev_grad``), as ``torch.optim.AdamW`` keeps it, so
 ``torch.distributed.checkpoint`` saves and reshards it; the per-tensor slots (``step``,
 ``alpha``, ``alpha_fell_back``) are plain tensors, identical on every rank (a bucket's
-``alpha`` and ``alpha_fell_back`` are views of one vector each, see :class:`ShardReduce`). The reference backend
-takes DTensors whole (DTensor's own reductions, one host sync per tensor).
+``alpha`` and ``alpha_fell_back`` are views of one vector each, see :class:`ShardReduce`).
+The reference backend takes DTensors whole (DTensor's own reductions, one host sync per
+tensor).
 
 NOTE [horizon]
 With ``horizon=H`` a group's alphas come from steps 1-4 above whatever its tensors are (a plain
