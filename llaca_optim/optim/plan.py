@@ -236,7 +236,8 @@ class StepPlanner:
             entry = state[p]
             partition = self.zero.partition(group, p)
             if partition is not None:
-                built.append((*self._build_partition(p, g, entry, partition, group, roles, made, llaca),
+                built.append((*self._build_partition(p, g, entry, partition, group, roles, made,
+                                                     llaca, horizon),
                               [position] * len(partition.segments)))
                 continue
             _make_missing_state(p, entry, made, group)
@@ -284,7 +285,8 @@ class StepPlanner:
 
     def _build_partition(self, p: Tensor, g: Tensor, entry: dict[str, Any],
                          partition: ZeroPartition, group: dict[str, Any],
-                         roles: list[Role], made: list[Role], llaca: bool) -> tuple[Backend, Bucket]:
+                         roles: list[Role], made: list[Role], llaca: bool, horizon: bool
+                         ) -> tuple[Backend, Bucket]:
         """The bucket of a ZeRO partition ``p`` (NOTE [ZeRO partitions]): its lists hold this
         rank's pieces of the partition's tensors, views into ``p``, its gradient and its flat
         state; the per-tensor slots are vectors with an element per tensor of the partition.
@@ -309,7 +311,7 @@ class StepPlanner:
                                                  [shape.numel() for shape in partition.row_shapes],
                                                  entry["alpha"], entry["alpha_fell_back"],
                                                  [entry[key] for key in HORIZON_STATE]
-                                                 if any(r.part == "horizon" for r in made) else None,
+                                                 if horizon else None,
                                                  partition.process_group)
         return backend, bucket
 

@@ -136,7 +136,7 @@ class ShardReduce:
         self.alpha, bucket.alphas = vector("alpha")
         self.alpha_fell_back, bucket.alpha_fell_backs = vector("alpha_fell_back")
         if horizon:
-            self.signal = (vector(HORIZON_STATE[0])[0], vector(HORIZON_STATE[1])[0])
+            self.signal = tuple(vector(key)[0] for key in HORIZON_STATE)
         if bucket.ema_pending:
             self.pending, bucket.ema_pending = vector("ema_pending")
         else:
@@ -206,7 +206,7 @@ class SegmentReduce:
                           *self.signal, self._row_pending, scale=hyper.scale,
                           base_weight=hyper.base_weight, mean_norms=hyper.mean_norms,
                           horizon=hyper.horizon, found_inf=hyper.found_inf)
-        self._pending.copy_(self._row_pending.index_select(0, self.rows))
+        torch.index_select(self._row_pending, 0, self.rows, out=self._pending)  # no allocation
 
 
 def finish_step(backend: Any, bucket: Any, hyper: Any) -> None:
