@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--knobs", default="{}", metavar="JSON",
                    help='LLaCAAdamW keyword arguments for both checkouts, e.g. \'{"horizon": 100}\'')
     args = p.parse_args(argv)
-    json.loads(args.knobs)  # a usage error here, not in every child
+    try:
+        knobs = json.loads(args.knobs)
+    except json.JSONDecodeError as err:
+        p.error(f"--knobs must be a JSON object of LLaCAAdamW keyword arguments: {err}")
+    if not isinstance(knobs, dict):
+        p.error(f"--knobs must be a JSON object of LLaCAAdamW keyword arguments, got {args.knobs}")
     rows = []
     for family, dtype in CASES:
         ratios = {"A": [], "B": []}
